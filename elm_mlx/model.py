@@ -1,0 +1,124 @@
+"""OpenELM in MLX. Attribute paths equal the Hugging Face checkpoint keys.
+
+`transformer.layers.3.attn.qkv_proj.weight` in a checkpoint is
+`model.transformer.layers[3].attn.qkv_proj.weight` here, so loading is
+`model.load_weights(list(weights.items()))` with no rename table.
+"""
+
+from __future__ import annotations
+
+import mlx.core as mx
+import mlx.nn as nn
+
+from .cache import KVCache, make_cache
+from .config import ModelArgs
+
+
+class Attention(nn.Module):
+    def __init__(self, args: ModelArgs, layer: int):
+        super().__init__()
+        self.n_heads = args.num_query_heads[layer]
+        self.n_kv_heads = args.num_kv_heads[layer]
+        self.head_dim = hd = args.head_dim
+        self.scale = hd**-0.5
+        self.rope_base = args.rope_freq_constant
+        self.qkv_proj = nn.Linear(args.model_dim, args.qkv_out_dim(layer), bias=False)
+        self.out_proj = nn.Linear(self.n_heads * hd, args.model_dim, bias=False)
+        if args.normalize_qk_projections:
+            self.q_norm = nn.RMSNorm(hd, eps=args.rms_norm_eps)
+            self.k_norm = nn.RMSNorm(hd, eps=args.rms_norm_eps)
+
+    def __call__(self, x: mx.array, mask=None, cache: KVCache | None = None) -> mx.array:
+        B, L, _ = x.shape
+        n_q, n_kv = self.n_heads, self.n_kv_heads
+        qkv = self.qkv_proj(x).reshape(B, L, n_q + 2 * n_kv, self.head_dim)
+        qkv = qkv.transpose(0, 2, 1, 3)  # (B, n_q + 2 n_kv, L, head_dim)
+        q, k, v = mx.split(qkv, [n_q, n_q + n_kv], axis=1)
+        if "q_norm" in self:
+            q, k = self.q_norm(q), self.k_norm(k)
+        offset = 0 if cache is None else cache.offset
+        q = mx.fast.rope(
+            q, self.head_dim, traditional=False, base=self.rope_base, scale=1.0, offset=offset
+        )
+        k = mx.fast.rope(
+            k, self.head_dim, traditional=False, base=self.rope_base, scale=1.0, offset=offset
+        )
+        if cache is not None:
+            k, v = cache.update_and_fetch(k, v)  # (B, n_kv, offset + L, head_dim)
+        # Native GQA: query head h reads KV head h // (n_q / n_kv); K/V are not repeated.
+        out = mx.fast.scaled_dot_product_attention(q, k, v, scale=self.scale, mask=mask)
+        out = out.transpose(0, 2, 1, 3).reshape(B, L, n_q * self.head_dim)
+        return self.out_proj(out)
+
+
+class FeedForward(nn.Module):
+    def __init__(self, args: ModelArgs, layer: int):
+        super().__init__()
+        ffn_dim = args.ffn_dim(layer)
+        self.proj_1 = nn.Linear(args.model_dim, 2 * ffn_dim, bias=False)
+        self.proj_2 = nn.Linear(ffn_dim, args.model_dim, bias=False)
+
+    def __call__(self, x: mx.array) -> mx.array:
+        gate, up = mx.split(self.proj_1(x), 2, axis=-1)  # (B, L, ffn_dim) each
+        return self.proj_2(nn.silu(gate) * up)
+
+
+class Block(nn.Module):
+    def __init__(self, args: ModelArgs, layer: int):
+        super().__init__()
+        self.attn_norm = nn.RMSNorm(args.model_dim, eps=args.rms_norm_eps)
+        self.attn = Attention(args, layer)
+        self.ffn_norm = nn.RMSNorm(args.model_dim, eps=args.rms_norm_eps)
+        self.ffn = FeedForward(args, layer)
+
+    def __call__(self, x: mx.array, mask=None, cache: KVCache | None = None) -> mx.array:
+        h = x + self.attn(self.attn_norm(x), mask, cache)
+        return h + self.ffn(self.ffn_norm(h))
+
+
+class Transformer(nn.Module):
+    def __init__(self, args: ModelArgs):
+        super().__init__()
+        self.token_embeddings = nn.Embedding(args.vocab_size, args.model_dim)
+        self.layers = [Block(args, i) for i in range(args.num_transformer_layers)]
+        self.norm = nn.RMSNorm(args.model_dim, eps=args.rms_norm_eps)
+
+    def __call__(self, ids: mx.array, cache: list[KVCache] | None = None) -> mx.array:
+        h = self.token_embeddings(ids)  # (B, L, model_dim)
+        cache = cache or [None] * len(self.layers)
+        mask = _mask(h.shape[1], cache[0])
+        for layer, c in zip(self.layers, cache):
+            h = layer(h, mask, c)
+        return self.norm(h)
+
+
+def _mask(n: int, cache):
+    if cache is not None and hasattr(cache, "make_mask"):
+        return cache.make_mask(n)
+    return None if n == 1 else "causal"
+
+
+class OpenELM(nn.Module):
+    """The full causal LM: `model(ids)` -> logits (B, L, vocab_size)."""
+
+    def __init__(self, args: ModelArgs):
+        super().__init__()
+        self.args = args
+        self.model_type = args.model_type
+        self.transformer = Transformer(args)
+        if not args.share_input_output_layers:
+            self.lm_head = nn.Linear(args.model_dim, args.vocab_size, bias=False)
+
+    def __call__(self, ids: mx.array, cache: list[KVCache] | None = None) -> mx.array:
+        h = self.transformer(ids, cache)
+        if self.args.share_input_output_layers:
+            return self.transformer.token_embeddings.as_linear(h)
+        return self.lm_head(h)
+
+    @property
+    def layers(self) -> list[Block]:
+        return self.transformer.layers
+
+    def make_cache(self, max_kv_size: int | None = None) -> list[KVCache]:
+        """Per-layer caches bounded by the context length, or a rotating window."""
+        return make_cache(len(self.layers), self.args.max_context_length, max_kv_size)
