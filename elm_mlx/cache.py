@@ -168,10 +168,17 @@ class RotatingKVCache(KVCache):
         return full_k, full_v
 
     def make_mask(self, n: int, window_size=None, return_array: bool = False):
+        """Query at position p sees the `keep` sink tokens and the last `max_size - keep`."""
         if n == 1:
             return None
-        cached = 0 if self.keys is None else min(self.offset, self.max_size)
-        return causal_mask(n, cached, window=self.max_size)
+        if self.offset <= self.max_size:
+            cached = mx.arange(self.offset)
+        else:
+            recent = mx.arange(self.offset - (self.max_size - self.keep), self.offset)
+            cached = mx.concatenate([mx.arange(self.keep), recent])
+        q = mx.arange(self.offset, self.offset + n)[:, None]
+        k = mx.concatenate([cached, q[:, 0]])[None]  # positions of the keys attended to
+        return (k <= q) & ((k < self.keep) | (k > q - (self.max_size - self.keep)))
 
     @property
     def state(self) -> list[mx.array]:
@@ -201,14 +208,10 @@ class RotatingKVCache(KVCache):
         return n
 
 
-def causal_mask(n: int, offset: int, window: int | None = None) -> mx.array:
+def causal_mask(n: int, offset: int) -> mx.array:
     """Boolean (n, offset + n) mask: query i sees keys up to its own position."""
     q = mx.arange(offset, offset + n)[:, None]
-    k = mx.arange(offset + n)[None]
-    mask = k <= q
-    if window is not None:
-        mask = mask & (k > q - window)
-    return mask
+    return mx.arange(offset + n)[None] <= q
 
 
 def make_cache(

@@ -160,7 +160,7 @@ class ModelArgs:
 
     def _head_problems(self) -> list[str]:
         problems = []
-        for i, (q, kv) in enumerate(zip(self.num_query_heads, self.num_kv_heads)):
+        for i, (q, kv) in enumerate(zip(self.num_query_heads, self.num_kv_heads, strict=True)):
             if not (isinstance(q, int) and isinstance(kv, int)) or q <= 0 or kv <= 0:
                 problems.append(f"layer {i}: head counts must be positive integers ({q}, {kv})")
             elif q % kv:

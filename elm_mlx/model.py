@@ -87,7 +87,7 @@ class Transformer(nn.Module):
         h = self.token_embeddings(ids)  # (B, L, model_dim)
         cache = cache or [None] * len(self.layers)
         mask = _mask(h.shape[1], cache[0])
-        for layer, c in zip(self.layers, cache):
+        for layer, c in zip(self.layers, cache, strict=True):
             h = layer(h, mask, c)
         return self.norm(h)
 

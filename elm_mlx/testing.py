@@ -88,7 +88,7 @@ def write_hf_checkpoint(
     fmt: str = "safetensors",
     shards: int = 1,
 ) -> Path:
-    """Write config.json plus weights as `model.safetensors`, shards with an index, or `pytorch_model.bin`.
+    """Write config.json and weights: `model.safetensors`, index + shards, or `pytorch_model.bin`.
 
     Untied checkpoints also carry the unused `transformer.classifier.weight`, as HF's do.
     """
