@@ -80,7 +80,7 @@ class Tokenizer:
         return "".join(parts)
 
     def piece_table(self) -> list[tuple[int, object]]:
-        """Per id: (kind, value) for streaming: kind 0 control, 1 byte (int), 2 text (str)."""
+        """Per id (kind, value): 0 control, 1 byte (int), 2 text (str), 3 text never stripped."""
         if self._pieces is None:
             self._pieces = [self._piece_entry(i) for i in range(self.vocab_size)]
         return self._pieces
@@ -92,7 +92,7 @@ class Tokenizer:
         if self.sp.is_byte(i):
             return (1, int(_BYTE_PIECE.fullmatch(piece).group(1), 16))
         if self.sp.is_unknown(i):
-            return (2, self.sp.decode([i]))
+            return (3, self.sp.decode([i]))
         return (2, piece.replace(_SPACE, " "))
 
     def strips_leading_space(self) -> bool:
@@ -131,7 +131,7 @@ class StreamingDetokenizer:
         if kind == 1:
             self._pending += bytes((value,))
         else:
-            if self._at_start and self._strip_first and value.startswith(" "):
+            if kind == 2 and self._at_start and self._strip_first and value.startswith(" "):
                 value = value[1:]
             self._pending += value.encode("utf-8")
         self._at_start = False
