@@ -1,0 +1,170 @@
+"""How much quantization hurts, measured against the float model on held-out tokens.
+
+`compare` gives the perplexity of both models, the mean KL divergence
+KL(float || quantized) of their next-token distributions and how often their
+top-1 tokens agree. `sensitivity_scan` quantizes one matrix at a time (the
+rest stay float) and records the KL it causes; `recipe_for_target` then
+lowers matrices from 8 to 4 bits in order of least damage per bit saved until
+a bits-per-weight target is met, and returns the Recipe.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Callable, Iterator, Sequence
+from dataclasses import dataclass
+
+import mlx.core as mx
+import mlx.nn as nn
+from mlx.utils import tree_unflatten
+
+from .config import ModelArgs
+from .quantize import (
+    QuantizeError,
+    QuantParams,
+    Recipe,
+    make_plan,
+    matrix_shapes,
+    plan_bits_per_weight,
+    quantize_module,
+)
+
+
+def token_windows(
+    ids: Sequence[int], seq_len: int = 256, max_tokens: int | None = None
+) -> mx.array:
+    """Non-overlapping windows of `seq_len + 1` tokens, (N, seq_len + 1): every token after
+    the first of a window is predicted once. Shorter texts give one window of all tokens."""
+    ids = list(ids)[: None if max_tokens is None else max_tokens + 1]
+    if len(ids) < 2:
+        raise ValueError(f"held-out text has {len(ids)} tokens; give at least 2 to evaluate")
+    if len(ids) <= seq_len:
+        return mx.array([ids])
+    n = (len(ids) - 1) // seq_len
+    return mx.array([ids[i * seq_len : i * seq_len + seq_len + 1] for i in range(n)])
+
+
+def _batches(windows: mx.array, batch_size: int) -> Iterator[mx.array]:
+    for i in range(0, windows.shape[0], batch_size):
+        yield windows[i : i + batch_size]
+
+
+def log_probs(model: nn.Module, batch: mx.array) -> mx.array:
+    """Next-token log-probabilities for all but the last position, float32 (B, L - 1, V)."""
+    logits = model(batch[:, :-1]).astype(mx.float32)  # (B, L - 1, V)
+    return logits - mx.logsumexp(logits, axis=-1, keepdims=True)
+
+
+@dataclass
+class Quality:
+    tokens: int
+    ppl_float: float
+    ppl_quant: float
+    mean_kl: float
+    top1_agreement: float
+
+
+def compare(
+    float_model: nn.Module, quant_model: nn.Module, windows: mx.array, batch_size: int = 4
+) -> Quality:
+    """Perplexity of each model, mean KL(float || quant) and top-1 agreement on `windows`."""
+    totals, count = [0.0] * 4, 0
+    for batch in _batches(windows, batch_size):
+        ref, q = log_probs(float_model, batch), log_probs(quant_model, batch)
+        targets = batch[:, 1:, None]  # (B, L - 1, 1)
+        sums = (
+            -mx.take_along_axis(ref, targets, axis=-1).sum(),
+            -mx.take_along_axis(q, targets, axis=-1).sum(),
+            _kl(ref, q).sum(),
+            (ref.argmax(-1) == q.argmax(-1)).sum(),
+        )
+        mx.eval(sums)
+        totals = [t + s.item() for t, s in zip(totals, sums, strict=True)]
+        count += targets.size
+    nll_f, nll_q, kl, agree = (t / count for t in totals)
+    return Quality(count, math.exp(nll_f), math.exp(nll_q), kl, agree)
+
+
+def _kl(ref: mx.array, q: mx.array) -> mx.array:
+    return (mx.exp(ref) * (ref - q)).sum(-1)  # (B, L - 1)
+
+
+# ---- sensitivity scan ------------------------------------------------------------
+
+
+def sensitivity_scan(
+    model: nn.Module,
+    windows: mx.array,
+    *,
+    group_size: int = 64,
+    bits: Sequence[int] = (4,),
+    scales_dtype: mx.Dtype = mx.float32,
+    batch_size: int = 4,
+    progress: Callable[[str, int, float], None] | None = None,
+) -> dict[str, dict[int, float]]:
+    """Mean KL(float || model with only `path` quantized) for every matrix and bit width.
+
+    The float model is changed one matrix at a time and restored after each."""
+    make_plan(model.args, Recipe(max(bits), group_size, {}))  # every matrix quantizable?
+    batches = list(_batches(windows, batch_size))
+    reference = [log_probs(model, b) for b in batches]
+    mx.eval(reference)
+    modules = dict(model.named_modules())
+    damage: dict[str, dict[int, float]] = {}
+    for path in matrix_shapes(model.args):
+        original = modules[path]
+        damage[path] = {}
+        for b in bits:
+            quantized = quantize_module(original, QuantParams(b, group_size), scales_dtype)
+            model.update_modules(tree_unflatten([(path, quantized)]))
+            damage[path][b] = _mean_kl(model, batches, reference)
+            if progress is not None:
+                progress(path, b, damage[path][b])
+        model.update_modules(tree_unflatten([(path, original)]))
+    return damage
+
+
+def _mean_kl(model: nn.Module, batches: list[mx.array], reference: list[mx.array]) -> float:
+    total, count = 0.0, 0
+    for batch, ref in zip(batches, reference, strict=True):
+        kl = _kl(ref, log_probs(model, batch))
+        total += kl.sum().item()
+        count += kl.size
+    return total / count
+
+
+def recipe_for_target(
+    args: ModelArgs,
+    damage: dict[str, dict[int, float]],
+    target_bpw: float,
+    *,
+    group_size: int = 64,
+    scales_bytes: int = 4,
+    float_bytes: int = 4,
+    low: int = 4,
+    high: int = 8,
+) -> Recipe:
+    """Start with every matrix at `high` bits and lower the ones with the least added KL per
+    bit saved to `low` until the plan is at most `target_bpw` bits per weight. An 8-bit
+    damage the scan did not measure counts as zero."""
+    shapes = matrix_shapes(args)
+    plan = {p: QuantParams(high, group_size) for p in shapes}
+
+    def bpw() -> float:
+        return plan_bits_per_weight(args, plan, scales_bytes, float_bytes)
+
+    def cost(path: str) -> float:
+        rows, cols = shapes[path]
+        added = damage[path][low] - damage[path].get(high, 0.0)
+        return added / (rows * cols * (high - low))
+
+    for path in sorted(shapes, key=cost):
+        if bpw() <= target_bpw:
+            break
+        plan[path] = QuantParams(low, group_size)
+    if bpw() > target_bpw:
+        raise QuantizeError(
+            f"target {target_bpw} bits per weight is below what {low}-bit quantization gives "
+            f"({bpw():.3f}); raise --target-bpw"
+        )
+    return Recipe(low, group_size, {p: q for p, q in plan.items() if q.bits != low})
