@@ -1,0 +1,386 @@
+"""Model directories: load and save config.json, (sharded) safetensors and tokenizer.model.
+
+A model directory is what mlx-lm reads and writes for `model_type: openelm`:
+`config.json` (HF field names, plus mlx-lm's `quantization` block when
+quantized), `model.safetensors` or shards `model-0000i-of-0000n.safetensors`
+with `model.safetensors.index.json`, and `tokenizer.model`. Weight names are
+the HF checkpoint keys, which are also the model's attribute paths.
+
+Writing is atomic: everything goes into a temporary sibling directory that is
+renamed into place only when complete. Weights are written shard by shard from
+callables that produce them, so a converter can stream tensors from disk.
+"""
+
+from __future__ import annotations
+
+import json
+import shutil
+import tempfile
+from collections.abc import Callable, Iterator, Mapping
+from contextlib import contextmanager
+from pathlib import Path
+
+import mlx.core as mx
+import mlx.nn as nn
+from mlx.utils import tree_flatten
+
+from .config import ConfigError, ModelArgs
+from .model import OpenELM
+
+INDEX_FILE = "model.safetensors.index.json"
+TOKENIZER_FILE = "tokenizer.model"
+# Shard size above which weights are split over several files (mlx-lm's limit).
+MAX_SHARD_BYTES = 5 << 30
+# Keys in published checkpoints that no module reads: HF's untied OpenELM stores
+# an unused copy of the output head.
+UNUSED_KEYS = frozenset({"transformer.classifier.weight"})
+DTYPES = {"float32": mx.float32, "float16": mx.float16, "bfloat16": mx.bfloat16}
+
+# (bytes, produce): the tensors of one or more keys, produced only when their shard is written.
+Pending = tuple[int, Callable[[], dict[str, mx.array]]]
+Log = Callable[[str], None]
+
+
+class WeightsError(ValueError):
+    """Weights that do not match the config: missing, unexpected, wrong shape, unreadable."""
+
+
+class TokenizerMissingError(FileNotFoundError):
+    """A model directory without tokenizer.model, where a tokenizer is needed."""
+
+
+# ---- reading ----------------------------------------------------------------------
+
+
+def read_config(path: Path) -> ModelArgs:
+    """ModelArgs from `path/config.json`."""
+    file = path / "config.json"
+    if not file.is_file():
+        raise FileNotFoundError(f"{file} not found; is {path} a model directory?")
+    try:
+        config = json.loads(file.read_text())
+    except (json.JSONDecodeError, UnicodeDecodeError) as e:
+        raise ConfigError(f"{file} is not valid JSON: {e}") from None
+    if not isinstance(config, dict):
+        raise ConfigError(f"{file} must hold a JSON object")
+    return ModelArgs.from_dict(config)
+
+
+def weight_files(path: Path) -> list[Path]:
+    """The safetensors files of a model directory: from the index, or model*.safetensors."""
+    index = path / INDEX_FILE
+    if index.is_file():
+        names = sorted(set(read_json(index).get("weight_map", {}).values()))
+        missing = [n for n in names if not (path / n).is_file()]
+        if missing or not names:
+            raise FileNotFoundError(
+                f"{index} lists missing shard files: {', '.join(missing) or 'none listed'}"
+            )
+        return [path / n for n in names]
+    files = sorted(path.glob("model*.safetensors"))
+    if not files:
+        hint = ""
+        if any(path.glob("pytorch_model*.bin")):
+            hint = f"; convert it first: python -m elm_mlx.convert --hf-path {path} --mlx-path OUT"
+        raise FileNotFoundError(f"no model*.safetensors in {path}{hint}")
+    return files
+
+
+def read_json(file: Path) -> dict:
+    try:
+        data = json.loads(file.read_text())
+    except (json.JSONDecodeError, UnicodeDecodeError) as e:
+        raise WeightsError(f"{file} is not valid JSON: {e}") from None
+    if not isinstance(data, dict):
+        raise WeightsError(f"{file} must hold a JSON object")
+    return data
+
+
+def load_safetensors(files: list[Path]) -> dict[str, mx.array]:
+    """Every tensor of `files`, lazily: nothing is read until a tensor is evaluated."""
+    weights: dict[str, mx.array] = {}
+    for file in files:
+        try:
+            tensors = mx.load(str(file))
+        except (RuntimeError, ValueError, OSError) as e:
+            raise WeightsError(f"cannot read {file}: {' '.join(str(e).split())}") from None
+        duplicated = sorted(set(tensors) & set(weights))
+        if duplicated:
+            raise WeightsError(f"{file} repeats keys of another shard: {_some(duplicated)}")
+        weights.update(tensors)
+    return weights
+
+
+def check_weights(
+    expected: Mapping[str, tuple[int, ...]], found: Mapping[str, tuple[int, ...]], where: str
+) -> None:
+    """Raise one WeightsError naming every missing, unexpected and wrong-shaped key."""
+    missing = [k for k in expected if k not in found]
+    unexpected = [k for k in found if k not in expected and k not in UNUSED_KEYS]
+    wrong = [
+        f"{k} {tuple(found[k])} (expected {tuple(expected[k])})"
+        for k in expected
+        if k in found and tuple(found[k]) != tuple(expected[k])
+    ]
+    problems = [
+        f"{len(keys)} {label}: {_some(keys)}"
+        for label, keys in (
+            ("missing", missing),
+            ("unexpected", unexpected),
+            ("wrong shape", wrong),
+        )
+        if keys
+    ]
+    if problems:
+        raise WeightsError(f"weights in {where} do not match config.json: " + "; ".join(problems))
+
+
+def _some(items: list[str], n: int = 8) -> str:
+    more = f" and {len(items) - n} more" if len(items) > n else ""
+    return ", ".join(items[:n]) + more
+
+
+def as_dtype(dtype: str | mx.Dtype) -> mx.Dtype:
+    """mx.float16 or 'float16' -> mx.float16; anything else is a one-line ValueError."""
+    if isinstance(dtype, mx.Dtype) and dtype in DTYPES.values():
+        return dtype
+    if isinstance(dtype, str) and dtype in DTYPES:
+        return DTYPES[dtype]
+    raise ValueError(f"unsupported dtype {dtype!r}; choose one of {', '.join(DTYPES)}")
+
+
+def dtype_name(dtype: mx.Dtype) -> str:
+    return next((k for k, v in DTYPES.items() if v == dtype), str(dtype).split(".")[-1])
+
+
+# ---- loading ----------------------------------------------------------------------
+
+
+def build_model(args: ModelArgs, weights: Mapping[str, mx.array] | None = None) -> OpenELM:
+    """An OpenELM for `args`, with quantized layers where config.json (and weights) say so."""
+    model = OpenELM(args)
+    if args.quantization:
+        quantize_like(model, args.quantization, weights or {})
+    return model
+
+
+def quantize_like(model: nn.Module, quantization: dict, weights: Mapping[str, mx.array]) -> None:
+    """Swap in the quantized modules a saved model has, before its weights are loaded.
+
+    As mlx-lm does: a module named in `quantization` takes those params (or stays
+    float for `false`); any other module is quantized when its `.scales` are in
+    `weights`, with bits and group size read off the stored shapes.
+    """
+
+    def predicate(path: str, module: nn.Module) -> bool | dict:
+        if path in quantization:
+            return quantization[path]
+        if not hasattr(module, "to_quantized") or f"{path}.scales" not in weights:
+            return False
+        in_dim = module.weight.shape[-1]
+        groups = weights[f"{path}.scales"].shape[-1]
+        packed = weights[f"{path}.weight"].shape[-1] if f"{path}.weight" in weights else 0
+        if groups == 0 or in_dim % groups or (packed * 32) % in_dim:
+            raise WeightsError(f"{path}: stored scales/weight shapes fit no quantization")
+        return {"group_size": in_dim // groups, "bits": packed * 32 // in_dim}
+
+    mode = quantization.get("mode", "affine")
+    try:
+        nn.quantize(
+            model,
+            quantization.get("group_size"),
+            quantization.get("bits"),
+            mode=mode,
+            class_predicate=predicate,
+        )
+    except (ValueError, TypeError) as e:
+        raise ConfigError(f"cannot rebuild the quantized model: {e}") from None
+
+
+def load_model(
+    path: str | Path, *, dtype: str | mx.Dtype | None = None, lazy: bool = False
+) -> tuple[OpenELM, ModelArgs]:
+    """The model of a local model directory, its weights checked key by key and shape by shape."""
+    path = Path(path)
+    if not path.is_dir():
+        raise FileNotFoundError(f"{path} is not a directory")
+    args = read_config(path)
+    weights = load_safetensors(weight_files(path))
+    model = build_model(args, weights)
+    expected = {k: v.shape for k, v in tree_flatten(model.parameters())}
+    check_weights(expected, {k: w.shape for k, w in weights.items()}, str(path))
+    model.load_weights([(k, w) for k, w in weights.items() if k in expected], strict=True)
+    if dtype is not None:
+        model.set_dtype(as_dtype(dtype))
+    model.eval()
+    if not lazy:
+        mx.eval(model.parameters())
+    return model, args
+
+
+def load(path_or_hub_id: str | Path, *, dtype: str | mx.Dtype | None = None, lazy: bool = False):
+    """(model, tokenizer) from a model directory or hub id; tokenizer is None without
+    tokenizer.model (see `require_tokenizer`)."""
+    from .hub import resolve
+
+    path = resolve(
+        path_or_hub_id, allow_patterns=["config.json", "*.safetensors", INDEX_FILE, TOKENIZER_FILE]
+    )
+    model, _ = load_model(path, dtype=dtype, lazy=lazy)
+    return model, load_tokenizer(path)
+
+
+def load_tokenizer(path: Path):
+    """The Tokenizer of a model directory, or None when it has no tokenizer.model."""
+    if not (Path(path) / TOKENIZER_FILE).is_file():
+        return None
+    from .tokenizer import Tokenizer
+
+    return Tokenizer(Path(path) / TOKENIZER_FILE)
+
+
+def require_tokenizer(tokenizer, path: str | Path):
+    """`tokenizer`, or a TokenizerMissingError saying how to supply one."""
+    if tokenizer is None:
+        raise TokenizerMissingError(
+            f"{path} has no tokenizer.model; copy the Llama-2 SentencePiece tokenizer.model "
+            "into it, or convert again with --tokenizer PATH|HUB_ID"
+        )
+    return tokenizer
+
+
+# ---- writing ----------------------------------------------------------------------
+
+
+@contextmanager
+def output_dir(path: str | Path, *, force: bool = False) -> Iterator[Path]:
+    """A temporary sibling of `path` to write into; renamed to `path` when the block succeeds.
+
+    An existing `path` is refused unless `force`, and then replaced only at the end.
+    """
+    path = Path(path).absolute()
+    check_target(path, force=force)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=f".{path.name}.partial-", dir=path.parent))
+    try:
+        yield tmp
+        check_target(path, force=force)  # it may have appeared meanwhile
+        old = None
+        if path.exists():
+            old = Path(tempfile.mkdtemp(prefix=f".{path.name}.old-", dir=path.parent))
+            path.rename(old / path.name)
+        tmp.rename(path)
+        if old is not None:
+            shutil.rmtree(old, ignore_errors=True)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+
+
+def check_target(path: Path, *, force: bool) -> None:
+    """Refuse an existing output unless `force`; never replace what is not a model directory."""
+    if not path.exists() and not path.is_symlink():
+        return
+    if not force:
+        raise FileExistsError(f"{path} already exists; pass --force to replace it")
+    if not path.is_dir() or path.is_symlink():
+        raise FileExistsError(f"{path} exists and is not a directory; refusing to replace it")
+    if any(path.iterdir()) and not (path / "config.json").is_file():
+        raise FileExistsError(
+            f"{path} is not a model directory (no config.json); refusing to replace it"
+        )
+
+
+def plan_shards(sizes: list[int], max_bytes: int) -> list[list[int]]:
+    """Indices of consecutive items per shard, each shard at most `max_bytes` unless one item
+    alone is larger."""
+    shards: list[list[int]] = []
+    total = 0
+    for i, size in enumerate(sizes):
+        if not shards or total + size > max_bytes:
+            shards.append([])
+            total = 0
+        shards[-1].append(i)
+        total += size
+    return shards
+
+
+def write_weights(
+    path: Path, pending: list[Pending], *, max_shard_bytes: int = MAX_SHARD_BYTES, log=None
+) -> list[str]:
+    """Write `pending` tensors into `path` shard by shard; return the file names written.
+
+    Each shard's tensors are produced and evaluated one by one, saved, then dropped, so the
+    peak memory is about one shard.
+    """
+    shards = plan_shards([n for n, _ in pending], max_shard_bytes)
+    names = shard_names(len(shards))
+    weight_map: dict[str, str] = {}
+    total = 0
+    for name, shard in zip(names, shards, strict=True):
+        tensors: dict[str, mx.array] = {}
+        for i in shard:
+            produced = pending[i][1]()
+            mx.eval(*produced.values())  # one tensor at a time: no source copies pile up
+            tensors.update(produced)
+        nbytes = sum(t.nbytes for t in tensors.values())
+        total += nbytes
+        if log:
+            log(f"writing {name} ({len(tensors)} tensors, {_gb(nbytes)})")
+        mx.save_safetensors(str(path / name), tensors, {"format": "mlx"})
+        weight_map.update(dict.fromkeys(tensors, name))
+        del tensors
+    if len(names) > 1:
+        index = {"metadata": {"total_size": total}, "weight_map": dict(sorted(weight_map.items()))}
+        (path / INDEX_FILE).write_text(json.dumps(index, indent=2) + "\n")
+    return names
+
+
+def shard_names(n: int) -> list[str]:
+    if n == 1:
+        return ["model.safetensors"]
+    return [f"model-{i + 1:05d}-of-{n:05d}.safetensors" for i in range(n)]
+
+
+def _gb(nbytes: int) -> str:
+    return f"{nbytes / 1e9:.2f} GB" if nbytes >= 1e8 else f"{nbytes / 1e6:.1f} MB"
+
+
+def write_config(path: Path, args: ModelArgs, **extra) -> None:
+    """config.json with mlx-lm's field names (which are HF's) plus `extra` fields."""
+    config = args.to_dict()
+    config.pop("auto_map", None)  # it points at modeling code this directory does not carry
+    if args.quantization:
+        config["quantization_config"] = args.quantization
+    config.update(extra)
+    (path / "config.json").write_text(json.dumps(dict(sorted(config.items())), indent=2) + "\n")
+
+
+def save_model(
+    path: str | Path,
+    model_or_weights: nn.Module | Mapping[str, mx.array],
+    args: ModelArgs,
+    *,
+    tokenizer: str | Path | None = None,
+    force: bool = False,
+    max_shard_bytes: int = MAX_SHARD_BYTES,
+    extra_files: Mapping[str, dict] | None = None,
+    log: Log | None = None,
+) -> Path:
+    """Write a model directory atomically: config.json, weights, tokenizer.model (a file path),
+    and `extra_files` (name -> JSON content). Returns the directory."""
+    if isinstance(model_or_weights, nn.Module):
+        weights = dict(tree_flatten(model_or_weights.parameters()))
+    else:
+        weights = dict(model_or_weights)
+    pending = [(w.nbytes, lambda k=k, w=w: {k: w}) for k, w in weights.items()]
+    with output_dir(path, force=force) as tmp:
+        write_weights(tmp, pending, max_shard_bytes=max_shard_bytes, log=log)
+        dtypes = {w.dtype for w in weights.values() if mx.issubdtype(w.dtype, mx.floating)}
+        extra = {"torch_dtype": dtype_name(dtypes.pop())} if len(dtypes) == 1 else {}
+        write_config(tmp, args, **extra)
+        if tokenizer is not None:
+            shutil.copyfile(tokenizer, tmp / TOKENIZER_FILE)
+        for name, content in (extra_files or {}).items():
+            (tmp / name).write_text(json.dumps(content, indent=2) + "\n")
+    return Path(path)
