@@ -57,10 +57,54 @@ def _run_info(args) -> None:
     print(describe(model_args))
 
 
+# ---- convert ----------------------------------------------------------------
+
+
+def _add_convert(sub) -> None:
+    p = sub.add_parser(
+        "convert",
+        help="convert an OpenELM checkpoint (HF layout) into an MLX model directory",
+        description="Convert apple/OpenELM-* (a hub id or a local directory with config.json and "
+        "model.safetensors, sharded safetensors or pytorch_model.bin) into an MLX model "
+        "directory that elm_mlx and mlx-lm load. Apple's repos ship no tokenizer: pass the "
+        "Llama-2 SentencePiece tokenizer.model with --tokenizer.",
+    )
+    p.add_argument("--hf-path", required=True, help="hub id (apple/OpenELM-270M) or local dir")
+    p.add_argument("--mlx-path", required=True, help="output directory (written atomically)")
+    p.add_argument(
+        "--dtype",
+        choices=["float32", "float16", "bfloat16"],
+        help="output dtype (default: the source's; float16 overflows for 3B)",
+    )
+    p.add_argument(
+        "--tokenizer",
+        metavar="PATH|HUB_ID",
+        help="Llama-2 tokenizer.model file, a directory holding it, or a hub id "
+        "(default: tokenizer.model in the source)",
+    )
+    p.add_argument("--revision", help="hub branch, tag or commit of --hf-path")
+    p.add_argument("--force", action="store_true", help="replace an existing --mlx-path")
+
+
+def _run_convert(args) -> None:
+    from .convert import convert
+
+    convert(
+        args.hf_path,
+        args.mlx_path,
+        dtype=args.dtype,
+        tokenizer=args.tokenizer,
+        force=args.force,
+        revision=args.revision,
+        log=lambda line: print(line, file=sys.stderr, flush=True),
+    )
+
+
 # ---- entry point --------------------------------------------------------------
 
 COMMANDS = {
     "info": (_add_info, _run_info),
+    "convert": (_add_convert, _run_convert),
 }
 
 
