@@ -33,6 +33,7 @@ import mlx.core as mx
 import mlx.nn as nn
 from mlx.utils import tree_flatten, tree_unflatten
 
+from . import io as mio
 from .config import ModelArgs
 
 BITS = (4, 8)
@@ -76,7 +77,7 @@ class QuantizeSpec:
 
     bits: int = 4
     group_size: int = 64
-    recipe: str | None = None
+    recipe: str | Recipe | None = None
     scales_dtype: str | None = None
 
     def __post_init__(self) -> None:
@@ -210,6 +211,8 @@ def resolve_recipe(spec: QuantizeSpec, args: ModelArgs) -> Recipe:
     """The Recipe a spec asks for: uniform, a named recipe, or a recipe file."""
     if spec.recipe is None:
         return Recipe(spec.bits, spec.group_size, {})
+    if isinstance(spec.recipe, Recipe):
+        return spec.recipe
     if spec.recipe in RECIPES:
         return RECIPES[spec.recipe](args, spec.group_size)
     if spec.recipe.endswith(".json") or os.path.sep in spec.recipe or Path(spec.recipe).exists():
@@ -269,19 +272,11 @@ def quantization_config(plan: Plan) -> dict:
     return config
 
 
-def plan_from_config(
-    args: ModelArgs, quantization: dict, weight_keys: set[str] | None = None
-) -> Plan:
-    """The plan a config.json `quantization` block describes. As in mlx-lm, a matrix the
-    block does not name gets the default params, but only if its `.scales` are among
-    `weight_keys` when those are given (mlx-lm leaves some matrices unrecorded)."""
+def plan_from_config(args: ModelArgs, quantization: dict) -> Plan:
+    """The plan a config.json `quantization` block describes, so a quantized model's config
+    serves as a recipe (any bit width MLX reads is accepted)."""
     recipe = Recipe.from_json(quantization, source="config.json quantization")
-    plan = make_plan(args, recipe, loading=True)
-    if weight_keys is not None:
-        for path in plan:
-            if path not in recipe.layers and f"{path}.scales" not in weight_keys:
-                plan[path] = None
-    return plan
+    return make_plan(args, recipe, loading=True)
 
 
 def record(args: ModelArgs, quantization: dict) -> None:
@@ -358,22 +353,6 @@ def quantize_tensors(
     return {f"{path}.weight": wq, f"{path}.scales": scales, f"{path}.biases": biases}
 
 
-def rebuild(model: nn.Module, quantization: dict, weight_keys: set[str] | None = None) -> None:
-    """Swap in empty quantized modules as a config.json block describes, before loading a
-    quantized dir's weights (they replace every packed value, scale and bias)."""
-    plan = plan_from_config(model.args, quantization, weight_keys)
-
-    def predicate(path: str, _module: nn.Module) -> bool | dict:
-        params = plan.get(path)
-        return _kwargs(params) if params else False
-
-    nn.quantize(model, class_predicate=predicate)
-
-
-def _kwargs(params: QuantParams) -> dict:
-    return {"group_size": params.group_size, "bits": params.bits, "mode": "affine"}
-
-
 def cast_scales(model: nn.Module, dtype: mx.Dtype) -> None:
     """Change the scales/biases dtype of every quantized module (e.g. bfloat16 -> float32 to
     run an mlx-community checkpoint at full speed on the CPU)."""
@@ -381,6 +360,36 @@ def cast_scales(model: nn.Module, dtype: mx.Dtype) -> None:
         if isinstance(m, (nn.QuantizedLinear, nn.QuantizedEmbedding)):
             m.scales = m.scales.astype(dtype)
             m.biases = m.biases.astype(dtype)
+
+
+def quantize_dir(
+    src: str | Path,
+    out: str | Path,
+    spec: QuantizeSpec,
+    *,
+    force: bool = False,
+    extra_files: dict[str, dict] | None = None,
+    log: mio.Log | None = None,
+) -> nn.Module:
+    """Quantize the float model directory `src` into the model directory `out` (written
+    atomically, tokenizer.model copied); returns the quantized model."""
+    src = Path(src)
+    mio.check_target(Path(out).absolute(), force=force)
+    model, args = mio.load_model(src, lazy=True)  # each matrix is read when it is quantized
+    if args.quantization:
+        raise QuantizeError(f"{src} is already quantized; quantize its float model instead")
+    quantize_model(model, spec)
+    tokenizer = src / mio.TOKENIZER_FILE
+    mio.save_model(
+        out,
+        model,
+        model.args,
+        tokenizer=tokenizer if tokenizer.is_file() else None,
+        force=force,
+        extra_files=extra_files,
+        log=log,
+    )
+    return model
 
 
 # ---- sizes ---------------------------------------------------------------------
