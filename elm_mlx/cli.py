@@ -120,6 +120,13 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv: list[str] | None = None) -> int:
+    from .blas import BlasError, preload_blas
+
+    try:
+        preload_blas()  # must precede any MLX import: a fast BLAS for MLX's CPU matmuls
+    except BlasError as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 1
     args = build_parser().parse_args(argv)
     try:
         COMMANDS[args.command][1](args)
