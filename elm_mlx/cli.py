@@ -84,6 +84,14 @@ def _add_convert(sub) -> None:
     )
     p.add_argument("--revision", help="hub branch, tag or commit of --hf-path")
     p.add_argument("--force", action="store_true", help="replace an existing --mlx-path")
+    p.add_argument(
+        "-q", "--quantize", action="store_true", help="quantize tensor by tensor while converting"
+    )
+    p.add_argument("--q-bits", type=int, help="bits per weight: 4 (default) or 8")
+    p.add_argument("--q-group-size", type=int, help="32, 64 (default) or 128")
+    p.add_argument(
+        "--q-recipe", metavar="NAME|FILE", help="mixed-precision recipe (see elm-mlx quantize)"
+    )
 
 
 def _run_convert(args) -> None:
@@ -96,15 +104,291 @@ def _run_convert(args) -> None:
         tokenizer=args.tokenizer,
         force=args.force,
         revision=args.revision,
+        quantize=_convert_quant_spec(args),
         log=lambda line: print(line, file=sys.stderr, flush=True),
     )
+
+
+def _convert_quant_spec(args):
+    given = [f for f in ("q_bits", "q_group_size", "q_recipe") if getattr(args, f) is not None]
+    if not args.quantize:
+        if given:
+            flags = ", ".join("--" + f.replace("_", "-") for f in given)
+            raise CliError(f"{flags} need -q/--quantize")
+        return None
+    return _quant_spec(args.q_bits, args.q_group_size, args.q_recipe, None)
+
+
+# ---- quantize ---------------------------------------------------------------
+
+
+def _add_quantize(sub) -> None:
+    p = sub.add_parser(
+        "quantize",
+        help="quantize a float model directory (4/8-bit, mixed recipes, sensitivity scan)",
+        description="Affine group quantization recorded in config.json as mlx-lm records it. "
+        "Recipes: mixed-4-8, embed-8, or a JSON file (module path or pattern -> "
+        "{bits, group_size} or false). --scan measures each matrix's damage on --eval-text "
+        "and writes the least-damage recipe for --target-bpw.",
+    )
+    p.add_argument("--model", required=True, help="float model directory")
+    p.add_argument("--out", required=True, help="output directory (written atomically)")
+    p.add_argument("--bits", type=int, help="4 (default) or 8")
+    p.add_argument("--group-size", type=int, help="32, 64 (default) or 128")
+    p.add_argument("--recipe", metavar="NAME|FILE", help="mixed-precision recipe")
+    p.add_argument(
+        "--scales-dtype",
+        choices=["float32", "bfloat16", "float16"],
+        help="dtype of scales and biases (default: float32 on CPU, the model's dtype on GPU)",
+    )
+    p.add_argument("--scan", action="store_true", help="build a recipe from a sensitivity scan")
+    p.add_argument("--target-bpw", type=float, help="bits per weight the scanned recipe meets")
+    p.add_argument("--report", action="store_true", help="print quality against the float model")
+    p.add_argument("--eval-text", metavar="FILE", help="held-out text for --scan and --report")
+    p.add_argument("--eval-tokens", type=int, default=4096, help="tokens of it to use")
+    p.add_argument("--force", action="store_true", help="replace an existing --out")
+
+
+def _run_quantize(args) -> None:
+    from . import quant_quality as qq
+    from .quantize import bits_per_weight, dir_size, quantize_dir
+
+    _check_quantize_flags(args)
+    log = lambda line: print(line, file=sys.stderr, flush=True)  # noqa: E731
+    spec = _quant_spec(args.bits, args.group_size, args.recipe, args.scales_dtype)
+    windows = None
+    if args.eval_text:
+        windows = qq.text_windows(args.model, args.eval_text, max_tokens=args.eval_tokens)
+    extra = {}
+    if args.scan:
+        spec.recipe = qq.scan_recipe(args.model, windows, spec, args.target_bpw, log)
+        extra["quantize_recipe.json"] = spec.recipe.to_json()
+    model = quantize_dir(args.model, args.out, spec, force=args.force, extra_files=extra, log=log)
+    print(f"{args.out}: {bits_per_weight(model):.3f} bits per weight, "
+          f"{dir_size(args.out) / 1e6:.1f} MB")  # fmt: skip
+    if args.report:
+        print(qq.report(args.model, args.out, model, windows))
+
+
+def _check_quantize_flags(args) -> None:
+    if args.scan and args.recipe:
+        raise CliError("--scan builds its own recipe; drop --recipe")
+    if args.scan != (args.target_bpw is not None):
+        raise CliError("--scan and --target-bpw go together")
+    if (args.scan or args.report) and not args.eval_text:
+        raise CliError("--scan and --report need --eval-text FILE (held-out text)")
+
+
+def _quant_spec(bits, group_size, recipe, scales_dtype):
+    from .quantize import RECIPES, QuantizeSpec
+
+    if recipe is not None and bits is not None:
+        raise CliError("a bits flag conflicts with a recipe: the recipe sets the bits")
+    if recipe is not None and recipe not in RECIPES and group_size is not None:
+        raise CliError("a group size flag conflicts with a recipe file: the file sets them")
+    return QuantizeSpec(
+        bits=4 if bits is None else bits,
+        group_size=64 if group_size is None else group_size,
+        recipe=recipe,
+        scales_dtype=scales_dtype,
+    )
+
+
+# ---- generate / chat -----------------------------------------------------------
+
+_INSTRUCT_RULE = (
+    "The chat template is applied when the --model name (directory or hub id) contains "
+    "'instruct' (any case) or --system is given; --raw sends the prompt as is."
+)
+
+
+def _add_generation_flags(p) -> None:
+    p.add_argument("--model", required=True, help="model directory or hub id, with tokenizer.model")
+    p.add_argument("--max-tokens", type=int, default=256, help="most tokens to generate (256)")
+    p.add_argument("--temp", type=float, default=0.0, help="temperature; 0 = greedy (default)")
+    p.add_argument("--top-p", type=float, default=1.0, help="nucleus mass in (0, 1]; 1 = off")
+    p.add_argument("--top-k", type=int, default=0, help="sample among the k most likely; 0 = off")
+    p.add_argument(
+        "--min-p", type=float, default=0.0, help="drop tokens below min-p x the top one; 0 = off"
+    )
+    p.add_argument(
+        "--repetition-penalty",
+        type=float,
+        default=1.0,
+        help="> 0; 1 = off (Apple's examples use 1.2)",
+    )
+    p.add_argument(
+        "--repetition-context-size", type=int, default=20, help="tokens the penalty sees (20)"
+    )
+    p.add_argument("--seed", type=int, help="sampling seed (default: a fresh one per run)")
+    p.add_argument("--max-kv-size", type=int, help="rotating KV window, to go past the context")
+    p.add_argument("--system", help="system message (applies the chat template)")
+    p.add_argument("-v", "--verbose", action="store_true", help="model and prompt details")
+
+
+def _add_generate(sub) -> None:
+    p = sub.add_parser(
+        "generate",
+        help="generate text from a prompt, streamed to stdout",
+        description="Generate text from a prompt. Text streams to stdout; prompt and generation "
+        "speed and peak memory go to stderr. " + _INSTRUCT_RULE,
+    )
+    _add_generation_flags(p)
+    p.add_argument("--prompt", required=True, help="prompt text, or - to read it from stdin")
+    p.add_argument("--stop", action="append", metavar="TEXT", help="stop string (repeatable)")
+    p.add_argument("--raw", action="store_true", help="never apply the chat template")
+
+
+def _generation_settings(args, **extra):
+    from .generate import GenerationSettings
+
+    return GenerationSettings(
+        max_tokens=args.max_tokens,
+        temp=args.temp,
+        top_p=args.top_p,
+        top_k=args.top_k,
+        min_p=args.min_p,
+        repetition_penalty=args.repetition_penalty,
+        repetition_context_size=args.repetition_context_size,
+        seed=args.seed,
+        max_kv_size=args.max_kv_size,
+        **extra,
+    )
+
+
+def _load_for_generation(args):
+    import time
+
+    from .io import load, require_tokenizer
+
+    start = time.perf_counter()
+    model, tokenizer = load(args.model)
+    tokenizer = require_tokenizer(tokenizer, args.model)
+    if args.verbose:
+        millions = model.args.num_parameters() / 1e6
+        print(
+            f"loaded {args.model}: {millions:.1f}M parameters, {time.perf_counter() - start:.2f}s",
+            file=sys.stderr,
+        )
+    return model, tokenizer
+
+
+def _is_instruct(model: str) -> bool:
+    return "instruct" in str(model).rstrip("/\\").replace("\\", "/").split("/")[-1].lower()
+
+
+def _read_prompt(value: str) -> str:
+    if value != "-":
+        return value
+    text = sys.stdin.read().removesuffix("\n")
+    if not text:
+        raise CliError("--prompt - read an empty prompt from stdin")
+    return text
+
+
+def _prompt_text(tokenizer, prompt: str, args) -> str:
+    if args.raw or (args.system is None and not _is_instruct(args.model)):
+        return prompt
+    system = [] if args.system is None else [{"role": "system", "content": args.system}]
+    return tokenizer.apply_chat_template(system + [{"role": "user", "content": prompt}])
+
+
+def _print_summary(last) -> None:
+    if last is None:
+        print("generated no tokens", file=sys.stderr)
+        return
+    print(
+        f"prompt: {last.prompt_tokens} tokens, {last.prompt_tps:.2f} tokens/s\n"
+        f"generation: {last.generation_tokens} tokens, {last.generation_tps:.2f} tokens/s\n"
+        f"peak memory: {last.peak_memory:.3f} GB",
+        file=sys.stderr,
+    )
+
+
+def _run_generate(args) -> None:
+    from .generate import stream_generate
+
+    if args.raw and args.system is not None:
+        raise CliError("--system needs the chat template; drop --raw")
+    settings = _generation_settings(args, stop=tuple(args.stop or ()))
+    prompt = _read_prompt(args.prompt)
+    model, tokenizer = _load_for_generation(args)
+    text = _prompt_text(tokenizer, prompt, args)
+    if args.verbose:
+        print(f"prompt: {'chat template' if text != prompt else 'raw'}", file=sys.stderr)
+    last = None
+    for last in stream_generate(model, tokenizer, text, settings=settings):
+        sys.stdout.write(last.text)
+        sys.stdout.flush()
+    sys.stdout.write("\n")
+    _print_summary(last)
+
+
+def _add_chat(sub) -> None:
+    p = sub.add_parser(
+        "chat",
+        help="chat with an Instruct model (keeps the KV cache between turns)",
+        description="Interactive chat: one message per line on stdin; the reply streams to "
+        "stdout. The KV cache is kept between turns, so only the new turn is processed. "
+        "/reset starts over, /exit or Ctrl-D quits.",
+    )
+    _add_generation_flags(p)
+
+
+def _run_chat(args) -> None:
+    from .generate import ChatSession
+
+    settings = _generation_settings(args)
+    model, tokenizer = _load_for_generation(args)
+    session = ChatSession(model, tokenizer, system=args.system, settings=settings)
+    interactive = sys.stdin.isatty()
+    if interactive:
+        print("/reset starts over, /exit or Ctrl-D quits", file=sys.stderr)
+    try:
+        while (line := _read_line(interactive)) is not None and _chat_turn(session, line, args):
+            pass
+    except KeyboardInterrupt:
+        print(file=sys.stderr)
+
+
+def _read_line(interactive: bool) -> str | None:
+    if interactive:
+        print(">>> ", end="", file=sys.stderr, flush=True)
+    line = sys.stdin.readline()
+    return None if line == "" else line.strip()
+
+
+def _chat_turn(session, message: str, args) -> bool:
+    """Answer one line; False ends the chat."""
+    from .cache import ContextLengthError
+
+    if message in ("/exit", "/quit"):
+        return False
+    if message == "/reset":
+        session.reset()
+        print("(conversation cleared)", file=sys.stderr)
+    elif message:
+        try:
+            last = None
+            for last in session.send(message):
+                sys.stdout.write(last.text)
+                sys.stdout.flush()
+            sys.stdout.write("\n")
+            if args.verbose:
+                _print_summary(last)
+        except ContextLengthError as e:
+            print(f"error: {e}; or /reset to start over", file=sys.stderr)
+    return True
 
 
 # ---- entry point --------------------------------------------------------------
 
 COMMANDS = {
     "info": (_add_info, _run_info),
+    "generate": (_add_generate, _run_generate),
+    "chat": (_add_chat, _run_chat),
     "convert": (_add_convert, _run_convert),
+    "quantize": (_add_quantize, _run_quantize),
 }
 
 

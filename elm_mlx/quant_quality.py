@@ -13,20 +13,26 @@ from __future__ import annotations
 import math
 from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
+from pathlib import Path
 
 import mlx.core as mx
 import mlx.nn as nn
 from mlx.utils import tree_unflatten
 
+from . import io as mio
 from .config import ModelArgs
 from .quantize import (
     QuantizeError,
+    QuantizeSpec,
     QuantParams,
     Recipe,
+    bits_per_weight,
+    dir_size,
     make_plan,
     matrix_shapes,
     plan_bits_per_weight,
     quantize_module,
+    scales_dtype_for,
 )
 
 
@@ -168,3 +174,72 @@ def recipe_for_target(
             f"({bpw():.3f}); raise --target-bpw"
         )
     return Recipe(low, group_size, {p: q for p, q in plan.items() if q.bits != low})
+
+
+# ---- model directories -----------------------------------------------------------
+
+
+def text_windows(
+    model_dir: str | Path, text_file: str | Path, *, max_tokens: int = 4096, seq_len: int = 256
+) -> mx.array:
+    """Held-out text tokenized with the model directory's tokenizer, as token_windows."""
+    text_file = Path(text_file)
+    if not text_file.is_file():
+        raise FileNotFoundError(f"held-out text {text_file} not found; give a UTF-8 text file")
+    tokenizer = mio.require_tokenizer(mio.load_tokenizer(Path(model_dir)), model_dir)
+    ids = tokenizer.encode(text_file.read_text(encoding="utf-8"))
+    return token_windows(ids, seq_len, max_tokens)
+
+
+def scan_recipe(
+    model_dir: str | Path,
+    windows: mx.array,
+    spec: QuantizeSpec,
+    target_bpw: float,
+    log: mio.Log | None = None,
+) -> Recipe:
+    """Scan the float model of `model_dir` and return the least-damage recipe for target_bpw."""
+    model, args = mio.load_model(model_dir)
+    if args.quantization:
+        raise QuantizeError(f"{model_dir} is already quantized; scan its float model instead")
+    float_dtype = model.transformer.token_embeddings.weight.dtype
+    scales_dtype = scales_dtype_for(spec, float_dtype)
+
+    def progress(path: str, bits: int, kl: float) -> None:
+        if log:
+            log(f"scan {path} at {bits} bits: mean KL {kl:.3g}")
+
+    damage = sensitivity_scan(
+        model, windows, group_size=spec.group_size, scales_dtype=scales_dtype, progress=progress
+    )
+    return recipe_for_target(
+        args,
+        damage,
+        target_bpw,
+        group_size=spec.group_size,
+        scales_bytes=scales_dtype.size,
+        float_bytes=float_dtype.size,
+    )
+
+
+def report(
+    float_dir: str | Path, quant_dir: str | Path, quant_model: nn.Module, windows: mx.array
+) -> str:
+    """A table of bits per weight, size on disk, perplexity, mean KL and top-1 agreement."""
+    float_model, _ = mio.load_model(float_dir)
+    quality = compare(float_model, quant_model, windows)
+    head = f"{'model':<10} {'bits/weight':>11} {'size MB':>9} {'perplexity':>11} "
+    head += f"{'mean KL':>9} {'top-1 agree':>11}"
+    rows = [
+        (float_model, float_dir, quality.ppl_float, "-", "-"),
+        (quant_model, quant_dir, quality.ppl_quant, f"{quality.mean_kl:.4g}",
+         f"{100 * quality.top1_agreement:.1f}%"),
+    ]  # fmt: skip
+    lines = [f"held-out tokens: {quality.tokens}", head]
+    for name, (model, path, ppl, kl, top1) in zip(("float", "quantized"), rows, strict=True):
+        size = dir_size(path) / 1e6
+        lines.append(
+            f"{name:<10} {bits_per_weight(model):>11.3f} {size:>9.1f} {ppl:>11.3f} "
+            f"{kl:>9} {top1:>11}"
+        )
+    return "\n".join(lines)

@@ -9,12 +9,13 @@ import pytest
 from mlx.utils import tree_flatten
 from mlx_lm import utils as mlx_lm_utils
 
+from elm_mlx import cli
 from elm_mlx import io as mio
 from elm_mlx import quant_quality as qq
 from elm_mlx import quantize as q
 from elm_mlx.config import ModelArgs
 from elm_mlx.model import OpenELM
-from elm_mlx.testing import random_weights, tiny_args
+from elm_mlx.testing import random_weights, tiny_args, write_hf_checkpoint
 
 
 def quant_args(tied: bool = True) -> ModelArgs:
@@ -263,3 +264,82 @@ def test_scan_and_target_recipe():
     assert high and len(high) < len(plan)
     with pytest.raises(q.QuantizeError, match="below what 4-bit"):
         qq.recipe_for_target(args, damage, all4 - 0.5, group_size=64)
+
+
+# ---- command line ----------------------------------------------------------------
+
+EVAL_TEXT = "The quick brown fox jumps over the lazy dog. Once upon a time there was a model. " * 8
+
+
+@pytest.fixture
+def cli_dirs(tmp_path, sp_model_file):
+    """A float model dir with the tiny tokenizer (vocab 384 covers it) and held-out text."""
+    args = quant_args()
+    config = args.to_dict() | {"vocab_size": 384}
+    args = ModelArgs.from_dict(config)
+    weights = random_weights(args, seed=4)
+    mio.save_model(tmp_path / "float", build(args, weights), args, tokenizer=sp_model_file)
+    (tmp_path / "heldout.txt").write_text(EVAL_TEXT)
+    return tmp_path, weights
+
+
+def test_cli_quantize_and_report(cli_dirs, capsys):
+    tmp, _ = cli_dirs
+    argv = ["quantize", "--model", str(tmp / "float"), "--out", str(tmp / "q")]
+    argv += ["--recipe", "mixed-4-8", "--group-size", "32", "--report"]
+    assert cli.main([*argv, "--eval-text", str(tmp / "heldout.txt")]) == 0
+    out = capsys.readouterr().out
+    assert "bits per weight" in out and "perplexity" in out and "top-1 agree" in out
+    loaded, _ = mio.load_model(tmp / "q")
+    assert loaded.transformer.token_embeddings.bits == 8
+    assert loaded.layers[1].ffn.proj_1.bits == 4 and loaded.layers[1].ffn.proj_1.group_size == 32
+    assert (tmp / "q" / "tokenizer.model").is_file()
+
+
+def test_cli_scan_writes_a_recipe_meeting_the_target(cli_dirs, capsys):
+    tmp, _ = cli_dirs
+    argv = ["quantize", "--model", str(tmp / "float"), "--out", str(tmp / "q"), "--scan"]
+    argv += ["--target-bpw", "7", "--eval-text", str(tmp / "heldout.txt")]
+    assert cli.main(argv) == 0
+    recipe = q.Recipe.load(tmp / "q" / "quantize_recipe.json")
+    loaded, args = mio.load_model(tmp / "q")
+    assert q.plan_from_config(args, args.quantization) == q.make_plan(args, recipe)
+    assert 5 < q.bits_per_weight(loaded) <= 7
+    assert "scan transformer.layers.0.attn.qkv_proj at 4 bits" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize(
+    "flags,message",
+    [
+        (["--bits", "3"], "error: 3-bit quantization is not supported; choose bits from [4, 8]"),
+        (["--group-size", "48"], "error: group size 48 is not supported"),
+        (["--recipe", "mixed_4_6"], "error: unknown recipe 'mixed_4_6'"),
+        (["--recipe", "mixed-4-8", "--bits", "8"], "error: a bits flag conflicts with a recipe"),
+        (["--report"], "error: --scan and --report need --eval-text"),
+        (["--scan"], "error: --scan and --target-bpw go together"),
+    ],
+)
+def test_cli_bad_flags_exit_1_with_one_line(cli_dirs, capsys, flags, message):
+    tmp, _ = cli_dirs
+    argv = ["quantize", "--model", str(tmp / "float"), "--out", str(tmp / "q"), *flags]
+    assert cli.main(argv) == 1
+    err = capsys.readouterr().err
+    assert err.startswith(message) and err.count("\n") == 1
+    assert not (tmp / "q").exists()
+
+
+def test_convert_quantizes_while_streaming_like_quantize_dir(cli_dirs, sp_model_file):
+    """Tensor-by-tensor quantization in the converter gives exactly the arrays of quantizing
+    the converted float model."""
+    tmp, weights = cli_dirs
+    args = mio.read_config(tmp / "float")
+    write_hf_checkpoint(tmp / "hf", args, weights)
+    argv = ["convert", "--hf-path", str(tmp / "hf"), "--mlx-path", str(tmp / "cq")]
+    argv += ["--tokenizer", str(sp_model_file), "-q", "--q-recipe", "mixed-4-8"]
+    assert cli.main(argv) == 0
+    streamed, streamed_args = mio.load_model(tmp / "cq")
+    in_memory = q.quantize_dir(tmp / "float", tmp / "q", q.QuantizeSpec(recipe="mixed-4-8"))
+    assert streamed_args.quantization == in_memory.args.quantization
+    assert_same_parameters(streamed, in_memory)
+    assert cli.main(["convert", "--hf-path", str(tmp / "hf"), "--mlx-path", str(tmp / "x"),
+                     "--q-bits", "8"]) == 1  # fmt: skip
