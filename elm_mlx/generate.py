@@ -300,3 +300,55 @@ def generate(
         model, tokenizer, prompt, cache=cache, settings=settings, **overrides
     )
     return "".join(r.text for r in responses)
+
+
+class ChatSession:
+    """A conversation with an Instruct model that keeps its KV cache between turns.
+
+    Each turn feeds only the new tokens: whatever of the last reply the cache has
+    not seen, the end of that turn, and the new user message in the chat template.
+    """
+
+    def __init__(
+        self,
+        model,
+        tokenizer: Tokenizer,
+        *,
+        system: str | None = None,
+        settings: GenerationSettings | None = None,
+    ):
+        self.model, self.tokenizer, self.system = model, tokenizer, system
+        self.settings = settings or GenerationSettings()
+        self.reset()
+
+    def reset(self) -> None:
+        """Forget the conversation (the system message stays)."""
+        self.cache = self.model.make_cache(self.settings.max_kv_size)
+        self.pending: list[int] = []  # tokens of the last reply not yet in the cache
+        self.closed = True  # whether the last reply ended with EOS
+
+    def turn_ids(self, message: str) -> list[int]:
+        """The token ids that the next turn feeds to the model."""
+        user = [{"role": "user", "content": message}]
+        if self.cache[0].offset == 0:
+            system = [{"role": "system", "content": self.system}] if self.system else []
+            return self.tokenizer.encode(self.tokenizer.apply_chat_template(system + user))
+        close = [] if self.closed else [self.tokenizer.eos_id]
+        text = "\n" + self.tokenizer.apply_chat_template(user)
+        return self.pending + close + self.tokenizer.encode(text, bos=False)
+
+    def send(self, message: str) -> Iterator[GenerationResponse]:
+        """Stream the reply to `message`; the cache keeps the whole conversation."""
+        ids = self.turn_ids(message)
+        start = self.cache[0].offset + len(ids)
+        reply: list[int] = []
+        try:
+            for response in stream_generate(
+                self.model, self.tokenizer, ids, cache=self.cache, settings=self.settings
+            ):
+                reply.append(response.token)
+                yield response
+        finally:
+            if reply:  # each token is fed back before it is yielded, except the last one
+                self.pending = reply[self.cache[0].offset - start :]
+                self.closed = reply[-1] == self.tokenizer.eos_id

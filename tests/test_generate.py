@@ -13,6 +13,7 @@ from mlx_lm.sample_utils import make_repetition_penalty as mlx_lm_repetition_pen
 
 from elm_mlx.cache import ContextLengthError, KVCache
 from elm_mlx.generate import (
+    ChatSession,
     GenerationSettings,
     StopFilter,
     generate,
@@ -271,3 +272,58 @@ def test_seed_zero_is_a_seed():
     b = GenerationSettings(temp=1.0, seed=0).sampler()
     logits = mx.zeros((1, 1000))
     assert [a(logits).item() for _ in range(5)] == [b(logits).item() for _ in range(5)]
+
+
+# ---- chat sessions ----------------------------------------------------------------
+
+
+@pytest.fixture(scope="module")
+def chat_model(tokenizer):
+    args = tiny_args(vocab_size=tokenizer.vocab_size)
+    return build(args, random_weights(args, seed=6))
+
+
+def test_chat_feeds_only_new_tokens_and_matches_a_fresh_run(tokenizer, chat_model):
+    settings = GenerationSettings(max_tokens=5)
+    session = ChatSession(chat_model, tokenizer, system="Be brief.", settings=settings)
+    first_ids = session.turn_ids("Tell a story")
+    assert first_ids == tokenizer.encode(
+        tokenizer.apply_chat_template(
+            [
+                {"role": "system", "content": "Be brief."},
+                {"role": "user", "content": "Tell a story"},
+            ]
+        )
+    )
+    first = [r.token for r in session.send("Tell a story")]
+    fed = session.cache[0].offset
+    second_ids = session.turn_ids("And then?")
+    second = [r.token for r in session.send("And then?")]
+    assert session.cache[0].offset > fed  # the cache grew; nothing was recomputed
+    # The whole conversation, from scratch, gives the same second reply.
+    history = first_ids + first
+    assert history[:fed] + second_ids == history + (
+        [] if first[-1] == tokenizer.eos_id else [tokenizer.eos_id]
+    ) + tokenizer.encode("\n<|user|>\nAnd then?</s>\n<|assistant|>\n", bos=False)
+    assert ids_of(generate_step(history[:fed] + second_ids, chat_model, max_tokens=5)) == second
+
+
+def test_chat_turn_after_an_eos_reply(tokenizer, chat_model):
+    session = ChatSession(chat_model, tokenizer)
+    list(session.send("Hi"))
+    turn = tokenizer.encode("\n<|user|>\nAgain</s>\n<|assistant|>\n", bos=False)
+    session.pending, session.closed = [tokenizer.eos_id], True  # EOS generated, not yet fed
+    assert session.turn_ids("Again") == [tokenizer.eos_id] + turn
+    session.pending = []  # EOS generated and already fed
+    assert session.turn_ids("Again") == turn
+    session.pending, session.closed = [7], False  # cut off by max_tokens: close the turn
+    assert session.turn_ids("Again") == [7, tokenizer.eos_id] + turn
+
+
+def test_chat_reset_forgets(tokenizer, chat_model):
+    session = ChatSession(chat_model, tokenizer, settings=GenerationSettings(max_tokens=4))
+    a = [r.token for r in session.send("Hi")]
+    list(session.send("More"))
+    session.reset()
+    assert session.cache[0].offset == 0
+    assert [r.token for r in session.send("Hi")] == a

@@ -1,0 +1,186 @@
+"""`elm-mlx generate` and `elm-mlx chat` on tiny model directories."""
+
+from __future__ import annotations
+
+import io
+import shutil
+import subprocess
+import sys
+
+import pytest
+
+from elm_mlx.cli import main
+from elm_mlx.generate import ChatSession, GenerationSettings, generate
+from elm_mlx.testing import random_weights, tiny_args, write_hf_checkpoint
+
+
+def make_model_dir(path, tokenizer_file):
+    args = tiny_args(vocab_size=384)
+    write_hf_checkpoint(path, args, random_weights(args, seed=4))
+    shutil.copy(tokenizer_file, path / "tokenizer.model")
+    return path
+
+
+@pytest.fixture(scope="module")
+def model_dirs(tmp_path_factory, sp_model_file):
+    root = tmp_path_factory.mktemp("models")
+    base = make_model_dir(root / "tiny-elm", sp_model_file)
+    instruct = make_model_dir(root / "tiny-elm-Instruct", sp_model_file)
+    return base, instruct
+
+
+@pytest.fixture(scope="module")
+def loaded(model_dirs):
+    from elm_mlx.io import load
+
+    return load(model_dirs[0])
+
+
+def run_cli(capsys, *argv, stdin: str | None = None, monkeypatch=None):
+    if stdin is not None:
+        monkeypatch.setattr(sys, "stdin", io.StringIO(stdin))
+    code = main([str(a) for a in argv])
+    out, err = capsys.readouterr()
+    return code, out, err
+
+
+@pytest.mark.parametrize("command", ["generate", "chat"])
+def test_help(capsys, command):
+    with pytest.raises(SystemExit) as e:
+        main([command, "--help"])
+    assert e.value.code == 0
+    out = capsys.readouterr().out
+    for flag in ["--model", "--temp", "--top-p", "--top-k", "--min-p", "--seed", "--system"]:
+        assert flag in out
+    if command == "generate":
+        assert all(f in out for f in ["--prompt", "--stop", "--raw", "instruct"])
+
+
+@pytest.mark.parametrize(
+    "argv",
+    [
+        ["generate", "--model", "m", "--prompt", "x", "--bogus"],
+        ["generate", "--model", "m", "--prompt", "x", "--temp", "hot"],
+        ["generate", "--model", "m", "--prompt", "x", "--max-tokens", "1.5"],
+        ["generate", "--model", "m"],  # no prompt
+        ["generate", "--prompt", "x"],  # no model
+        ["chat", "--model", "m", "--top-k", "many"],
+    ],
+)
+def test_bad_flags_exit_2(capsys, argv):
+    with pytest.raises(SystemExit) as e:
+        main(argv)
+    assert e.value.code == 2
+
+
+@pytest.mark.parametrize(
+    "flags, message",
+    [
+        (["--temp", "-1"], "temp"),
+        (["--top-p", "0"], "top_p"),
+        (["--top-p", "1.5"], "top_p"),
+        (["--top-k", "-3"], "top_k"),
+        (["--min-p", "1"], "min_p"),
+        (["--repetition-penalty", "0"], "repetition_penalty"),
+        (["--repetition-context-size", "0"], "repetition_context_size"),
+        (["--max-tokens", "-1"], "max_tokens"),
+        (["--max-kv-size", "2"], "max_kv_size"),
+        (["--stop", ""], "stop"),
+        (["--raw", "--system", "Be brief."], "--system"),
+    ],
+)
+def test_bad_values_exit_1_with_one_line(capsys, model_dirs, flags, message):
+    code, out, err = run_cli(capsys, "generate", "--model", model_dirs[0], "--prompt", "x", *flags)
+    assert code == 1
+    assert err.startswith("error: ") and message in err
+    assert len(err.strip().splitlines()) == 1
+    assert out == ""
+
+
+def test_missing_model_and_tokenizer_exit_1(capsys, tmp_path, model_dirs):
+    code, _, err = run_cli(capsys, "generate", "--model", tmp_path / "nope", "--prompt", "x")
+    assert code == 1 and len(err.strip().splitlines()) == 1
+    no_tok = tmp_path / "no-tokenizer"
+    shutil.copytree(model_dirs[0], no_tok)
+    (no_tok / "tokenizer.model").unlink()
+    code, _, err = run_cli(capsys, "generate", "--model", no_tok, "--prompt", "x")
+    assert code == 1 and "tokenizer.model" in err and len(err.strip().splitlines()) == 1
+
+
+def test_generate_streams_what_the_library_generates(capsys, model_dirs, loaded):
+    model, tokenizer = loaded
+    argv = ["generate", "--model", model_dirs[0], "--prompt", "Once upon a time"]
+    code, out, err = run_cli(capsys, *argv, "--max-tokens", "12")
+    assert code == 0
+    assert out == generate(model, tokenizer, "Once upon a time", max_tokens=12) + "\n"
+    assert f"prompt: {len(tokenizer.encode('Once upon a time'))} tokens" in err
+    assert "generation:" in err and "peak memory:" in err
+
+
+def test_instruct_models_get_the_chat_template(capsys, model_dirs, loaded):
+    model, tokenizer = loaded  # same weights as the Instruct directory
+    chat = tokenizer.apply_chat_template(
+        [{"role": "system", "content": "Be brief."}, {"role": "user", "content": "Hi"}]
+    )
+    argv = ["generate", "--model", model_dirs[1], "--prompt", "Hi", "--max-tokens", "8"]
+    _, templated, _ = run_cli(capsys, *argv, "--system", "Be brief.")
+    assert templated == generate(model, tokenizer, chat, max_tokens=8) + "\n"
+    _, raw, _ = run_cli(capsys, *argv, "--raw")
+    assert raw == generate(model, tokenizer, "Hi", max_tokens=8) + "\n"
+    # A base model with --system also gets the template.
+    argv[2] = model_dirs[0]
+    assert run_cli(capsys, *argv, "--system", "Be brief.")[1] == templated
+
+
+def test_seeded_sampling_from_the_cli(capsys, model_dirs):
+    argv = ["generate", "--model", model_dirs[0], "--prompt", "Hi", "--max-tokens", "16"]
+    argv += ["--temp", "1.0", "--top-p", "0.95", "--raw"]
+    a = run_cli(capsys, *argv, "--seed", "0")[1]
+    assert run_cli(capsys, *argv, "--seed", "0")[1] == a
+    assert run_cli(capsys, *argv, "--seed", "1")[1] != a
+
+
+def test_prompt_from_stdin_in_a_subprocess(model_dirs, loaded):
+    model, tokenizer = loaded
+    proc = subprocess.run(
+        [sys.executable, "-m", "elm_mlx.cli", "generate", "--model", str(model_dirs[0])]
+        + ["--prompt", "-", "--max-tokens", "10"],
+        input="Once upon a time\n",
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
+    assert proc.returncode == 0, proc.stderr
+    assert proc.stdout == generate(model, tokenizer, "Once upon a time", max_tokens=10) + "\n"
+    assert "generation: " in proc.stderr
+
+
+def test_empty_stdin_prompt_exit_1(capsys, monkeypatch, model_dirs):
+    argv = ["generate", "--model", model_dirs[0], "--prompt", "-"]
+    code, _, err = run_cli(capsys, *argv, stdin="", monkeypatch=monkeypatch)
+    assert code == 1 and "empty" in err
+
+
+def test_chat_reset_and_eof(capsys, monkeypatch, model_dirs, loaded):
+    argv = ["chat", "--model", model_dirs[1], "--max-tokens", "6"]
+    stdin = "Hello there\n\nHow are you?\n/reset\nHello there\n"
+    code, out, err = run_cli(capsys, *argv, stdin=stdin, monkeypatch=monkeypatch)
+    assert code == 0
+    session = ChatSession(*loaded, settings=GenerationSettings(max_tokens=6))
+    first = "".join(r.text for r in session.send("Hello there"))
+    second = "".join(r.text for r in session.send("How are you?"))
+    assert out == f"{first}\n{second}\n{first}\n"  # /reset forgot the conversation
+    assert "cleared" in err
+
+
+def test_chat_exit_command_and_ctrl_c(capsys, monkeypatch, model_dirs):
+    argv = ["chat", "--model", model_dirs[1], "--max-tokens", "4"]
+    code, out, _ = run_cli(capsys, *argv, stdin="/exit\nHello\n", monkeypatch=monkeypatch)
+    assert (code, out) == (0, "")
+
+    class Interrupt(io.StringIO):
+        def readline(self, *a):
+            raise KeyboardInterrupt
+
+    monkeypatch.setattr(sys, "stdin", Interrupt())
+    assert main([str(a) for a in argv]) == 0
