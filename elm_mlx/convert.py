@@ -20,6 +20,7 @@ import shutil
 import sys
 import time
 from collections.abc import Callable
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from datetime import datetime, timezone
 from pathlib import Path
@@ -210,16 +211,21 @@ def sha256(file: Path) -> str:
     return digest.hexdigest()
 
 
+def checksums(files: list[Path]) -> dict[Path, str]:
+    return {f: sha256(f) for f in files}
+
+
 def provenance(
-    source: str, path: Path, inputs: list[Path], tokenizer: tuple[str, Path], **fields
+    source: str, path: Path, sums: dict[Path, str], tokenizer: tuple[str, Path], **fields
 ) -> dict:
     """Where a converted model came from: source, input checksums, tool version, date."""
     revision = path.name if path.parent.name == "snapshots" else None
+    inputs = [f for f in sums if f != tokenizer[1]]
     return {
         "source": source if revision else str(path.absolute()),
         "revision": revision,
-        "inputs": {f.name: {"sha256": sha256(f), "bytes": f.stat().st_size} for f in inputs},
-        "tokenizer": {"source": tokenizer[0], "sha256": sha256(tokenizer[1])},
+        "inputs": {f.name: {"sha256": sums[f], "bytes": f.stat().st_size} for f in inputs},
+        "tokenizer": {"source": tokenizer[0], "sha256": sums[tokenizer[1]]},
         "elm_mlx_version": __version__,
         "created": datetime.now(timezone.utc).isoformat(timespec="seconds"),
         **fields,
@@ -294,19 +300,25 @@ def convert(
         raise ValueError(f"--mlx-path {out} would replace the source {src}; choose another path")
     args, source, out_dtype = _checked(src, tok_file, dtype, log)
     transform = _quantizer(quantize, args, out_dtype)
-    log(f"hashing {len(source.files)} input file(s) of {src}")
-    tokenizer_origin = (_origin(tokenizer, tok_file), tok_file)
-    record = provenance(
-        str(hf_path), src, [src / "config.json", *source.files], tokenizer_origin,
-        dtype=mio.dtype_name(out_dtype), source_dtypes=sorted(set(source.dtypes.values())),
+    fields = dict(
+        dtype=mio.dtype_name(out_dtype),
+        source_dtypes=sorted(set(source.dtypes.values())),
         quantization=args.quantization,
-    )  # fmt: skip
-    with mio.output_dir(out, force=force) as tmp:
-        pending = pending_weights(args, source, out_dtype, transform)
-        mio.write_weights(tmp, pending, max_shard_bytes=max_shard_bytes, log=log)
-        mio.write_config(tmp, args, torch_dtype=mio.dtype_name(out_dtype))
-        shutil.copyfile(tok_file, tmp / mio.TOKENIZER_FILE)
-        (tmp / "provenance.json").write_text(json.dumps(record, indent=2) + "\n")
+    )
+    # Hash the inputs in a thread while the weights are converted (hashlib releases the GIL).
+    pool = ThreadPoolExecutor(1)
+    try:
+        sums = pool.submit(checksums, [src / "config.json", *source.files, tok_file])
+        with mio.output_dir(out, force=force) as tmp:
+            pending = pending_weights(args, source, out_dtype, transform)
+            mio.write_weights(tmp, pending, max_shard_bytes=max_shard_bytes, log=log)
+            mio.write_config(tmp, args, torch_dtype=fields["dtype"])
+            shutil.copyfile(tok_file, tmp / mio.TOKENIZER_FILE)
+            origin = (_origin(tokenizer, tok_file), tok_file)
+            record = provenance(str(hf_path), src, sums.result(), origin, **fields)
+            (tmp / "provenance.json").write_text(json.dumps(record, indent=2) + "\n")
+    finally:
+        pool.shutdown(wait=False, cancel_futures=True)
     log(f"wrote {out} ({mio.dtype_name(out_dtype)}) in {time.perf_counter() - start:.1f} s")
     return out
 
