@@ -45,6 +45,7 @@ class Tokenizer:
 
     def encode(self, text: str, *, bos: bool = True, special: bool = True) -> list[int]:
         """Token ids of `text`: BOS first if `bos`; `</s>`/`<s>` in text -> ids if `special`."""
+        _check_text(text)
         ids = [self.bos_id] if bos and self.bos_id >= 0 else []
         if not special or not self._special:
             return ids + self.sp.encode(text)
@@ -104,6 +105,16 @@ class Tokenizer:
         return False
 
 
+def _check_text(text: str) -> None:
+    try:
+        text.encode("utf-8")
+    except UnicodeEncodeError as e:
+        raise ValueError(
+            f"text has a lone surrogate {text[e.start]!r} at position {e.start}; "
+            "pass valid Unicode (decode input bytes as UTF-8)"
+        ) from None
+
+
 class StreamingDetokenizer:
     """Turns ids into text one at a time; the concatenated output equals `tokenizer.decode`.
 
@@ -126,8 +137,8 @@ class StreamingDetokenizer:
     def add_token(self, token: int) -> str:
         """Feed one id; return the text that became final because of it (maybe '')."""
         kind, value = self._table[int(token)]
-        if kind == 0:
-            return ""
+        if kind == 0:  # a control piece also ends a run of byte pieces
+            return self._emit(final=True) if self._pending else ""
         if kind == 1:
             self._pending += bytes((value,))
         else:

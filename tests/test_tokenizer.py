@@ -38,22 +38,12 @@ def test_special_ids_and_bos(tokenizer):
     assert tokenizer.encode("hello world", bos=False) == ids[1:]
 
 
-def test_chat_template_text():
-    tok_messages = [
-        {"role": "system", "content": "Be brief."},
-        {"role": "user", "content": "Hi"},
-    ]
-    # Rendering needs no model: use a stand-in with the Llama-2 EOS piece.
-    rendered = Tokenizer.apply_chat_template(_EosOnly(), tok_messages)
+def test_chat_template_text(tokenizer):
+    messages = [{"role": "system", "content": "Be brief."}, {"role": "user", "content": "Hi"}]
+    rendered = tokenizer.apply_chat_template(messages)
     assert rendered == "<|system|>\nBe brief.</s>\n<|user|>\nHi</s>\n<|assistant|>\n"
-    no_prompt = Tokenizer.apply_chat_template(
-        _EosOnly(), tok_messages[1:], add_generation_prompt=False
-    )
+    no_prompt = tokenizer.apply_chat_template(messages[1:], add_generation_prompt=False)
     assert no_prompt == "<|user|>\nHi</s>\n"
-
-
-class _EosOnly:
-    eos_piece = "</s>"
 
 
 def test_chat_template_eos_becomes_the_eos_id(tokenizer):
@@ -65,6 +55,11 @@ def test_chat_template_eos_becomes_the_eos_id(tokenizer):
     assert ids[1:cut] == tokenizer.sp.encode("<|user|>\nTell a story")
     assert ids[cut + 1 :] == tokenizer.sp.encode("\n<|assistant|>\n")
     assert tokenizer.encode(text, special=False).count(tokenizer.eos_id) == 0
+
+
+def test_lone_surrogate_is_a_clear_error(tokenizer):
+    with pytest.raises(ValueError, match="surrogate"):
+        tokenizer.encode("ok \ud800")
 
 
 def test_bad_chat_message(tokenizer):
@@ -97,6 +92,12 @@ def test_leading_spaces_match_decode(tokenizer):
         assert "".join(stream(tokenizer, ids)) == tokenizer.decode(ids) == text
 
 
+def test_control_piece_ends_a_byte_run(tokenizer):
+    # As in SentencePiece: bytes split by EOS are two broken characters, not one whole.
+    ids = [tokenizer.sp.piece_to_id(p) for p in ["<0xC6>", "</s>", "<0x87>"]]
+    assert "".join(stream(tokenizer, ids)) == tokenizer.decode(ids) == "\ufffd\ufffd"
+
+
 def test_unfinished_character_flushed_as_replacement(tokenizer):
     ids = tokenizer.encode("😀", bos=False)[:2]
     detok = StreamingDetokenizer(tokenizer)
@@ -105,7 +106,10 @@ def test_unfinished_character_flushed_as_replacement(tokenizer):
 
 
 @settings(max_examples=150, deadline=None, suppress_health_check=_FIXTURE)
-@given(text=st.text(max_size=40))
+# U+2581 is SentencePiece's own space symbol: it decodes to " " by design.
+@given(
+    text=st.text(st.characters(exclude_categories=["Cs"], exclude_characters="\u2581"), max_size=40)
+)
 def test_streaming_round_trips_unicode(tokenizer, text):
     ids = tokenizer.encode(text, bos=True, special=False)
     segments = stream(tokenizer, ids)
@@ -118,7 +122,9 @@ def test_streaming_round_trips_unicode(tokenizer, text):
 @given(data=st.data())
 def test_streaming_equals_decode_on_any_ids(tokenizer, data):
     # Arbitrary id sequences: stray byte pieces, controls, unknown, dangling prefixes.
-    ids = data.draw(st.lists(st.integers(0, tokenizer.vocab_size - 1), max_size=30))
+    byte_ids = [i for i in range(tokenizer.vocab_size) if tokenizer.sp.is_byte(i)]
+    any_id = st.integers(0, tokenizer.vocab_size - 1)
+    ids = data.draw(st.lists(st.one_of(st.sampled_from(byte_ids), any_id), max_size=30))
     assert "".join(stream(tokenizer, ids)) == tokenizer.decode(ids)
 
 
