@@ -1,0 +1,549 @@
+"""The training loop: AdamW with warmup and cosine decay, compiled steps, exact resume.
+
+`train(model, args, train_set, valid_set)` trains whatever
+`model.trainable_parameters()` returns: LoRA adapters (the caller swapped them
+in), every weight of a pretrained model, or a freshly initialised one. It
+knows nothing about LoRA.
+
+Files under `args.out_dir`: `args.weights_file` (the best-validation weights,
+or the latest when there is no validation set), `checkpoint/` (everything a
+resume needs: trainable weights, optimizer state, RNG key, step; the data
+position follows from the step), `metrics.jsonl` and `loss.png`.
+
+Data parallel: run one process per device under `mlx.launch`; each takes its
+slice of every global batch and gradients are summed over processes. Only
+rank 0 writes files or prints.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import dataclasses
+import json
+import math
+import os
+import shutil
+import signal
+import threading
+import time
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass
+from functools import partial
+from pathlib import Path
+
+import mlx.core as mx
+import mlx.nn as nn
+import mlx.optimizers as optim
+from mlx.utils import tree_flatten, tree_map, tree_map_with_path
+
+from .data import Batch, Dataset, check_batch_size, iterate_batches, iterate_eval_batches
+
+CHECKPOINT_DIR = "checkpoint"
+METRICS_FILE = "metrics.jsonl"
+PLOT_FILE = "loss.png"
+# Settings a resumed run must share with the run it continues.
+_RESUME_FIXED = ("batch_size", "grad_accum", "seed", "learning_rate", "warmup", "min_lr_ratio")
+
+
+class TrainError(ValueError):
+    """Bad training settings, or a checkpoint that cannot be resumed."""
+
+
+class TrainingDiverged(TrainError):
+    """The loss became NaN or infinite."""
+
+
+@dataclass
+class TrainArgs:
+    """Every setting of a training run."""
+
+    iters: int = 1000
+    batch_size: int = 4
+    learning_rate: float = 1e-5
+    warmup: int = 0
+    min_lr_ratio: float = 0.0  # cosine decay ends at learning_rate * min_lr_ratio
+    weight_decay: float = 0.0
+    grad_accum: int = 1
+    grad_checkpoint: bool = False
+    max_grad_norm: float = 0.0  # 0 = no clipping
+    val_every: int = 100  # 0 = no validation
+    val_batches: int = 25  # 0 = the whole validation set
+    save_every: int = 100
+    report_every: int = 10
+    seed: int = 0
+    out_dir: str = "adapters"
+    weights_file: str = "adapters.safetensors"
+    plot: bool = True
+
+    def validate(self) -> None:
+        """Raise TrainError naming every bad setting."""
+        problems = [
+            f"{name} must be at least {low}, got {getattr(self, name)}"
+            for name, low in (("iters", 1), ("batch_size", 1), ("grad_accum", 1), ("warmup", 0))
+            if getattr(self, name) < low
+        ]
+        problems += [
+            f"{name} must be >= 0, got {getattr(self, name)}"
+            for name in ("val_every", "val_batches", "save_every", "report_every")
+            if getattr(self, name) < 0
+        ]
+        if not (self.learning_rate > 0 and math.isfinite(self.learning_rate)):
+            problems.append(f"learning_rate must be a positive number, got {self.learning_rate}")
+        if self.warmup >= self.iters and self.warmup > 0:
+            problems.append(f"warmup ({self.warmup}) must be shorter than iters ({self.iters})")
+        if problems:
+            raise TrainError("invalid training settings: " + "; ".join(problems))
+
+
+@dataclass
+class TrainState:
+    """Where a run stands; saved in every checkpoint."""
+
+    step: int = 0
+    best_val: float | None = None
+    best_step: int = 0
+    last_val_step: int = -1
+    trained_tokens: int = 0
+    train_seconds: float = 0.0
+    saved_step: int = 0
+    interrupted: bool = False
+
+
+# ---- optimizer and loss -------------------------------------------------------
+
+
+def lr_schedule(args: TrainArgs) -> Callable:
+    """Linear warmup from 0 over `warmup` steps, then cosine decay to lr * min_lr_ratio."""
+    cosine = optim.cosine_decay(
+        args.learning_rate, max(1, args.iters - args.warmup), args.learning_rate * args.min_lr_ratio
+    )
+    if args.warmup == 0:
+        return cosine
+    warm = optim.linear_schedule(0.0, args.learning_rate, args.warmup)
+    return optim.join_schedules([warm, cosine], [args.warmup])
+
+
+def make_optimizer(args: TrainArgs) -> optim.Optimizer:
+    return optim.AdamW(learning_rate=lr_schedule(args), weight_decay=args.weight_decay)
+
+
+def loss_sums(model: nn.Module, tokens: mx.array, spans: mx.array) -> tuple[mx.array, mx.array]:
+    """(sum of next-token cross-entropies over the target positions, their count)."""
+    inputs, targets = tokens[:, :-1], tokens[:, 1:]  # (B, L) each
+    logits = model(inputs)  # (B, L, vocab)
+    pos = mx.arange(inputs.shape[1])[None]  # (1, L)
+    mask = (pos >= spans[:, :1]) & (pos < spans[:, 1:])  # (B, L)
+    ce = nn.losses.cross_entropy(logits, targets).astype(mx.float32)  # (B, L)
+    return (ce * mask).sum(), mask.sum()
+
+
+def _train_loss(model, tokens, spans, ntokens, world_size: int) -> mx.array:
+    # This rank's share of the global mean, times the world size so that the
+    # gradients' average over ranks is the gradient of the global mean.
+    total, _ = loss_sums(model, tokens, spans)
+    return total * world_size / ntokens
+
+
+def evaluate(
+    model: nn.Module,
+    dataset: Dataset,
+    batch_size: int,
+    max_batches: int = 0,
+    group: mx.distributed.Group | None = None,
+) -> float:
+    """Mean next-token loss over (the first `max_batches` batches of) `dataset`, all ranks."""
+    group = group or mx.distributed.init()
+    was_training = model.training
+    model.eval()
+    total, count = mx.array(0.0), mx.array(0.0)
+    for b in iterate_eval_batches(
+        dataset, batch_size, max_batches=max_batches, rank=group.rank(), world_size=group.size()
+    ):
+        s, n = loss_sums(model, b.tokens, b.spans)
+        total, count = total + s, count + n
+        mx.eval(total, count)
+    if group.size() > 1:
+        total = mx.distributed.all_sum(total, group=group, stream=mx.cpu)
+        count = mx.distributed.all_sum(count, group=group, stream=mx.cpu)
+    model.train(was_training)
+    return (total / mx.maximum(count, 1)).item()
+
+
+# ---- the compiled step ----------------------------------------------------------
+
+
+def _make_step(model: nn.Module, optimizer: optim.Optimizer, args: TrainArgs, group) -> Callable:
+    """`step(batch, acc, update)` -> (loss, acc): one micro-batch; `update` applies the sum."""
+    world = group.size()
+    loss_and_grad = nn.value_and_grad(model, partial(_train_loss, world_size=world))
+    state = [model.state, optimizer.state, mx.random.state]
+
+    @partial(mx.compile, inputs=state, outputs=state)
+    def step(batch: Batch, acc, update: bool):
+        loss, grads = loss_and_grad(model, *batch)
+        if world > 1:
+            loss = mx.distributed.all_sum(loss, group=group) / world  # the global mean
+        if acc is not None:
+            grads = tree_map(mx.add, acc, grads)
+        if not update:
+            return loss, grads
+        if world > 1:
+            grads = nn.average_gradients(grads, group=group)
+        if args.grad_accum > 1:
+            grads = tree_map(lambda g: g / args.grad_accum, grads)
+        if args.max_grad_norm > 0:
+            grads, _ = optim.clip_grad_norm(grads, args.max_grad_norm)
+        optimizer.update(model, grads)
+        return loss, None
+
+    return step
+
+
+def _one_update(step: Callable, batches: Iterator[Batch], accum: int) -> tuple[mx.array, float]:
+    """Run `accum` micro-batches and one optimizer update; (mean loss, target tokens)."""
+    acc, losses, ntokens = None, [], 0.0
+    for i in range(accum):
+        batch = next(batches)
+        loss, acc = step(batch, acc, i == accum - 1)
+        losses.append(loss)
+        ntokens += batch.ntokens.item()
+    return sum(losses) / accum, ntokens
+
+
+def _checkpointed_class(cls: type) -> type:
+    def __call__(self, x, *args, **kwargs):
+        def inner(params, x):
+            self.update(params)
+            return cls.__call__(self, x, *args, **kwargs)
+
+        return mx.checkpoint(inner)(self.trainable_parameters(), x)
+
+    return type(f"Checkpointed{cls.__name__}", (cls,), {"__call__": __call__})
+
+
+@contextlib.contextmanager
+def gradient_checkpointing(model: nn.Module, enabled: bool = True):
+    """Recompute each block's activations in the backward pass (less memory, ~1/3 more time)."""
+    layers = list(model.layers) if enabled else []
+    originals = [type(layer) for layer in layers]
+    classes = {cls: _checkpointed_class(cls) for cls in set(originals)}
+    for layer, cls in zip(layers, originals, strict=True):
+        layer.__class__ = classes[cls]
+    try:
+        yield
+    finally:
+        for layer, cls in zip(layers, originals, strict=True):
+            layer.__class__ = cls
+
+
+# ---- Ctrl-C ---------------------------------------------------------------------------
+
+
+class _StopFlag:
+    requested = False
+
+
+@contextlib.contextmanager
+def _deferred_interrupt():
+    """The first Ctrl-C asks the loop to stop after the current step; a second one kills."""
+    flag = _StopFlag()
+    if threading.current_thread() is not threading.main_thread():
+        yield flag
+        return
+
+    def handler(signum, frame):
+        if flag.requested:
+            raise KeyboardInterrupt
+        flag.requested = True
+
+    previous = signal.signal(signal.SIGINT, handler)
+    try:
+        yield flag
+    finally:
+        signal.signal(signal.SIGINT, previous)
+
+
+# ---- files -------------------------------------------------------------------------------
+
+
+def _save_arrays(path: Path, arrays: dict) -> None:
+    tmp = path.with_name(f".{path.stem}.tmp.safetensors")
+    mx.save_safetensors(str(tmp), arrays)
+    os.replace(tmp, path)
+
+
+def save_checkpoint(out_dir: Path, model, optimizer, state: TrainState, args: TrainArgs, world):
+    """Write everything a resume needs into `out_dir/checkpoint`, replacing it whole."""
+    final, tmp, old = (out_dir / n for n in (CHECKPOINT_DIR, ".checkpoint.tmp", ".checkpoint.old"))
+    shutil.rmtree(tmp, ignore_errors=True)
+    tmp.mkdir(parents=True)
+    _save_arrays(tmp / "weights.safetensors", dict(tree_flatten(model.trainable_parameters())))
+    opt = dict(tree_flatten(optimizer.state))
+    opt["rng.key"] = mx.random.state[0]
+    _save_arrays(tmp / "optimizer.safetensors", opt)
+    meta = {"state": dataclasses.asdict(state), "args": dataclasses.asdict(args), "world": world}
+    (tmp / "state.json").write_text(json.dumps(meta, indent=2) + "\n")
+    if final.exists():
+        shutil.rmtree(old, ignore_errors=True)
+        final.rename(old)
+    tmp.rename(final)
+    shutil.rmtree(old, ignore_errors=True)
+
+
+def _checkpoint_dir(out_dir: Path) -> Path:
+    for name in (CHECKPOINT_DIR, ".checkpoint.old"):  # .old: a crash between two renames
+        if (out_dir / name / "state.json").is_file():
+            return out_dir / name
+    raise FileNotFoundError(f"no checkpoint in {out_dir} to resume; start without resume")
+
+
+def _check_resumable(saved: dict, args: TrainArgs, world: int, where: Path) -> None:
+    diffs = [
+        f"{k} was {saved['args'][k]}, now {getattr(args, k)}"
+        for k in _RESUME_FIXED
+        if saved["args"].get(k) != getattr(args, k)
+    ]
+    if saved.get("world", 1) != world:
+        diffs.append(f"process count was {saved.get('world', 1)}, now {world}")
+    if diffs:
+        raise TrainError(f"cannot resume {where} exactly: " + "; ".join(diffs))
+
+
+def restore_checkpoint(out_dir: Path, model, optimizer, args: TrainArgs, world: int) -> TrainState:
+    """Load trainable weights, optimizer state and RNG key; return the saved TrainState."""
+    where = _checkpoint_dir(out_dir)
+    saved = json.loads((where / "state.json").read_text())
+    _check_resumable(saved, args, world, where)
+    weights = mx.load(str(where / "weights.safetensors"))
+    trainable = dict(tree_flatten(model.trainable_parameters()))
+    if set(weights) != set(trainable):
+        raise TrainError(
+            f"{where} holds weights for other trainable parameters than this model's "
+            f"({len(weights)} vs {len(trainable)}); resume with the same adapter settings"
+        )
+    model.load_weights(list(weights.items()), strict=False)
+    opt = mx.load(str(where / "optimizer.safetensors"))
+    mx.random.state[0] = opt.pop("rng.key")
+    optimizer.init(model.trainable_parameters())
+    optimizer.state = tree_map_with_path(lambda path, _: opt[path], optimizer.state)
+    mx.eval(model.parameters(), optimizer.state)
+    return TrainState(**saved["state"])
+
+
+class _Metrics:
+    """metrics.jsonl: one JSON object per report or validation (rank 0 only)."""
+
+    def __init__(self, path: Path, keep_until: int | None, enabled: bool):
+        self.path, self.enabled = path, enabled
+        if not enabled:
+            return
+        lines = []
+        if keep_until is not None and path.is_file():
+            lines = [
+                line
+                for line in path.read_text().splitlines()
+                if line.strip() and json.loads(line).get("step", 0) <= keep_until
+            ]
+        path.write_text("".join(line + "\n" for line in lines))
+
+    def write(self, **record) -> None:
+        if self.enabled:
+            with self.path.open("a") as f:
+                f.write(json.dumps(record) + "\n")
+
+
+# ---- the loop ----------------------------------------------------------------------------
+
+
+class _Run:
+    """One training run's moving parts, so that each phase is a short method."""
+
+    def __init__(self, model, args, train_set, valid_set, group, log):
+        self.model, self.args, self.group, self.log = model, args, group, log
+        self.train_set, self.valid_set = train_set, valid_set
+        self.rank, self.world = group.rank(), group.size()
+        self.out = Path(args.out_dir)
+        self.optimizer = make_optimizer(args)
+        self.state = TrainState()
+        self.writer = self.rank == 0
+
+    def say(self, message: str) -> None:
+        if self.writer:
+            self.log(message)
+
+    def start(self, resume: bool) -> None:
+        if self.writer:
+            self.out.mkdir(parents=True, exist_ok=True)
+        self.optimizer.init(self.model.trainable_parameters())
+        if resume:
+            self.state = restore_checkpoint(
+                self.out, self.model, self.optimizer, self.args, self.world
+            )
+            self.state.interrupted = False
+            self.say(f"resuming at step {self.state.step} from {self.out / CHECKPOINT_DIR}")
+        else:
+            mx.random.seed(self.args.seed)
+        keep = self.state.step if resume else None
+        self.metrics = _Metrics(self.out / METRICS_FILE, keep, self.writer)
+
+    def save(self) -> None:
+        if self.writer:
+            self.state.saved_step = self.state.step
+            save_checkpoint(self.out, self.model, self.optimizer, self.state, self.args, self.world)
+            if not self.validating:
+                self.save_weights()
+        self.state.saved_step = self.state.step
+
+    def save_weights(self) -> None:
+        if self.writer:
+            weights = dict(tree_flatten(self.model.trainable_parameters()))
+            _save_arrays(self.out / self.args.weights_file, weights)
+
+    def validate(self) -> None:
+        a, s = self.args, self.state
+        tic = time.perf_counter()
+        loss = evaluate(self.model, self.valid_set, a.batch_size, a.val_batches, self.group)
+        s.last_val_step = s.step
+        best = s.best_val is None or loss < s.best_val
+        if best:
+            s.best_val, s.best_step = loss, s.step
+            self.save_weights()
+        self.metrics.write(step=s.step, val_loss=loss, val_seconds=time.perf_counter() - tic)
+        mark = f" (best, saved to {a.weights_file})" if best else ""
+        self.say(f"step {s.step:>6}  val loss {loss:.4f}  ppl {math.exp(min(loss, 50)):.2f}{mark}")
+
+    @property
+    def validating(self) -> bool:
+        return bool(self.valid_set) and self.args.val_every > 0
+
+    def should_stop(self, flag: _StopFlag) -> bool:
+        if self.world == 1:
+            return flag.requested
+        # Every rank must stop at the same step, whichever received the Ctrl-C.
+        votes = mx.distributed.all_sum(
+            mx.array(int(flag.requested)), group=self.group, stream=mx.cpu
+        )
+        return votes.item() > 0
+
+    def validation_due(self) -> bool:
+        a, s = self.args, self.state
+        if not self.validating or s.last_val_step == s.step:
+            return False
+        return s.step % a.val_every == 0 or s.step == a.iters
+
+
+def _report(run: _Run, loss: float, tokens: float, seconds: float, window: int) -> None:
+    a, s = run.args, run.state
+    lr = run.optimizer.learning_rate.item()
+    tps = tokens / max(seconds, 1e-9)
+    eta = (a.iters - s.step) * seconds / max(window, 1)
+    peak = mx.get_peak_memory() / 1e9
+    run.metrics.write(
+        step=s.step,
+        train_loss=loss,
+        learning_rate=lr,
+        tokens_per_second=tps,
+        trained_tokens=s.trained_tokens,
+        peak_memory_gb=peak,
+    )
+    run.say(
+        f"step {s.step:>6}/{a.iters}  loss {loss:.4f}  lr {lr:.2e}  {tps:,.0f} tok/s  "
+        f"eta {_clock(eta)}  peak {peak:.2f} GB"
+    )
+
+
+def _clock(seconds: float) -> str:
+    m, s = divmod(int(seconds), 60)
+    h, m = divmod(m, 60)
+    return f"{h}:{m:02d}:{s:02d}"
+
+
+def _check_finite(run: _Run, loss: float) -> None:
+    if math.isfinite(loss):
+        return
+    where = run.out / CHECKPOINT_DIR
+    kept = (
+        f"the last good checkpoint (step {run.state.saved_step}) is in {where}"
+        if run.state.saved_step
+        else "no checkpoint was saved yet"
+    )
+    raise TrainingDiverged(
+        f"loss became {loss} at step {run.state.step}; stopped without saving. {kept}; "
+        "lower the learning rate (or add warmup / gradient clipping) and resume"
+    )
+
+
+def _train_loop(run: _Run, stop: _StopFlag, callback) -> None:
+    a, s = run.args, run.state
+    step = _make_step(run.model, run.optimizer, a, run.group)
+    batches = iterate_batches(
+        run.train_set, a.batch_size, seed=a.seed, start=s.step * a.grad_accum,
+        rank=run.rank, world_size=run.world,
+    )  # fmt: skip
+    window_loss, window_tokens, window_time, window = 0.0, 0.0, 0.0, 0
+    run.model.train()
+    while s.step < a.iters:
+        if run.should_stop(stop):
+            run.state.interrupted = True
+            return
+        if run.validation_due():
+            run.validate()
+        tic = time.perf_counter()
+        loss, ntokens = _one_update(step, batches, a.grad_accum)
+        mx.eval(run.model.state, run.optimizer.state, mx.random.state, loss)
+        loss = loss.item()
+        elapsed = time.perf_counter() - tic
+        s.step += 1
+        _check_finite(run, loss)
+        s.trained_tokens += int(ntokens)
+        s.train_seconds += elapsed
+        window_loss, window_tokens = window_loss + loss, window_tokens + ntokens
+        window_time, window = window_time + elapsed, window + 1
+        if a.report_every and (s.step % a.report_every == 0 or s.step == a.iters):
+            _report(run, window_loss / window, window_tokens, window_time, window)
+            window_loss, window_tokens, window_time, window = 0.0, 0.0, 0.0, 0
+        if callback is not None:
+            callback(s.step, loss)
+        if a.save_every and s.step % a.save_every == 0:
+            run.save()
+    if run.validation_due():
+        run.validate()
+
+
+def train(
+    model: nn.Module,
+    args: TrainArgs,
+    train_set: Dataset,
+    valid_set: Dataset | None = None,
+    *,
+    resume: bool = False,
+    group: mx.distributed.Group | None = None,
+    callback: Callable[[int, float], None] | None = None,
+    log: Callable[[str], None] = print,
+) -> TrainState:
+    """Train `model`'s trainable parameters; returns the final TrainState.
+
+    Ctrl-C (SIGINT) finishes the current step, saves a checkpoint and raises
+    KeyboardInterrupt; `resume=True` continues from that checkpoint and ends
+    at the same weights as an uninterrupted run. `callback(step, loss)` runs
+    after every optimizer step.
+    """
+    args.validate()
+    group = group or mx.distributed.init()
+    check_batch_size(train_set, args.batch_size, group.size())
+    run = _Run(model, args, train_set, valid_set, group, log)
+    run.start(resume)
+    with gradient_checkpointing(model, args.grad_checkpoint), _deferred_interrupt() as stop:
+        _train_loop(run, stop, callback)
+        run.save()
+    if run.state.interrupted:
+        run.say(
+            f"interrupted: checkpoint at step {run.state.step} saved in "
+            f"{run.out / CHECKPOINT_DIR}; run the same command with resume to continue"
+        )
+        raise KeyboardInterrupt
+    if args.plot and run.writer:
+        from .plot import plot_losses
+
+        run.say(plot_losses(run.out / METRICS_FILE, run.out / PLOT_FILE))
+    return run.state
