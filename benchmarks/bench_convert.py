@@ -29,7 +29,7 @@ from pathlib import Path
 CHILD = """
 import json, resource, sys, time
 {imports}
-src, out, dtype = sys.argv[1:4]
+src, out, dtype, shard = sys.argv[1:5]
 seconds = 0.0
 if src != "-":
     t = time.perf_counter()
@@ -39,7 +39,8 @@ rss = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
 print(json.dumps({{"seconds": seconds, "maxrss": rss * (1 if sys.platform == "darwin" else 1024)}}))
 """
 OURS = CHILD.format(
-    imports="from elm_mlx.convert import convert", call="convert(src, out, dtype=dtype)"
+    imports="from elm_mlx.convert import convert",
+    call="convert(src, out, dtype=dtype, max_shard_bytes=int(shard))",
 )
 # mlx-lm builds the whole model, then saves it; its tokenizer load imports transformers.
 MLX_LM = CHILD.format(
@@ -108,30 +109,37 @@ HEADER = (
 )
 
 
-def report(work: Path, sources: list[Path], tools: dict[str, str]) -> None:
+def report(work: Path, sources: list[Path], tools: dict[str, str], shard: int) -> None:
     """One row per (tool, source, output dtype); peak memory against the import baseline."""
     print(HEADER)
     for tool, script in tools.items():
-        _, base = run(script, "-", "-", "-")
+        _, base = run(script, "-", "-", "-", "0")
         base_gb = base["maxrss"] / 1e9
         print(f"{tool:<8} {'baseline (imports only)':<45} {'':>9} {base_gb:>8.2f}")
-        for src in sources:
-            for dtype in ("bfloat16", "float32"):
-                out = work / f"out-{tool}"
-                wall, r = run(script, str(src), str(out), dtype)
-                out_gb, peak = size(out) / 1e9, r["maxrss"] / 1e9
-                used = peak - base_gb
-                print(
-                    f"{tool:<8} {src.name[4:]:<9} {dtype:<9} {out_gb:>7.2f} {wall:>7.1f} "
-                    f"{r['seconds']:>9.1f} {peak:>8.2f} {used:>9.2f} {used / out_gb:>6.2f}"
-                )
-                shutil.rmtree(out)
+        cases = [(src, dtype, 5 << 30) for src in sources for dtype in ("bfloat16", "float32")]
+        if tool == "elm_mlx":
+            cases.append((sources[0], "float32", shard))
+        for src, dtype, max_shard in cases:
+            out = work / f"out-{tool}"
+            wall, r = run(script, str(src), str(out), dtype, str(max_shard))
+            out_gb, peak = size(out) / 1e9, r["maxrss"] / 1e9
+            used = peak - base_gb
+            shards = len(list(out.glob("*.safetensors")))
+            print(
+                f"{tool:<8} {src.name[4:]:<9} {dtype:<9} {out_gb:>7.2f} {wall:>7.1f} "
+                f"{r['seconds']:>9.1f} {peak:>8.2f} {used:>9.2f} {used / out_gb:>6.2f}"
+                + (f"  ({shards} shards of <= {max_shard / 1e6:.0f} MB)" if shards > 1 else "")
+            )
+            shutil.rmtree(out)
 
 
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--workdir", type=Path, default=None, help="keep sources here between runs")
     p.add_argument("--no-mlx-lm", action="store_true", help="skip the mlx_lm.convert rows")
+    p.add_argument(
+        "--shard-mb", type=int, default=256, help="shard size of the extra sharded row (MB)"
+    )
     p.add_argument("--make-sources", type=Path, help=argparse.SUPPRESS)
     opts = p.parse_args()
     if opts.make_sources:
@@ -145,7 +153,7 @@ def main() -> None:
     sources = [work / "src-float32", work / "src-bfloat16"]
     tools = {"elm_mlx": OURS} if opts.no_mlx_lm else {"elm_mlx": OURS, "mlx_lm": MLX_LM}
     print(f"OpenELM-270M-shaped random checkpoint in {work}; {os.cpu_count()} CPUs (shared)")
-    report(work, sources, tools)
+    report(work, sources, tools, opts.shard_mb * 10**6)
     if opts.workdir is None:
         shutil.rmtree(work)
 
