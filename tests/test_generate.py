@@ -309,7 +309,7 @@ def test_chat_feeds_only_new_tokens_and_matches_a_fresh_run(tokenizer, chat_mode
 
 
 def test_chat_turn_after_an_eos_reply(tokenizer, chat_model):
-    session = ChatSession(chat_model, tokenizer)
+    session = ChatSession(chat_model, tokenizer, settings=GenerationSettings(max_tokens=3))
     list(session.send("Hi"))
     turn = tokenizer.encode("\n<|user|>\nAgain</s>\n<|assistant|>\n", bos=False)
     session.pending, session.closed = [tokenizer.eos_id], True  # EOS generated, not yet fed
