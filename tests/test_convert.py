@@ -416,3 +416,18 @@ def test_python_m_elm_mlx_convert(tmp_path, sp_model_file):
         [sys.executable, "-m", "elm_mlx.convert", *map(str, argv)], capture_output=True, text=True
     )
     assert bad.returncode == 1 and bad.stderr.count("\n") == 1
+
+
+def test_missing_tokenizer_is_reported_before_the_weights_download(tmp_path, monkeypatch, capsys):
+    """A hub source with no tokenizer fails on its config alone: nothing large is fetched."""
+    import huggingface_hub.constants
+
+    cache = tmp_path / "cache"
+    snapshot = cache / "models--apple--OpenELM-270M" / "snapshots" / ("0" * 40)
+    snapshot.mkdir(parents=True)
+    (snapshot.parents[1] / "refs").mkdir()
+    (snapshot.parents[1] / "refs" / "main").write_text("0" * 40)
+    (snapshot / "config.json").write_text(json.dumps(tiny_args().to_dict()))
+    monkeypatch.setattr(huggingface_hub.constants, "HF_HUB_CACHE", str(cache))
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    fails_cleanly(capsys, tmp_path, ["--hf-path", "apple/OpenELM-270M"], "--tokenizer")
