@@ -315,7 +315,7 @@ def _run_generate(args) -> None:
     model, tokenizer = _load_for_generation(args)
     text = _prompt_text(tokenizer, prompt, args)
     if args.verbose:
-        print(f"prompt: {'chat template' if text != prompt else 'raw'}", file=sys.stderr)
+        print(f"chat template: {'applied' if text != prompt else 'not applied'}", file=sys.stderr)
     last = None
     for last in stream_generate(model, tokenizer, text, settings=settings):
         sys.stdout.write(last.text)
