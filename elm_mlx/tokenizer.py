@@ -38,6 +38,7 @@ class Tokenizer:
         self._special = {self.sp.id_to_piece(i): i for i in (self.bos_id, self.eos_id) if i >= 0}
         self._split = re.compile("(" + "|".join(map(re.escape, self._special)) + ")")
         self._pieces: list[tuple[int, object]] | None = None
+        self._strips: bool | None = None
 
     @property
     def eos_piece(self) -> str:
@@ -98,11 +99,14 @@ class Tokenizer:
 
     def strips_leading_space(self) -> bool:
         """Whether decoding drops the word-boundary space of the first piece (dummy prefix)."""
-        for i in range(self.vocab_size):
-            piece = self.sp.id_to_piece(i)
-            if piece.startswith(_SPACE) and len(piece) > 1 and not self.sp.is_byte(i):
-                return self.sp.decode([i]) == piece[1:].replace(_SPACE, " ")
-        return False
+        if self._strips is None:
+            self._strips = False
+            for i in range(self.vocab_size):
+                piece = self.sp.id_to_piece(i)
+                if piece.startswith(_SPACE) and len(piece) > 1 and not self.sp.is_byte(i):
+                    self._strips = self.sp.decode([i]) == piece[1:].replace(_SPACE, " ")
+                    break
+        return self._strips
 
 
 def _check_text(text: str) -> None:
