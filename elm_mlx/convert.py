@@ -19,6 +19,7 @@ import math
 import shutil
 import sys
 import time
+import warnings
 from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
@@ -266,7 +267,7 @@ def _source_dir(hf_path: str | Path, tokenizer: str | Path | None, revision: str
     return path, find_tokenizer(tokenizer, path)
 
 
-def _checked(src: Path, tok_file: Path, dtype: str | None, log: mio.Log):
+def _checked(src: Path, tok_file: Path, dtype: str | None, log: mio.Log | None):
     """(args, source, output dtype) once config, keys, shapes, dtypes and tokenizer agree."""
     args = mio.read_config(src)
     source = open_source(src)
@@ -274,7 +275,11 @@ def _checked(src: Path, tok_file: Path, dtype: str | None, log: mio.Log):
     out_dtype = output_dtype(dtype, source, args)
     check_tokenizer(tok_file, args)
     if out_dtype == mx.float16 and args.num_parameters() > FLOAT16_MAX_PARAMS:
-        log("warning: float16 overflows in models of this size (3B); use bfloat16 or float32")
+        message = "float16 overflows in models of this size (3B); use bfloat16 or float32"
+        if log:
+            log(f"warning: {message}")
+        else:
+            warnings.warn(message, stacklevel=3)
     return args, source, out_dtype
 
 
@@ -291,7 +296,6 @@ def convert(
     log: mio.Log | None = None,
 ) -> Path:
     """Convert `hf_path` (directory or hub id) into the MLX model directory `mlx_path`."""
-    log = log or (lambda _: None)
     start = time.perf_counter()
     out = Path(mlx_path).expanduser().absolute()
     mio.check_target(out, force=force)  # before any download
@@ -319,7 +323,8 @@ def convert(
             (tmp / "provenance.json").write_text(json.dumps(record, indent=2) + "\n")
     finally:
         pool.shutdown(wait=False, cancel_futures=True)
-    log(f"wrote {out} ({mio.dtype_name(out_dtype)}) in {time.perf_counter() - start:.1f} s")
+    if log:
+        log(f"wrote {out} ({mio.dtype_name(out_dtype)}) in {time.perf_counter() - start:.1f} s")
     return out
 
 

@@ -164,6 +164,10 @@ def test_float16_warning_for_3b_sized_models(tmp_path, sp_model_file, monkeypatc
     lines = []
     convert(src, tmp_path / "out", dtype="float16", log=lines.append)
     assert any(line.startswith("warning: float16 overflows") for line in lines)
+    with pytest.warns(UserWarning, match="float16 overflows"):
+        convert(src, tmp_path / "quiet", dtype="float16")
+    convert(src, tmp_path / "bf16", dtype="bfloat16", log=lines.append)
+    assert sum(line.startswith("warning:") for line in lines) == 1
 
 
 def test_provenance_records_inputs(tmp_path, sp_model_file):
