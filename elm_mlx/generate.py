@@ -22,6 +22,7 @@ from .sample import (
     greedy,
     make_logits_processors,
     make_sampler,
+    make_vocab_limit,
 )
 from .tokenizer import StreamingDetokenizer, Tokenizer
 
@@ -237,12 +238,15 @@ def stream_generate(
     ids = tokenizer.encode(prompt) if isinstance(prompt, str) else [int(i) for i in prompt]
     cache = model.make_cache(settings.max_kv_size) if cache is None else cache
     budget = token_budget(model, cache, len(ids), settings.max_tokens)
+    processors = settings.logits_processors()
+    if model.args.vocab_size > tokenizer.vocab_size:  # padded embeddings: ids with no text
+        processors.append(make_vocab_limit(tokenizer.vocab_size))
     steps = generate_step(
         ids,
         model,
         max_tokens=budget,
         sampler=settings.sampler(),
-        logits_processors=settings.logits_processors(),
+        logits_processors=processors,
         cache=cache,
         prefill_step=settings.prefill_step,
     )

@@ -138,6 +138,16 @@ def make_logits_processors(
     return processors
 
 
+def make_vocab_limit(n_valid: int) -> LogitsProcessor:
+    """Never sample ids >= `n_valid`: embedding rows past the tokenizer's vocabulary."""
+
+    def process(tokens: mx.array, logits: mx.array) -> mx.array:
+        valid = mx.arange(logits.shape[-1]) < n_valid  # (vocab,)
+        return mx.where(valid, logits, mx.array(-mx.inf, logits.dtype))
+
+    return process
+
+
 def make_repetition_penalty(penalty: float, context_size: int = 20) -> LogitsProcessor:
     """Divide positive logits (multiply negative ones) of tokens seen in the last `context_size`.
 

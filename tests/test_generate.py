@@ -327,3 +327,22 @@ def test_chat_reset_forgets(tokenizer, chat_model):
     session.reset()
     assert session.cache[0].offset == 0
     assert [r.token for r in session.send("Hi")] == a
+
+
+def test_ids_past_the_tokenizer_vocabulary_are_never_sampled(tokenizer):
+    """A model with padded embedding rows (vocab larger than the tokenizer's) must not emit
+    ids the tokenizer cannot decode, whatever the sampler draws."""
+    import mlx.core as mx
+
+    from elm_mlx.generate import generate
+    from elm_mlx.model import OpenELM
+    from elm_mlx.testing import random_weights, tiny_args
+
+    args = tiny_args(vocab_size=tokenizer.vocab_size + 64)
+    weights = random_weights(args, seed=0)
+    emb = weights["transformer.token_embeddings.weight"]
+    emb[tokenizer.vocab_size :] *= 50  # make the padded rows the likeliest next tokens
+    model = OpenELM(args)
+    model.load_weights([(k, mx.array(v)) for k, v in weights.items()])
+    text = generate(model, tokenizer, "hello", max_tokens=30, temp=1.0, seed=0)
+    assert isinstance(text, str)
