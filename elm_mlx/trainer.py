@@ -309,6 +309,12 @@ def _check_resumable(saved: dict, args: TrainArgs, world: int, where: Path) -> N
         raise TrainError(f"cannot resume {where} exactly: " + "; ".join(diffs))
 
 
+def _set_rng_key(key: mx.array) -> None:
+    # A seed s gives the key (s >> 32, s & 0xffffffff): seeding with the key's words restores it.
+    hi, lo = key.tolist()
+    mx.random.seed((hi << 32) | lo)
+
+
 def restore_checkpoint(out_dir: Path, model, optimizer, args: TrainArgs, world: int) -> TrainState:
     """Load trainable weights, optimizer state and RNG key; return the saved TrainState."""
     where = _checkpoint_dir(out_dir)
@@ -323,7 +329,7 @@ def restore_checkpoint(out_dir: Path, model, optimizer, args: TrainArgs, world: 
         )
     model.load_weights(list(weights.items()), strict=False)
     opt = mx.load(str(where / "optimizer.safetensors"))
-    mx.random.state[0] = opt.pop("rng.key")
+    _set_rng_key(opt.pop("rng.key"))
     optimizer.init(model.trainable_parameters())
     optimizer.state = tree_map_with_path(lambda path, _: opt[path], optimizer.state)
     mx.eval(model.parameters(), optimizer.state)
@@ -387,6 +393,9 @@ class _Run:
         self.metrics = _Metrics(self.out / METRICS_FILE, keep, self.writer)
 
     def save(self) -> None:
+        finite = [mx.isfinite(p).all() for _, p in tree_flatten(self.model.trainable_parameters())]
+        if not mx.stack(finite).all().item():
+            _diverged(self, "the weights are no longer finite")
         if self.writer:
             self.state.saved_step = self.state.step
             save_checkpoint(self.out, self.model, self.optimizer, self.state, self.args, self.world)
@@ -404,7 +413,7 @@ class _Run:
         tic = time.perf_counter()
         loss = evaluate(self.model, self.valid_set, a.batch_size, a.val_batches, self.group)
         s.last_val_step = s.step
-        best = s.best_val is None or loss < s.best_val
+        best = math.isfinite(loss) and (s.best_val is None or loss < s.best_val)
         if best:
             s.best_val, s.best_step = loss, s.step
             self.save_weights()
@@ -459,8 +468,11 @@ def _clock(seconds: float) -> str:
 
 
 def _check_finite(run: _Run, loss: float) -> None:
-    if math.isfinite(loss):
-        return
+    if not math.isfinite(loss):
+        _diverged(run, f"the loss is {loss}")
+
+
+def _diverged(run: _Run, what: str) -> None:
     where = run.out / CHECKPOINT_DIR
     kept = (
         f"the last good checkpoint (step {run.state.saved_step}) is in {where}"
@@ -468,7 +480,7 @@ def _check_finite(run: _Run, loss: float) -> None:
         else "no checkpoint was saved yet"
     )
     raise TrainingDiverged(
-        f"loss became {loss} at step {run.state.step}; stopped without saving. {kept}; "
+        f"{what} at step {run.state.step}; stopped without saving. {kept}; "
         "lower the learning rate (or add warmup / gradient clipping) and resume"
     )
 
@@ -502,10 +514,10 @@ def _train_loop(run: _Run, stop: _StopFlag, callback) -> None:
         if a.report_every and (s.step % a.report_every == 0 or s.step == a.iters):
             _report(run, window_loss / window, window_tokens, window_time, window)
             window_loss, window_tokens, window_time, window = 0.0, 0.0, 0.0, 0
-        if callback is not None:
-            callback(s.step, loss)
         if a.save_every and s.step % a.save_every == 0:
             run.save()
+        if callback is not None:
+            callback(s.step, loss)
     if run.validation_due():
         run.validate()
 

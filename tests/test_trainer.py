@@ -1,0 +1,246 @@
+"""The training loop: learning, frozen bases, exact resume, NaN stops, files, full training."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+
+import mlx.core as mx
+import mlx.nn as nn
+import numpy as np
+import pytest
+from mlx.utils import tree_flatten
+
+from elm_mlx.data import Dataset, Example
+from elm_mlx.lora import LoRAConfig, LoRALinear, apply_lora
+from elm_mlx.model import OpenELM
+from elm_mlx.testing import random_weights, tiny_args
+from elm_mlx.trainer import (
+    CHECKPOINT_DIR,
+    METRICS_FILE,
+    PLOT_FILE,
+    TrainArgs,
+    TrainError,
+    TrainingDiverged,
+    evaluate,
+    train,
+)
+
+SEQ = 12  # every record has this many tokens: one compiled shape per test
+
+
+def records(n, seed=0, vocab=128):
+    rng = np.random.default_rng(seed)
+    return [Example([1] + rng.integers(3, vocab, SEQ - 1).tolist(), 0) for _ in range(n)]
+
+
+def dataset(n=8, seed=0):
+    return Dataset("train.jsonl", records(n, seed), max_seq_length=64)
+
+
+def base_model():
+    """A tiny model that LoRA can teach: its frozen output head is wide enough to be confident.
+
+    (With N(0, 0.02) weights and a tied head the largest reachable logit is about 1.)
+    """
+    args = tiny_args(tied=False)
+    weights = random_weights(args, 0)
+    weights["lm_head.weight"] *= 5
+    model = OpenELM(args)
+    model.load_weights([(k, mx.array(v)) for k, v in weights.items()])
+    return model
+
+
+def lora_model(dropout=0.0, num_layers=-1):
+    model = base_model()
+    apply_lora(model, LoRAConfig(rank=8, scale=4.0, dropout=dropout, num_layers=num_layers))
+    mx.eval(model.parameters())
+    return model
+
+
+def settings(tmp_path, **kw):
+    base = dict(
+        iters=6, batch_size=4, learning_rate=1e-3, val_every=0, save_every=0,
+        report_every=0, out_dir=str(tmp_path), plot=False,
+    )  # fmt: skip
+    return TrainArgs(**{**base, **kw})
+
+
+def trainable(model):
+    return {k: np.array(v) for k, v in tree_flatten(model.trainable_parameters())}
+
+
+def quiet(_):
+    pass
+
+
+def test_loss_falls_when_overfitting_a_handful_of_records(tmp_path):
+    data = Dataset("train.jsonl", records(4) * 2, max_seq_length=64)
+    model = lora_model()
+    before = evaluate(model, data, 4)
+    train(model, settings(tmp_path, iters=30, warmup=4), data, log=quiet)
+    after = evaluate(model, data, 4)
+    assert after < 0.4 * before, (before, after)
+
+
+def test_lora_training_leaves_the_base_weights_unchanged(tmp_path):
+    model = lora_model()
+    frozen = {
+        k: np.array(v)
+        for k, v in tree_flatten(model.parameters())
+        if not k.endswith(("lora_a", "lora_b"))
+    }
+    start = trainable(model)
+    train(model, settings(tmp_path, iters=3), dataset(), log=quiet)
+    after = dict(tree_flatten(model.parameters()))
+    assert all(np.array_equal(after[k], v) for k, v in frozen.items())
+    assert any(not np.array_equal(trainable(model)[k], v) for k, v in start.items())
+
+
+def interrupt_at(step):
+    def callback(s, _loss):
+        if s == step:
+            os.kill(os.getpid(), signal.SIGINT)  # what Ctrl-C sends
+
+    return callback
+
+
+def test_interrupted_and_resumed_run_ends_at_the_same_weights(tmp_path):
+    """Ctrl-C at step 3, resume: bitwise the weights and optimizer state of a straight run.
+
+    Dropout (RNG state), gradient accumulation (data position), warmup and
+    cosine decay (optimizer step) and validation (best weights) all take part.
+    """
+    data, valid = dataset(12), Dataset("valid.jsonl", records(4, seed=9), max_seq_length=64)
+    kw = dict(iters=7, grad_accum=2, warmup=2, val_every=2, save_every=5, seed=0)
+    straight = lora_model(dropout=0.2)
+    train(straight, settings(tmp_path / "a", **kw), data, valid, log=quiet)
+
+    first = lora_model(dropout=0.2)
+    with pytest.raises(KeyboardInterrupt):
+        train(first, settings(tmp_path / "b", **kw), data, valid, callback=interrupt_at(3))
+    resumed = lora_model(dropout=0.2)  # a fresh process: same base, fresh adapters
+    state = train(resumed, settings(tmp_path / "b", **kw), data, valid, resume=True, log=quiet)
+
+    assert state.step == 7
+    expected = trainable(straight)
+    assert all(np.array_equal(v, expected[k]) for k, v in trainable(resumed).items())
+    opt_a = mx.load(str(tmp_path / "a" / CHECKPOINT_DIR / "optimizer.safetensors"))
+    opt_b = mx.load(str(tmp_path / "b" / CHECKPOINT_DIR / "optimizer.safetensors"))
+    assert opt_a.keys() == opt_b.keys()
+    assert all(mx.array_equal(opt_a[k], opt_b[k]).item() for k in opt_a)
+    steps = [json.loads(line)["step"] for line in (tmp_path / "b" / METRICS_FILE).open()]
+    assert steps == [0, 2, 4, 6, 7]  # validations only; none repeated across the resume
+    best_a = mx.load(str(tmp_path / "a" / "adapters.safetensors"))
+    best_b = mx.load(str(tmp_path / "b" / "adapters.safetensors"))
+    assert all(mx.array_equal(best_a[k], best_b[k]).item() for k in best_a)
+
+
+def test_resume_refuses_a_different_run(tmp_path):
+    with pytest.raises(FileNotFoundError, match="no checkpoint"):
+        train(lora_model(), settings(tmp_path), dataset(), resume=True, log=quiet)
+    train(lora_model(), settings(tmp_path, iters=2), dataset(), log=quiet)
+    with pytest.raises(TrainError, match="batch_size was 4, now 8"):
+        train(lora_model(), settings(tmp_path, batch_size=8), dataset(), resume=True, log=quiet)
+    with pytest.raises(TrainError, match="other trainable parameters"):
+        model = lora_model(num_layers=1)
+        train(model, settings(tmp_path), dataset(), resume=True, log=quiet)
+
+
+def test_nan_loss_stops_and_keeps_the_last_good_checkpoint(tmp_path):
+    def poison(step, _loss):
+        if step == 2:
+            layer = next(m for _, m in model.named_modules() if isinstance(m, LoRALinear))
+            layer.lora_b = mx.full(layer.lora_b.shape, float("nan"))
+
+    model = lora_model()
+    with pytest.raises(TrainingDiverged) as e:
+        train(model, settings(tmp_path, save_every=2), dataset(), callback=poison, log=quiet)
+    assert "the loss is nan at step 3" in str(e.value)
+    assert "last good checkpoint (step 2)" in str(e.value)
+    saved = mx.load(str(tmp_path / CHECKPOINT_DIR / "weights.safetensors"))
+    assert all(mx.isfinite(w).all().item() for w in saved.values())
+    state = json.loads((tmp_path / CHECKPOINT_DIR / "state.json").read_text())
+    assert state["state"]["step"] == 2
+
+
+def test_files_best_weights_metrics_and_plot(tmp_path):
+    data, valid = dataset(8), Dataset("valid.jsonl", records(4, seed=1), max_seq_length=64)
+    lines = []
+    model = lora_model()
+    args = settings(tmp_path, iters=4, val_every=2, report_every=2, plot=True)
+    state = train(model, args, data, valid, log=lines.append)
+    metrics = [json.loads(line) for line in (tmp_path / METRICS_FILE).open()]
+    assert [m["step"] for m in metrics if "val_loss" in m] == [0, 2, 4]
+    reports = [m for m in metrics if "train_loss" in m]
+    assert [m["step"] for m in reports] == [2, 4]
+    assert all(m["tokens_per_second"] > 0 and m["peak_memory_gb"] > 0 for m in reports)
+    assert any("tok/s" in line and "eta" in line and "peak" in line for line in lines)
+    assert (tmp_path / PLOT_FILE).read_bytes().startswith(b"\x89PNG\r\n\x1a\n")
+    best = min(m["val_loss"] for m in metrics if "val_loss" in m)
+    assert state.best_val == pytest.approx(best)
+    fresh = lora_model()
+    fresh.load_weights(list(mx.load(str(tmp_path / "adapters.safetensors")).items()), strict=False)
+    assert evaluate(fresh, valid, 4) == pytest.approx(best, rel=1e-5)
+
+
+def test_evaluate_is_the_mean_token_cross_entropy():
+    model = lora_model()
+    data = Dataset("v", records(3, seed=4) + [Example([1, 5, 9, 11, 3], 2)], max_seq_length=64)
+    total, count = 0.0, 0
+    for ex in data.examples:
+        logits = np.array(model(mx.array([ex.tokens[:-1]]))[0], dtype=np.float64)
+        logp = (
+            logits
+            - np.log(np.exp(logits - logits.max(-1, keepdims=True)).sum(-1))[:, None]
+            - logits.max(-1)[:, None]
+        )
+        for t in range(max(1, ex.offset), len(ex.tokens)):
+            total -= logp[t - 1, ex.tokens[t]]
+            count += 1
+    assert evaluate(model, data, 2) == pytest.approx(total / count, rel=1e-5)
+
+
+def test_gradient_checkpointing_gives_the_same_weights(tmp_path):
+    plain, checkpointed = lora_model(), lora_model()
+    train(plain, settings(tmp_path / "a", iters=2), dataset(), log=quiet)
+    train(checkpointed, settings(tmp_path / "b", iters=2, grad_checkpoint=True), dataset(),
+          log=quiet)  # fmt: skip
+    a, b = trainable(plain), trainable(checkpointed)
+    assert all(np.allclose(a[k], b[k], atol=1e-6) for k in a)
+    assert type(checkpointed.layers[0]).__name__ == "Block"  # the class swap is undone
+
+
+def test_full_training_from_scratch_uses_the_same_loop(tmp_path):
+    args = tiny_args()
+    mx.random.seed(0)
+    model = OpenELM(args)  # freshly initialised, every weight trainable
+    data = dataset(8)
+    before = evaluate(model, data, 4)
+    state = train(model, settings(tmp_path, iters=30, learning_rate=3e-3, warmup=3,
+                                  max_grad_norm=1.0, save_every=30), data, log=quiet)  # fmt: skip
+    assert state.step == 30
+    assert evaluate(model, data, 4) < 0.8 * before
+    saved = mx.load(str(tmp_path / CHECKPOINT_DIR / "weights.safetensors"))
+    assert set(saved) == {k for k, _ in tree_flatten(model.parameters())}
+
+
+def test_bad_settings_are_named():
+    with pytest.raises(TrainError) as e:
+        TrainArgs(iters=0, batch_size=0, learning_rate=-1, val_every=-1).validate()
+    for part in ("iters must be", "batch_size must be", "learning_rate must be", "val_every"):
+        assert part in str(e.value)
+
+
+def test_quantized_base_trains_with_lora(tmp_path):
+    model = base_model()
+    nn.quantize(
+        model, 32, 4, class_predicate=lambda _, m: hasattr(m, "to_quantized")
+        and m.weight.shape[-1] % 32 == 0,
+    )  # fmt: skip
+    apply_lora(model, LoRAConfig(rank=8, scale=4.0))
+    data = dataset(8)
+    before = evaluate(model, data, 4)
+    train(model, settings(tmp_path, iters=20), data, log=quiet)
+    assert evaluate(model, data, 4) < 0.8 * before
