@@ -29,9 +29,13 @@ class Attention(nn.Module):
             self.k_norm = nn.RMSNorm(hd, eps=args.rms_norm_eps)
 
     def __call__(self, x: mx.array, mask=None, cache: KVCache | None = None) -> mx.array:
-        B, L, _ = x.shape
+        return self.out_proj(self.attend(self.qkv_proj(x), mask, cache))
+
+    def attend(self, qkv: mx.array, mask=None, cache: KVCache | None = None) -> mx.array:
+        """Everything between the two projections: (B, L, qkv_out_dim) -> (B, L, q * head_dim)."""
+        B, L, _ = qkv.shape
         n_q, n_kv = self.n_heads, self.n_kv_heads
-        qkv = self.qkv_proj(x).reshape(B, L, n_q + 2 * n_kv, self.head_dim)
+        qkv = qkv.reshape(B, L, n_q + 2 * n_kv, self.head_dim)
         qkv = qkv.transpose(0, 2, 1, 3)  # (B, n_q + 2 n_kv, L, head_dim)
         q, k, v = mx.split(qkv, [n_q, n_q + n_kv], axis=1)
         if "q_norm" in self:
@@ -47,8 +51,7 @@ class Attention(nn.Module):
             k, v = cache.update_and_fetch(k, v)  # (B, n_kv, offset + L, head_dim)
         # Native GQA: query head h reads KV head h // (n_q / n_kv); K/V are not repeated.
         out = mx.fast.scaled_dot_product_attention(q, k, v, scale=self.scale, mask=mask)
-        out = out.transpose(0, 2, 1, 3).reshape(B, L, n_q * self.head_dim)
-        return self.out_proj(out)
+        return out.transpose(0, 2, 1, 3).reshape(B, L, n_q * self.head_dim)
 
 
 class FeedForward(nn.Module):

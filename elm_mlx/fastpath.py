@@ -1,0 +1,258 @@
+"""One-token decoding on the CPU through BLAS's matrix-vector kernel.
+
+Decoding reads every weight once per token, so its speed is the speed of the
+one-row products `x @ W.T`. MLX's CPU backend computes every float32 matmul with
+`cblas_sgemm`; for a single row OpenBLAS packs the weight matrix first and reads
+it at a fraction of the memory bandwidth, while `sgemv` on the same matrix runs
+3-4x faster (benchmarks/README.md has the measurements).
+
+`CpuDecoder(model)` is the model with a faster one-token step: the projections
+run in numpy (which hands one-row products to gemv) on zero-copy views of the
+model's own MLX weights; everything that touches the KV cache (QK-norm, RoPE,
+cache update, attention) runs through the model's own `Attention.attend` in MLX,
+so caches stay ordinary MLX caches. Prompts, batches, quantized or LoRA layers,
+other dtypes and other devices (Metal, CUDA) take the normal MLX path.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import mlx.core as mx
+import mlx.nn as nn
+import numpy as np
+
+from .cache import KVCache
+from .model import OpenELM
+
+
+def on_cpu(device: mx.Device | None = None) -> bool:
+    """Whether `device` (default: MLX's default device) is the CPU."""
+    device = device or mx.default_device()
+    return device.type == mx.DeviceType.cpu
+
+
+def default_dtype(device: mx.Device | None = None) -> mx.Dtype:
+    """Compute dtype when the user picks none: float32 on the CPU, bfloat16 on a GPU.
+
+    MLX's CPU kernels for half precision are several times slower than its
+    float32 BLAS path; GPUs are faster in half precision, and bfloat16 (unlike
+    float16) does not overflow in OpenELM-3B.
+    """
+    return mx.float32 if on_cpu(device) else mx.bfloat16
+
+
+_PLAIN = (nn.Linear, nn.RMSNorm, nn.Embedding)
+
+
+@dataclass(frozen=True)
+class _LayerViews:
+    """numpy views of one block's weights (matrices transposed to (in, out)) and its shape."""
+
+    attn: nn.Module  # the block's MLX Attention, for caches the numpy path does not handle
+    attn_norm: np.ndarray  # (d,)
+    qkv: np.ndarray  # (d, (q + 2 kv) * head_dim)
+    q_norm: np.ndarray | None  # (head_dim,)
+    k_norm: np.ndarray | None  # (head_dim,)
+    out: np.ndarray  # (q * head_dim, d)
+    ffn_norm: np.ndarray  # (d,)
+    proj_1: np.ndarray  # (d, 2 * ffn_dim)
+    proj_2: np.ndarray  # (ffn_dim, d)
+
+
+@dataclass(frozen=True)
+class _Views:
+    sources: tuple  # the MLX arrays viewed, to notice replaced weights
+    embed: np.ndarray  # (vocab, d)
+    norm: np.ndarray  # (d,)
+    head: np.ndarray  # (d, vocab)
+    layers: tuple[_LayerViews, ...]
+
+
+def _sources(model: OpenELM) -> tuple | None:
+    """The float32 weights the step reads (fixed order); None if a layer is not a plain one."""
+    t = model.transformer
+    head = model.lm_head if "lm_head" in model else t.token_embeddings
+    mods = [t.token_embeddings, t.norm, head]
+    for block in t.layers:
+        a, f = block.attn, block.ffn
+        qk = [a.q_norm, a.k_norm] if "q_norm" in a else [None, None]
+        mods += [block.attn_norm, a.qkv_proj, *qk, a.out_proj, block.ffn_norm, f.proj_1, f.proj_2]
+    if any(m is not None and (type(m) not in _PLAIN or "bias" in m) for m in mods):
+        return None  # quantized, LoRA or otherwise replaced layers
+    weights = tuple(None if m is None else m.weight for m in mods)
+    if any(w is not None and w.dtype != mx.float32 for w in weights):
+        return None
+    return weights
+
+
+def _make_views(model: OpenELM, sources: tuple) -> _Views:
+    arrays = [None if w is None else np.asarray(w) for w in sources]  # zero-copy on the CPU
+    layers = []
+    for i, block in enumerate(model.transformer.layers):
+        an, qkv, qn, kn, out, fn, p1, p2 = arrays[3 + 8 * i : 11 + 8 * i]
+        layers.append(_LayerViews(block.attn, an, qkv.T, qn, kn, out.T, fn, p1.T, p2.T))
+    return _Views(sources, arrays[0], arrays[1], arrays[2].T, tuple(layers))
+
+
+def _same(a: tuple, b: tuple) -> bool:
+    return len(a) == len(b) and all(x is y for x, y in zip(a, b, strict=True))
+
+
+# ---- the pieces of one step -----------------------------------------------------
+
+
+def _matvec(x: np.ndarray, w: np.ndarray) -> np.ndarray:
+    return x @ w  # (1, in) @ (in, out): numpy calls BLAS gemv for one row
+
+
+def _rms_norm(x: np.ndarray, weight: np.ndarray, eps: float) -> np.ndarray:
+    return x * (1.0 / np.sqrt(np.mean(x * x, axis=-1, keepdims=True) + eps)) * weight
+
+
+def _glu(h: np.ndarray) -> np.ndarray:
+    gate, up = np.split(h, 2, axis=-1)  # (1, ffn_dim) each
+    return gate * (0.5 + 0.5 * np.tanh(0.5 * gate)) * up  # silu(gate) * up, overflow-free
+
+
+def _rope(x: np.ndarray, cos: np.ndarray, sin: np.ndarray) -> np.ndarray:
+    """Rotate-half RoPE of (heads, head_dim) with MLX's own cos/sin for this position."""
+    x1, x2 = np.split(x, 2, axis=-1)
+    return np.concatenate([x1 * cos - x2 * sin, x1 * sin + x2 * cos], axis=-1)
+
+
+def _sdpa(q: np.ndarray, k: np.ndarray, v: np.ndarray, keys, values, scale: float) -> np.ndarray:
+    """One query position against cached keys/values (n_kv, T, hd) plus its own k, v.
+
+    q: (n_q, hd); k, v: (n_kv, hd). Query head h reads KV head h // (n_q / n_kv).
+    Returns (1, n_q * hd). Shapes are chosen so that BLAS sees tall products and
+    numpy reduces along contiguous rows.
+    """
+    n_kv, hd = k.shape
+    qg = (q * scale).reshape(n_kv, -1, hd)  # (n_kv, rep, hd)
+    s_new = (qg @ k[:, :, None])[..., 0]  # (n_kv, rep)
+    if keys is None or keys.shape[1] == 0:
+        return np.broadcast_to(v[:, None], qg.shape).reshape(1, -1)  # softmax over one key
+    s_old = np.ascontiguousarray(
+        (keys @ qg.transpose(0, 2, 1)).transpose(0, 2, 1)
+    )  # (n_kv, rep, T)
+    m = np.maximum(s_old.max(axis=-1), s_new)  # (n_kv, rep)
+    p_old, p_new = np.exp(s_old - m[..., None]), np.exp(s_new - m)
+    z = p_old.sum(axis=-1) + p_new  # (n_kv, rep)
+    out = (values.transpose(0, 2, 1) @ p_old.transpose(0, 2, 1)).transpose(
+        0, 2, 1
+    )  # (n_kv, rep, hd)
+    out = (out + p_new[..., None] * v[:, None]) / z[..., None]
+    return out.reshape(1, -1)
+
+
+def _numpy_cache(cache) -> bool:
+    """Whether the numpy attention handles this cache (a plain float32 KVCache)."""
+    return cache is None or (
+        type(cache) is KVCache and (cache.keys is None or cache.keys.dtype == mx.float32)
+    )
+
+
+def _attention(w: _LayerViews, qkv: np.ndarray, cache, eps: float, tables: dict) -> np.ndarray:
+    """(1, qkv_out_dim) -> (1, q * head_dim); appends this position's keys/values to `cache`."""
+    if not _numpy_cache(cache):  # e.g. a rotating window: MLX's own attention
+        out = w.attn.attend(mx.array(qkv)[None], None, cache)  # (1, 1, q * head_dim)
+        mx.eval(out)
+        return np.asarray(out)[0]
+    n_q, n_kv, hd = w.attn.n_heads, w.attn.n_kv_heads, w.attn.head_dim
+    q, k, v = np.split(qkv.reshape(n_q + 2 * n_kv, hd), [n_q, n_q + n_kv])
+    if w.q_norm is not None:
+        q, k = _rms_norm(q, w.q_norm, eps), _rms_norm(k, w.k_norm, eps)
+    cos, sin = tables[0 if cache is None else cache.offset]
+    q, k = _rope(q, cos, sin), _rope(k, cos, sin)
+    keys = values = None
+    if cache is not None and cache.keys is not None:
+        keys = np.asarray(cache.keys)[0, :, : cache.offset]  # (n_kv, T, hd), no copy
+        values = np.asarray(cache.values)[0, :, : cache.offset]
+    out = _sdpa(q, k, v, keys, values, w.attn.scale)
+    del keys, values  # the views must not outlive the buffers the update may replace
+    if cache is not None:
+        cache.update_and_fetch(mx.array(k)[None, :, None], mx.array(v)[None, :, None])
+    return out
+
+
+def _prepare(cache: list, head_dim: int, base: float) -> dict:
+    """Evaluate pending cache updates; MLX's RoPE cos/sin for each position in use.
+
+    RoPE of [1, ..., 1, 0, ..., 0] is exactly [cos, sin], so the numpy rotation uses
+    the very values MLX's kernel uses. One MLX evaluation per step.
+    """
+    half = head_dim // 2
+    unit = mx.array([1.0] * half + [0.0] * half).reshape(1, 1, 1, head_dim)
+    offsets = {0 if c is None else c.offset for c in cache}
+    rows = {
+        o: mx.fast.rope(unit, head_dim, traditional=False, base=base, scale=1.0, offset=o)
+        for o in offsets
+    }
+    pending = [a for c in cache if _numpy_cache(c) and c is not None for a in c.state]
+    mx.eval(list(rows.values()), pending)
+    return {o: np.split(np.asarray(r).reshape(head_dim), 2) for o, r in rows.items()}
+
+
+class CpuDecoder:
+    """`model` with one-token steps through gemv on the CPU; otherwise exactly `model`.
+
+    Drop-in for the model in generation code: calling it is `model(ids, cache=cache)`,
+    and every other attribute (`args`, `make_cache`, `layers`...) is the model's.
+    """
+
+    def __init__(self, model: OpenELM, enabled: bool = True):
+        self.model = model
+        self.enabled = enabled
+        self._views: _Views | None = None
+
+    def __getattr__(self, name: str):
+        if name == "model":  # not set yet (e.g. during copying)
+            raise AttributeError(name)
+        return getattr(self.model, name)
+
+    def __call__(self, ids: mx.array, cache: list | None = None) -> mx.array:
+        views = self._ready(ids)
+        if views is None:
+            return self.model(ids, cache=cache)
+        return self.step(views, int(ids.item()), cache)  # (1, 1, vocab)
+
+    def _ready(self, ids: mx.array) -> _Views | None:
+        """Up-to-date weight views when this call can take the matrix-vector step."""
+        if not (self.enabled and ids.shape == (1, 1) and on_cpu()):
+            return None
+        sources = _sources(self.model)
+        if sources is None:
+            return None
+        views = self._views
+        if views is None or not _same(views.sources, sources):
+            views = self._views = _make_views(self.model, sources)
+        return views
+
+    def step(self, views: _Views, token: int, cache: list | None) -> mx.array:
+        """Logits (1, 1, vocab) for one token id, appending to `cache` (one per layer)."""
+        args = self.model.args
+        eps = args.rms_norm_eps
+        cache = cache or [None] * len(views.layers)
+        tables = _prepare(cache, args.head_dim, args.rope_freq_constant)
+        h = views.embed[token][None]  # (1, d)
+        for w, c in zip(views.layers, cache, strict=True):
+            qkv = _matvec(_rms_norm(h, w.attn_norm, eps), w.qkv)  # (1, (q + 2 kv) * head_dim)
+            h = h + _matvec(_attention(w, qkv, c, eps, tables), w.out)
+            g = _matvec(_rms_norm(h, w.ffn_norm, eps), w.proj_1)  # (1, 2 * ffn_dim)
+            h = h + _matvec(_glu(g), w.proj_2)
+        logits = _matvec(_rms_norm(h, views.norm, eps), views.head)  # (1, vocab)
+        return mx.array(logits)[None]
+
+
+def fast_decoder(model: OpenELM, enabled: bool | None = None) -> OpenELM | CpuDecoder:
+    """`model` wrapped for fast CPU decoding when it helps; `enabled=False` returns `model`.
+
+    With `enabled=None` (automatic) the wrapper is used when MLX runs on the CPU;
+    it still falls back to the model for anything but single-token float32 steps.
+    """
+    if isinstance(model, CpuDecoder):
+        model = model.model
+    if enabled is False or (enabled is None and not on_cpu()):
+        return model
+    return CpuDecoder(model)

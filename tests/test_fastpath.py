@@ -1,0 +1,202 @@
+"""The CPU matrix-vector decoding step against the model's own MLX path, and the BLAS preload."""
+
+import os
+import subprocess
+import sys
+
+import mlx.core as mx
+import mlx.nn as nn
+import numpy as np
+import pytest
+
+from elm_mlx.blas import find_openblas
+from elm_mlx.cache import RotatingKVCache
+from elm_mlx.fastpath import CpuDecoder, default_dtype, fast_decoder
+from elm_mlx.generate import generate_step
+from elm_mlx.model import OpenELM
+from elm_mlx.testing import random_weights, tiny_args
+
+VARIANTS = [
+    pytest.param(dict(num_gqa_groups=4, tied=True), id="gqa4-tied"),
+    pytest.param(dict(num_gqa_groups=2, tied=False), id="gqa2-untied"),
+    pytest.param(dict(num_gqa_groups=1, tied=True, layers=3), id="mha-tied"),
+]
+
+
+def build(args, seed=3):
+    model = OpenELM(args)
+    model.load_weights([(k, mx.array(v)) for k, v in random_weights(args, seed).items()])
+    mx.eval(model.parameters())
+    return model
+
+
+def rel_err(a, b) -> float:
+    a, b = np.asarray(a, np.float64), np.asarray(b, np.float64)
+    return float(np.abs(a - b).max() / np.abs(b).max())
+
+
+@pytest.fixture(params=VARIANTS)
+def model(request):
+    return build(tiny_args(**request.param))
+
+
+def steps_agree(model, make_cache, prompt_len: int, steps: int, tol=1e-5) -> None:
+    """Prefill both caches with MLX, then decode token by token on both paths."""
+    rng = np.random.default_rng(0)
+    fast = CpuDecoder(model)
+    plain_cache, fast_cache = make_cache(), make_cache()
+    prompt = mx.array(rng.integers(0, model.args.vocab_size, (1, prompt_len)))
+    model(prompt, cache=plain_cache)
+    fast(prompt, cache=fast_cache)  # several tokens: the normal MLX path
+    for tok in rng.integers(0, model.args.vocab_size, steps):
+        ids = mx.array([[int(tok)]])
+        want, got = model(ids, cache=plain_cache), fast(ids, cache=fast_cache)
+        assert got.shape == want.shape == (1, 1, model.args.vocab_size)
+        assert rel_err(got, want) < tol
+    assert fast_cache[0].offset == plain_cache[0].offset == prompt_len + steps
+    for a, b in zip(fast_cache, plain_cache, strict=True):
+        assert rel_err(a.state[0], b.state[0]) < tol
+        assert rel_err(a.state[1], b.state[1]) < tol
+
+
+def test_decode_steps_match_mlx_path(model):
+    steps_agree(model, model.make_cache, prompt_len=7, steps=40)
+
+
+def test_cache_growth_between_steps(model):
+    """Buffers grow while decoding (small step), and the numpy views follow."""
+
+    def small_steps():
+        cache = model.make_cache()
+        for c in cache:
+            c.step = 8
+        return cache
+
+    steps_agree(model, small_steps, prompt_len=3, steps=30)
+
+
+def test_decode_from_an_empty_cache(model):
+    steps_agree(model, model.make_cache, prompt_len=1, steps=5)
+    fast = CpuDecoder(model)
+    cache = model.make_cache()
+    got = fast(mx.array([[9]]), cache=cache)  # first token, nothing cached yet
+    assert rel_err(got, model(mx.array([[9]]))) < 1e-5
+    assert cache[0].offset == 1
+
+
+def test_without_a_cache(model):
+    ids = mx.array([[11]])
+    assert rel_err(CpuDecoder(model)(ids), model(ids)) < 1e-5
+
+
+def test_rotating_window_uses_mlx_attention(model):
+    """A rotating cache takes MLX's attention per layer; results still match past the wrap."""
+    steps_agree(model, lambda: model.make_cache(max_kv_size=12), prompt_len=5, steps=20)
+
+
+def test_fallbacks_are_the_model_itself(model):
+    fast = CpuDecoder(model)
+    ids = mx.array([[1, 2, 3]])
+    assert mx.array_equal(fast(ids), model(ids))  # several tokens
+    batch = mx.array([[4], [5]])
+    assert mx.array_equal(fast(batch), model(batch))  # a batch
+    off = CpuDecoder(model, enabled=False)
+    assert mx.array_equal(off(mx.array([[4]])), model(mx.array([[4]])))
+
+
+def test_other_dtypes_and_quantized_layers_fall_back():
+    half = build(tiny_args())
+    half.set_dtype(mx.bfloat16)
+    ids = mx.array([[7]])
+    assert mx.array_equal(CpuDecoder(half)(ids), half(ids))
+    quant = build(tiny_args())
+    fits = lambda _, m: isinstance(m, nn.Linear) and m.weight.shape[1] % 32 == 0  # noqa: E731
+    nn.quantize(quant, group_size=32, bits=8, class_predicate=fits)
+    assert any(isinstance(m, nn.QuantizedLinear) for m in quant.modules())
+    assert mx.array_equal(CpuDecoder(quant)(ids), quant(ids))
+
+
+def test_replaced_weights_are_noticed():
+    args = tiny_args(tied=False)
+    model, other = build(args, seed=1), build(args, seed=2)
+    fast = CpuDecoder(model)
+    ids = mx.array([[5]])
+    fast(ids)
+    model.update(other.parameters())
+    assert rel_err(fast(ids), other(ids)) < 1e-5
+
+
+def test_generate_step_tokens_match(model):
+    prompt = [3, 1, 4, 1, 5, 9, 2, 6]
+    plain = [t for t, _ in generate_step(prompt, model, max_tokens=24)]
+    fast = [t for t, _ in generate_step(prompt, CpuDecoder(model), max_tokens=24)]
+    assert fast == plain
+
+
+def test_wrapper_is_the_model_elsewhere(model):
+    fast = fast_decoder(model)
+    assert isinstance(fast, CpuDecoder)  # tests run on the CPU
+    assert fast.args is model.args and len(fast.make_cache()) == len(model.layers)
+    assert fast_decoder(fast).model is model  # no double wrapping
+    assert fast_decoder(model, enabled=False) is model
+    assert isinstance(fast.make_cache(max_kv_size=16)[0], RotatingKVCache)
+
+
+def test_default_dtype_per_device():
+    assert default_dtype(mx.Device(mx.cpu)) == mx.float32
+    assert default_dtype(mx.Device(mx.gpu)) == mx.bfloat16
+
+
+# ---- BLAS preload (each case in a fresh interpreter: the preload is process-wide) ----
+
+
+def run_python(code: str, **env) -> subprocess.CompletedProcess:
+    env = {**os.environ, **env}
+    return subprocess.run(
+        [sys.executable, "-c", code], capture_output=True, text=True, env=env, timeout=120
+    )
+
+
+PRELOAD = (
+    "from elm_mlx.blas import preload_blas, blas_description\n"
+    "path = preload_blas()\n"
+    "import mlx.core as mx\n"
+    "a = mx.arange(12, dtype=mx.float32).reshape(3, 4)\n"
+    "assert (a @ a.T).tolist()[1][2] == 4*8 + 5*9 + 6*10 + 7*11\n"
+    "print(path)\n"
+    "print(blas_description())\n"
+)
+
+
+def test_preload_turned_off():
+    out = run_python(PRELOAD, ELM_MLX_BLAS="0")
+    assert out.returncode == 0, out.stderr
+    path, description = out.stdout.splitlines()
+    assert path == "None" and "ELM_MLX_BLAS=0" in description
+
+
+def test_preload_too_late():
+    out = run_python("import mlx.core\n" + PRELOAD, ELM_MLX_BLAS="")
+    assert out.returncode == 0, out.stderr
+    path, description = out.stdout.splitlines()
+    assert path == "None" and "too late" in description
+
+
+def test_preload_bad_path_is_an_error(tmp_path):
+    out = run_python(PRELOAD, ELM_MLX_BLAS=str(tmp_path / "missing.so"))
+    assert out.returncode != 0 and "BlasError" in out.stderr and "missing.so" in out.stderr
+    cli = [sys.executable, "-m", "elm_mlx.cli", "info", "OpenELM-270M"]
+    env = {**os.environ, "ELM_MLX_BLAS": str(tmp_path / "missing.so")}
+    done = subprocess.run(cli, capture_output=True, text=True, env=env, timeout=120)
+    assert done.returncode == 1 and done.stderr.startswith("error: ELM_MLX_BLAS=")
+
+
+@pytest.mark.skipif(
+    not sys.platform.startswith("linux") or find_openblas() is None, reason="no system OpenBLAS"
+)
+def test_preload_loads_system_openblas():
+    out = run_python(PRELOAD + "print(open('/proc/self/maps').read())", ELM_MLX_BLAS="")
+    assert out.returncode == 0, out.stderr
+    path, description, maps = out.stdout.split("\n", 2)
+    assert path == find_openblas() and "OpenBLAS" in description
+    assert os.path.realpath(path).rsplit("/", 1)[-1] in maps
