@@ -26,6 +26,7 @@ from mlx.utils import tree_flatten
 
 from .config import ConfigError, ModelArgs
 from .model import OpenELM
+from .qlayers import use_cpu_layers
 
 INDEX_FILE = "model.safetensors.index.json"
 TOKENIZER_FILE = "tokenizer.model"
@@ -161,6 +162,7 @@ def build_model(args: ModelArgs, weights: Mapping[str, mx.array] | None = None) 
     model = OpenELM(args)
     if args.quantization:
         quantize_like(model, args.quantization, weights or {})
+        use_cpu_layers(model)  # same layers; many-row products use BLAS on the CPU
     return model
 
 

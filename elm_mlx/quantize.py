@@ -35,6 +35,7 @@ from mlx.utils import tree_flatten, tree_unflatten
 
 from . import io as mio
 from .config import ModelArgs
+from .qlayers import use_cpu_layers
 
 BITS = (4, 8)
 GROUP_SIZES = (32, 64, 128)
@@ -311,14 +312,15 @@ def quantize_weight(
 
 
 def quantize_module(module: nn.Module, params: QuantParams, scales_dtype: mx.Dtype) -> nn.Module:
-    """A QuantizedLinear / QuantizedEmbedding copy of an nn.Linear / nn.Embedding."""
+    """A quantized copy of an nn.Linear / nn.Embedding (the qlayers classes: standard
+    QuantizedLinear / QuantizedEmbedding whose many-row products use BLAS on the CPU)."""
     if not isinstance(module, (nn.Linear, nn.Embedding)):
         raise QuantizeError(f"cannot quantize a {type(module).__name__}; is it already quantized?")
     # to_quantized builds the right class; its own (lazy) packing is replaced before evaluation.
     q = module.to_quantized(group_size=params.group_size, bits=params.bits)
     q.weight, q.scales, q.biases = quantize_weight(module.weight, params, scales_dtype)
     mx.eval(q.weight, q.scales, q.biases)
-    return q
+    return use_cpu_layers(q)
 
 
 def quantize_model(

@@ -9,7 +9,7 @@ import pytest
 from mlx.utils import tree_flatten
 from mlx_lm import utils as mlx_lm_utils
 
-from elm_mlx import cli
+from elm_mlx import cli, qlayers
 from elm_mlx import io as mio
 from elm_mlx import quant_quality as qq
 from elm_mlx import quantize as q
@@ -343,3 +343,45 @@ def test_convert_quantizes_while_streaming_like_quantize_dir(cli_dirs, sp_model_
     assert_same_parameters(streamed, in_memory)
     assert cli.main(["convert", "--hf-path", str(tmp / "hf"), "--mlx-path", str(tmp / "x"),
                      "--q-bits", "8"]) == 1  # fmt: skip
+
+
+# ---- CPU layers ------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("dtype", [mx.float32, mx.bfloat16])
+def test_cpu_layers_match_mlx_quantized_kernels(dtype):
+    """Many-row products through dequantize + BLAS match MLX's quantized matmul (float32:
+    to rounding; bfloat16: at least as close to the float32 product, since BLAS accumulates
+    in float32), one-row products are MLX's own; gradients agree."""
+    plain = nn.Linear(256, 96).to_quantized(group_size=64, bits=4)
+    plain.set_dtype(dtype)
+    cpu = qlayers.use_cpu_layers(nn.Linear(256, 96).to_quantized(group_size=64, bits=4))
+    cpu.update(plain.parameters())
+    assert isinstance(cpu, nn.QuantizedLinear) and type(cpu) is not type(plain)
+    x = mx.random.normal((3, 11, 256), key=mx.random.key(0)).astype(dtype)
+    assert cpu(x).dtype == plain(x).dtype == dtype
+    assert mx.array_equal(cpu(x[:1, :1]), plain(x[:1, :1]))
+    w = mx.dequantize(plain.weight, plain.scales, plain.biases, 64, 4).astype(mx.float32)
+    exact = x.astype(mx.float32) @ w.T + plain.bias.astype(mx.float32)
+    ours, mlx = (rel_err(m(x).astype(mx.float32), exact) for m in (cpu, plain))
+    assert ours < 1e-5 if dtype == mx.float32 else ours <= mlx
+
+    def loss(layer):
+        return lambda x: (layer(x).astype(mx.float32) ** 2).sum()
+
+    g_cpu, g_plain = mx.grad(loss(cpu))(x), mx.grad(loss(plain))(x)
+    assert rel_err(g_cpu.astype(mx.float32), g_plain.astype(mx.float32)) < (
+        1e-5 if dtype == mx.float32 else 0.1
+    )
+
+
+def test_cpu_embedding_head_matches(tiny):
+    args, weights = tiny
+    model = build(args, weights)
+    q.quantize_model(model, q.QuantizeSpec(4, 64))
+    assert type(model.transformer.token_embeddings) is qlayers.CpuQuantizedEmbedding
+    fast = model(IDS)
+    for _, m in model.named_modules():  # back to MLX's own classes
+        if isinstance(m, nn.QuantizedLinear | nn.QuantizedEmbedding):
+            m.__class__ = m.__class__.__mro__[1]
+    assert rel_err(fast, model(IDS)) < 1e-5
