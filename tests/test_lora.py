@@ -233,3 +233,78 @@ def test_full_fine_tune_trains_everything_but_not_a_quantized_model():
     assert num_trainable(model) == model.args.num_parameters()
     with pytest.raises(LoRAError, match="quantized model cannot be fully fine-tuned"):
         apply_lora(quantize_tiny(build()), LoRAConfig(fine_tune_type="full"))
+
+
+# ---- the command line ------------------------------------------------------------------
+
+
+@pytest.fixture
+def model_dir(tmp_path, sp_model_file):
+    import shutil
+
+    from elm_mlx.testing import write_hf_checkpoint
+
+    args = tiny_args(vocab_size=384, tied=False)
+    weights = random_weights(args, 0)
+    weights["lm_head.weight"] *= 5
+    path = write_hf_checkpoint(tmp_path / "model", args, weights)
+    shutil.copyfile(sp_model_file, path / "tokenizer.model")
+    return path
+
+
+def write_data(path, n_train=8):
+    path.mkdir()
+    for split, n in (("train", n_train), ("valid", 4)):
+        lines = [
+            json.dumps({"prompt": f"Q: what is {i} plus one? A:", "completion": f" {i + 1}."})
+            for i in range(n)
+        ]
+        (path / f"{split}.jsonl").write_text("\n".join(lines) + "\n")
+    return path
+
+
+def test_cli_lora_resume_fuse(tmp_path, model_dir, capsys):
+    from elm_mlx.cli import main
+    from elm_mlx.io import load
+
+    data = write_data(tmp_path / "data")
+    adapters = tmp_path / "adapters"
+    common = ["lora", "--model", str(model_dir), "--data", str(data), "--adapter-path",
+              str(adapters), "--rank", "4", "--alpha", "16", "--batch-size", "4", "--learning-rate",
+              "1e-3", "--val-every", "2", "--save-every", "2", "--mask-prompt"]  # fmt: skip
+    assert main([*common, "--iters", "2"]) == 0
+    out = capsys.readouterr().out
+    assert "train.jsonl: 8 completion records" in out and "trainable parameters" in out
+    assert main([*common, "--iters", "4", "--resume"]) == 0
+    assert "resuming at step 2" in capsys.readouterr().out
+    saved = json.loads((adapters / CONFIG_FILE).read_text())
+    assert saved["lora_parameters"]["scale"] == 4.0
+    for name in (ADAPTER_FILE, "metrics.jsonl", "loss.png", "checkpoint/state.json"):
+        assert (adapters / name).is_file(), name
+
+    fused_dir = tmp_path / "fused"
+    assert main(["fuse", "--model", str(model_dir), "--adapter-path", str(adapters),
+                 "--save-path", str(fused_dir)]) == 0  # fmt: skip
+    ids = mx.array([[1, 20, 30, 40, 50, 60]])
+    base, _ = load(model_dir)
+    unfused = load_adapters(base, adapters)(ids)
+    fused, tokenizer = load(fused_dir)
+    assert tokenizer is not None
+    assert mx.allclose(fused(ids), unfused, atol=1e-5, rtol=1e-5)
+
+
+def test_cli_reports_bad_data_and_resume_mismatch_in_one_line(tmp_path, model_dir, capsys):
+    from elm_mlx.cli import main
+
+    data = write_data(tmp_path / "data")
+    (data / "train.jsonl").write_text('{"text": "fine"}\n{"text": 3}\n')
+    args = ["lora", "--model", str(model_dir), "--data", str(data), "--iters", "1"]
+    assert main(args) == 1
+    err = capsys.readouterr().err
+    assert err.startswith(f"error: {data / 'train.jsonl'}:2: 'text' must be a string")
+    data = write_data(tmp_path / "data2")
+    adapters = str(tmp_path / "a")
+    assert main([*args[:4], str(data), "--iters", "1", "--adapter-path", adapters]) == 0
+    resumed = [*args[:4], str(data), "--iters", "2", "--adapter-path", adapters, "--rank", "4"]
+    assert main([*resumed, "--resume"]) == 1
+    assert "trained with other adapter settings" in capsys.readouterr().err
