@@ -172,7 +172,7 @@ def evaluate(
 # ---- the compiled step ----------------------------------------------------------
 
 
-def _make_step(model: nn.Module, optimizer: optim.Optimizer, args: TrainArgs, group) -> Callable:
+def make_step(model: nn.Module, optimizer: optim.Optimizer, args: TrainArgs, group) -> Callable:
     """`step(batch, acc, update)` -> (loss, acc): one micro-batch; `update` applies the sum."""
     world = group.size()
     loss_and_grad = nn.value_and_grad(model, partial(_train_loss, world_size=world))
@@ -487,7 +487,7 @@ def _diverged(run: _Run, what: str) -> None:
 
 def _train_loop(run: _Run, stop: _StopFlag, callback) -> None:
     a, s = run.args, run.state
-    step = _make_step(run.model, run.optimizer, a, run.group)
+    step = make_step(run.model, run.optimizer, a, run.group)
     batches = iterate_batches(
         run.train_set, a.batch_size, seed=a.seed, start=s.step * a.grad_accum,
         rank=run.rank, world_size=run.world,
