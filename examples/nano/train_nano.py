@@ -130,7 +130,7 @@ def write_assets(model, args, work: Path, out: Path) -> None:
         os.replace(tmp, out / name)
 
 
-def samples(out: Path, seed: int) -> list[tuple[str, str, str]]:
+def samples(out: Path, seed: int, max_tokens: int) -> list[tuple[str, str, str]]:
     """(prompt, settings, completion) from the written model, loaded as a user would."""
     from elm_mlx.generate import generate
     from elm_mlx.io import load
@@ -138,10 +138,10 @@ def samples(out: Path, seed: int) -> list[tuple[str, str, str]]:
     model, tokenizer = load(out)
     runs = []
     for i, prompt in enumerate(PROMPTS):
-        settings = {"temp": 0.8, "top_p": 0.95, "seed": seed + i, "max_tokens": 120}
+        settings = {"temp": 0.8, "top_p": 0.95, "seed": seed + i, "max_tokens": max_tokens}
         text = generate(model, tokenizer, prompt, **settings)
         runs.append((prompt, _settings(settings), text))
-    settings = {"temp": 0.0, "repetition_penalty": 1.2, "max_tokens": 120}
+    settings = {"temp": 0.0, "repetition_penalty": 1.2, "max_tokens": max_tokens}
     text = generate(model, tokenizer, PROMPTS[0], **settings)
     runs.append((PROMPTS[0], _settings(settings), text))
     return runs
@@ -169,7 +169,7 @@ def main() -> None:
     write_assets(model, args, work, out)
     results["wall_seconds_total"] = time.perf_counter() - tic
     shutil.copyfile(work / "train" / "loss.png", out / "loss.png")
-    runs = samples(out, a.seed)
+    runs = samples(out, a.seed, a.sample_tokens)
     from report import write_report
 
     write_report(out, args, corpus, results, runs, machine())
@@ -198,6 +198,7 @@ def parse_args() -> argparse.Namespace:
     p.add_argument("--warmup", type=int, default=50)
     p.add_argument("--val-every", type=int, default=150)
     p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--sample-tokens", type=int, default=120, help="tokens per report sample")
     p.add_argument("--resume", action="store_true", help="continue from the last checkpoint")
     return p.parse_args()
 
