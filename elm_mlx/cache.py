@@ -35,7 +35,8 @@ class KVCache:
         capacity = ((needed + self.step - 1) // self.step) * self.step
         if self.max_size is not None:
             capacity = min(capacity, self.max_size)
-        shape = (B, n_kv, capacity - (0 if self.keys is None else self.keys.shape[2]))
+        # Zeros after the kept `offset` entries (the old buffer is cut at `offset` below).
+        shape = (B, n_kv, capacity - (0 if self.keys is None else self.offset))
         new_k = mx.zeros((*shape, k_dim), keys.dtype)
         new_v = mx.zeros((*shape, values.shape[3]), values.dtype)
         if self.keys is None:
