@@ -103,7 +103,7 @@ def _same(a: tuple, b: tuple) -> bool:
 
 
 def _matvec(x: np.ndarray, w: np.ndarray) -> np.ndarray:
-    return x @ w  # (1, in) @ (in, out): numpy calls BLAS gemv for one row
+    return x @ w  # (L, in) @ (in, out): gemv for one row, gemm for a prompt chunk
 
 
 def _rms_norm(x: np.ndarray, weight: np.ndarray, eps: float) -> np.ndarray:
@@ -111,12 +111,13 @@ def _rms_norm(x: np.ndarray, weight: np.ndarray, eps: float) -> np.ndarray:
 
 
 def _glu(h: np.ndarray) -> np.ndarray:
-    gate, up = np.split(h, 2, axis=-1)  # (1, ffn_dim) each
-    return gate * (0.5 + 0.5 * np.tanh(0.5 * gate)) * up  # silu(gate) * up, overflow-free
+    gate, up = np.split(h, 2, axis=-1)  # (L, ffn_dim) each
+    with np.errstate(over="ignore"):  # exp(-gate) = inf gives silu = -0, as it should
+        return gate / (1.0 + np.exp(-gate)) * up
 
 
 def _rope(x: np.ndarray, cos: np.ndarray, sin: np.ndarray) -> np.ndarray:
-    """Rotate-half RoPE of (heads, head_dim) with MLX's own cos/sin for this position."""
+    """Rotate-half RoPE of (L, heads, head_dim) with MLX's own cos/sin (L, 1, head_dim / 2)."""
     x1, x2 = np.split(x, 2, axis=-1)
     return np.concatenate([x1 * cos - x2 * sin, x1 * sin + x2 * cos], axis=-1)
 
@@ -126,7 +127,7 @@ def _sdpa(q: np.ndarray, k: np.ndarray, v: np.ndarray, keys, values, scale: floa
 
     q: (n_q, hd); k, v: (n_kv, hd). Query head h reads KV head h // (n_q / n_kv).
     Returns (1, n_q * hd). Shapes are chosen so that BLAS sees tall products and
-    numpy reduces along contiguous rows.
+    numpy reduces along contiguous rows; the cache is never copied.
     """
     n_kv, hd = k.shape
     qg = (q * scale).reshape(n_kv, -1, hd)  # (n_kv, rep, hd)
@@ -146,6 +147,33 @@ def _sdpa(q: np.ndarray, k: np.ndarray, v: np.ndarray, keys, values, scale: floa
     return out.reshape(1, -1)
 
 
+def _causal_sdpa(q: np.ndarray, keys: np.ndarray, values: np.ndarray, scale: float, block=128):
+    """Causal attention of L new positions, the last L of keys/values (n_kv, T, hd).
+
+    q: (L, n_q, hd). Queries go in blocks that only score the keys they may see.
+    Returns (L, n_q * hd).
+    """
+    L, n_q, hd = q.shape
+    n_kv, T, _ = keys.shape
+    rep, past = n_q // n_kv, T - L
+    qg = (q * scale).transpose(1, 0, 2).reshape(n_kv, rep, L, hd)
+    out = np.empty((n_kv, rep, L, hd), np.float32)
+    for lo in range(0, L, block):
+        hi = min(L, lo + block)
+        end = past + hi  # keys visible to the last query of the block
+        qb = qg[:, :, lo:hi].reshape(n_kv, rep * (hi - lo), hd)
+        s = (qb @ keys[:, :end].transpose(0, 2, 1)).reshape(n_kv, rep, hi - lo, end)
+        s += np.where(np.arange(end) > past + np.arange(lo, hi)[:, None], -np.inf, 0.0).astype(
+            np.float32
+        )  # (hi - lo, end) causal mask
+        s -= s.max(axis=-1, keepdims=True)
+        np.exp(s, out=s)
+        z = s.sum(axis=-1, keepdims=True)  # (n_kv, rep, hi - lo, 1)
+        o = s.reshape(n_kv, rep * (hi - lo), end) @ values[:, :end]
+        out[:, :, lo:hi] = o.reshape(n_kv, rep, hi - lo, hd) / z
+    return out.transpose(2, 0, 1, 3).reshape(L, n_q * hd)
+
+
 def _numpy_cache(cache) -> bool:
     """Whether the numpy attention handles this cache (a plain float32 KVCache)."""
     return cache is None or (
@@ -154,36 +182,45 @@ def _numpy_cache(cache) -> bool:
 
 
 def _attention(w: _LayerViews, qkv: np.ndarray, cache, eps: float, tables: dict) -> np.ndarray:
-    """(1, qkv_out_dim) -> (1, q * head_dim); appends this position's keys/values to `cache`."""
-    if not _numpy_cache(cache):  # e.g. a rotating window: MLX's own attention
+    """(L, qkv_out_dim) -> (L, q * head_dim); appends these positions to `cache`."""
+    if not _numpy_cache(cache):  # one token into e.g. a rotating window: MLX's attention
         out = w.attn.attend(mx.array(qkv)[None], None, cache)  # (1, 1, q * head_dim)
         mx.eval(out)
         return np.asarray(out)[0]
+    L = qkv.shape[0]
     n_q, n_kv, hd = w.attn.n_heads, w.attn.n_kv_heads, w.attn.head_dim
-    q, k, v = np.split(qkv.reshape(n_q + 2 * n_kv, hd), [n_q, n_q + n_kv])
+    q, k, v = np.split(qkv.reshape(L, n_q + 2 * n_kv, hd), [n_q, n_q + n_kv], axis=1)
     if w.q_norm is not None:
         q, k = _rms_norm(q, w.q_norm, eps), _rms_norm(k, w.k_norm, eps)
     cos, sin = tables[0 if cache is None else cache.offset]
     q, k = _rope(q, cos, sin), _rope(k, cos, sin)
+    k, v = k.transpose(1, 0, 2), v.transpose(1, 0, 2)  # (n_kv, L, hd)
     keys = values = None
     if cache is not None and cache.keys is not None:
         keys = np.asarray(cache.keys)[0, :, : cache.offset]  # (n_kv, T, hd), no copy
         values = np.asarray(cache.values)[0, :, : cache.offset]
-    out = _sdpa(q, k, v, keys, values, w.attn.scale)
+    if L == 1:
+        out = _sdpa(q[0], k[:, 0], v[:, 0], keys, values, w.attn.scale)
+    else:
+        if keys is not None:
+            k, v = np.concatenate([keys, k], axis=1), np.concatenate([values, v], axis=1)
+        out = _causal_sdpa(q, k, v, w.attn.scale)
+        k, v = k[:, -L:], v[:, -L:]
     del keys, values  # the views must not outlive the buffers the update may replace
     if cache is not None:
-        cache.update_and_fetch(mx.array(k)[None, :, None], mx.array(v)[None, :, None])
+        cache.update_and_fetch(mx.array(k)[None], mx.array(v)[None])  # (1, n_kv, L, hd)
     return out
 
 
-def _prepare(cache: list, head_dim: int, base: float) -> dict:
-    """Evaluate pending cache updates; MLX's RoPE cos/sin for each position in use.
+def _prepare(cache: list, n: int, head_dim: int, base: float) -> dict:
+    """Evaluate pending cache updates; MLX's RoPE cos/sin for the next `n` positions.
 
     RoPE of [1, ..., 1, 0, ..., 0] is exactly [cos, sin], so the numpy rotation uses
-    the very values MLX's kernel uses. One MLX evaluation per step.
+    the very values MLX's kernel uses. One MLX evaluation per call.
     """
     half = head_dim // 2
-    unit = mx.array([1.0] * half + [0.0] * half).reshape(1, 1, 1, head_dim)
+    unit = mx.array([1.0] * half + [0.0] * half)
+    unit = mx.broadcast_to(unit, (1, 1, n, head_dim))
     offsets = {0 if c is None else c.offset for c in cache}
     rows = {
         o: mx.fast.rope(unit, head_dim, traditional=False, base=base, scale=1.0, offset=o)
@@ -191,14 +228,21 @@ def _prepare(cache: list, head_dim: int, base: float) -> dict:
     }
     pending = [a for c in cache if _numpy_cache(c) and c is not None for a in c.state]
     mx.eval(list(rows.values()), pending)
-    return {o: np.split(np.asarray(r).reshape(head_dim), 2) for o, r in rows.items()}
+    tables = {}
+    for o, r in rows.items():
+        cos, sin = np.split(np.asarray(r).reshape(n, 1, head_dim), 2, axis=-1)  # (n, 1, half)
+        tables[o] = cos, sin
+    return tables
 
 
 class CpuDecoder:
-    """`model` with one-token steps through gemv on the CPU; otherwise exactly `model`.
+    """`model` computing on the CPU through numpy/BLAS; otherwise exactly `model`.
 
     Drop-in for the model in generation code: calling it is `model(ids, cache=cache)`,
     and every other attribute (`args`, `make_cache`, `layers`...) is the model's.
+    A single sequence (batch 1) of float32 plain layers takes the numpy path; a
+    prompt chunk returns its logits as a lazy MLX product (never computed when only
+    the cache is wanted), one token returns them computed.
     """
 
     def __init__(self, model: OpenELM, enabled: bool = True):
@@ -212,15 +256,17 @@ class CpuDecoder:
         return getattr(self.model, name)
 
     def __call__(self, ids: mx.array, cache: list | None = None) -> mx.array:
-        views = self._ready(ids)
+        views = self._ready(ids, cache)
         if views is None:
             return self.model(ids, cache=cache)
-        return self.step(views, int(ids.item()), cache)  # (1, 1, vocab)
+        return self.forward(views, np.asarray(ids)[0], cache)  # (1, L, vocab)
 
-    def _ready(self, ids: mx.array) -> _Views | None:
-        """Up-to-date weight views when this call can take the matrix-vector step."""
-        if not (self.enabled and ids.shape == (1, 1) and on_cpu()):
+    def _ready(self, ids: mx.array, cache: list | None) -> _Views | None:
+        """Up-to-date weight views when this call can take the numpy path."""
+        if not (self.enabled and ids.ndim == 2 and ids.shape[0] == 1 and on_cpu()):
             return None
+        if ids.shape[1] > 1 and not all(_numpy_cache(c) for c in cache or []):
+            return None  # several tokens into e.g. a rotating window: MLX handles the mask
         sources = _sources(self.model)
         if sources is None:
             return None
@@ -229,20 +275,28 @@ class CpuDecoder:
             views = self._views = _make_views(self.model, sources)
         return views
 
-    def step(self, views: _Views, token: int, cache: list | None) -> mx.array:
-        """Logits (1, 1, vocab) for one token id, appending to `cache` (one per layer)."""
+    def forward(self, views: _Views, tokens: np.ndarray, cache: list | None) -> mx.array:
+        """Logits (1, L, vocab) for token ids (L,), appending to `cache` (one per layer)."""
         args = self.model.args
         eps = args.rms_norm_eps
         cache = cache or [None] * len(views.layers)
-        tables = _prepare(cache, args.head_dim, args.rope_freq_constant)
-        h = views.embed[token][None]  # (1, d)
+        tables = _prepare(cache, len(tokens), args.head_dim, args.rope_freq_constant)
+        h = views.embed[tokens]  # (L, d)
         for w, c in zip(views.layers, cache, strict=True):
-            qkv = _matvec(_rms_norm(h, w.attn_norm, eps), w.qkv)  # (1, (q + 2 kv) * head_dim)
+            qkv = _matvec(_rms_norm(h, w.attn_norm, eps), w.qkv)  # (L, (q + 2 kv) * head_dim)
             h = h + _matvec(_attention(w, qkv, c, eps, tables), w.out)
-            g = _matvec(_rms_norm(h, w.ffn_norm, eps), w.proj_1)  # (1, 2 * ffn_dim)
+            g = _matvec(_rms_norm(h, w.ffn_norm, eps), w.proj_1)  # (L, 2 * ffn_dim)
             h = h + _matvec(_glu(g), w.proj_2)
-        logits = _matvec(_rms_norm(h, views.norm, eps), views.head)  # (1, vocab)
-        return mx.array(logits)[None]
+        h = _rms_norm(h, views.norm, eps)
+        if len(tokens) == 1:
+            return mx.array(_matvec(h, views.head))[None]  # (1, 1, vocab)
+        return _head(self.model, mx.array(h)[None])  # lazy (1, L, vocab)
+
+
+def _head(model: OpenELM, h: mx.array) -> mx.array:
+    if model.args.share_input_output_layers:
+        return model.transformer.token_embeddings.as_linear(h)
+    return model.lm_head(h)
 
 
 def fast_decoder(model: OpenELM, enabled: bool | None = None) -> OpenELM | CpuDecoder:

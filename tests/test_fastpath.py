@@ -41,13 +41,12 @@ def model(request):
 
 
 def steps_agree(model, make_cache, prompt_len: int, steps: int, tol=1e-5) -> None:
-    """Prefill both caches with MLX, then decode token by token on both paths."""
+    """Prefill both caches, each on its own path, then decode token by token on both."""
     rng = np.random.default_rng(0)
     fast = CpuDecoder(model)
     plain_cache, fast_cache = make_cache(), make_cache()
     prompt = mx.array(rng.integers(0, model.args.vocab_size, (1, prompt_len)))
-    model(prompt, cache=plain_cache)
-    fast(prompt, cache=fast_cache)  # several tokens: the normal MLX path
+    assert rel_err(fast(prompt, cache=fast_cache), model(prompt, cache=plain_cache)) < tol
     for tok in rng.integers(0, model.args.vocab_size, steps):
         ids = mx.array([[int(tok)]])
         want, got = model(ids, cache=plain_cache), fast(ids, cache=fast_cache)
@@ -94,10 +93,27 @@ def test_rotating_window_uses_mlx_attention(model):
     steps_agree(model, lambda: model.make_cache(max_kv_size=12), prompt_len=5, steps=20)
 
 
+def test_prompt_in_chunks(model):
+    """Chunks after the first attend to the cache and causally among themselves."""
+    rng = np.random.default_rng(1)
+    ids = mx.array(rng.integers(0, model.args.vocab_size, (1, 250)))
+    fast, fast_cache, plain_cache = CpuDecoder(model), model.make_cache(), model.make_cache()
+    for c in fast_cache + plain_cache:
+        c.step = 64  # buffers grow inside chunks
+    for lo, hi in [(0, 7), (7, 8), (8, 150), (150, 250)]:
+        chunk = ids[:, lo:hi]
+        assert rel_err(fast(chunk, cache=fast_cache), model(chunk, cache=plain_cache)) < 1e-5
+    for a, b in zip(fast_cache, plain_cache, strict=True):
+        assert rel_err(a.state[0], b.state[0]) < 1e-5
+        assert rel_err(a.state[1], b.state[1]) < 1e-5
+    assert rel_err(CpuDecoder(model)(ids), model(ids)) < 1e-5  # no cache at all
+
+
 def test_fallbacks_are_the_model_itself(model):
     fast = CpuDecoder(model)
     ids = mx.array([[1, 2, 3]])
-    assert mx.array_equal(fast(ids), model(ids))  # several tokens
+    window, plain_window = model.make_cache(max_kv_size=8), model.make_cache(max_kv_size=8)
+    assert mx.array_equal(fast(ids, cache=window), model(ids, cache=plain_window))
     batch = mx.array([[4], [5]])
     assert mx.array_equal(fast(batch), model(batch))  # a batch
     off = CpuDecoder(model, enabled=False)
