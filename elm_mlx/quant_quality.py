@@ -151,8 +151,9 @@ def recipe_for_target(
     high: int = 8,
 ) -> Recipe:
     """Start with every matrix at `high` bits and lower the ones with the least added KL per
-    bit saved to `low` until the plan is at most `target_bpw` bits per weight. An 8-bit
-    damage the scan did not measure counts as zero."""
+    bit saved to `low` until the plan is at most `target_bpw` bits per weight, then give
+    back `high` bits to lowered matrices that still fit. An 8-bit damage the scan did not
+    measure counts as zero."""
     shapes = matrix_shapes(args)
     plan = {p: QuantParams(high, group_size) for p in shapes}
 
@@ -164,15 +165,21 @@ def recipe_for_target(
         added = damage[path][low] - damage[path].get(high, 0.0)
         return added / (rows * cols * (high - low))
 
+    lowered = []
     for path in sorted(shapes, key=cost):
         if bpw() <= target_bpw:
             break
         plan[path] = QuantParams(low, group_size)
+        lowered.append(path)
     if bpw() > target_bpw:
         raise QuantizeError(
             f"target {target_bpw} bits per weight is below what {low}-bit quantization gives "
             f"({bpw():.3f}); raise --target-bpw"
         )
+    for path in reversed(lowered):  # the last step may have saved more than needed
+        plan[path] = QuantParams(high, group_size)
+        if bpw() > target_bpw:
+            plan[path] = QuantParams(low, group_size)
     return Recipe(low, group_size, {p: q for p, q in plan.items() if q.bits != low})
 
 
@@ -212,14 +219,13 @@ def scan_recipe(
     damage = sensitivity_scan(
         model, windows, group_size=spec.group_size, scales_dtype=scales_dtype, progress=progress
     )
-    return recipe_for_target(
-        args,
-        damage,
-        target_bpw,
-        group_size=spec.group_size,
-        scales_bytes=scales_dtype.size,
-        float_bytes=float_dtype.size,
-    )
+    sizes = {"scales_bytes": scales_dtype.size, "float_bytes": float_dtype.size}
+    recipe = recipe_for_target(args, damage, target_bpw, group_size=spec.group_size, **sizes)
+    if log:
+        bpw = plan_bits_per_weight(args, make_plan(args, recipe), **sizes)
+        log(f"recipe: {len(recipe.layers)} of {len(damage)} matrices at 8 bits, "
+            f"{bpw:.3f} bits per weight (target {target_bpw})")  # fmt: skip
+    return recipe
 
 
 def report(

@@ -17,7 +17,10 @@ when it computes in bfloat16 (measured 0.12 against 1.0 GFLOP/s on a
 5120 x 1280 4-bit matrix), so the default there is float32 scales, which also
 keeps activations in float32. On a GPU the default is the model's own dtype,
 the format of mlx-community checkpoints. `cast_scales` switches an already
-quantized model.
+quantized model (and `model.set_dtype(mx.float32)` casts scales with the rest).
+Prompts and training batches do not depend on it: on the CPU the quantized
+layers built here and by `io` (elm_mlx.qlayers) multiply many rows through the
+dequantized matrix and BLAS.
 """
 
 from __future__ import annotations

@@ -259,9 +259,16 @@ def test_scan_and_target_recipe():
     recipe = qq.recipe_for_target(args, damage, target, group_size=64)
     plan = q.make_plan(args, recipe)
     assert all4 < q.plan_bits_per_weight(args, plan, 4, 4) <= target
-    # The matrices kept at 8 bits are the ones with the most damage per bit.
     high = [p for p, v in plan.items() if v.bits == 8]
     assert high and len(high) < len(plan)
+    # No 4-bit matrix could go back to 8 bits within the target.
+    for path in set(plan) - set(high):
+        raised = plan | {path: q.QuantParams(8, 64)}
+        assert q.plan_bits_per_weight(args, raised, 4, 4) > target
+    # The matrix with the most damage per bit saved stays at 8 bits.
+    shapes = q.matrix_shapes(args)
+    worst = max(shapes, key=lambda p: damage[p][4] / (shapes[p][0] * shapes[p][1]))
+    assert worst in high
     with pytest.raises(q.QuantizeError, match="below what 4-bit"):
         qq.recipe_for_target(args, damage, all4 - 0.5, group_size=64)
 
