@@ -44,6 +44,11 @@ CONTENDERS = {
     "mlx-lm (as installed)": ("mlx_lm", {}, []),
     "PyTorch CPU": ("torch", {}, []),
 }
+# With --dtypes: MLX's CPU kernels in half precision (the fast path is float32 only).
+DTYPE_CONTENDERS = {
+    "elm_mlx bfloat16": ("elm_mlx", {}, ["--dtype", "bfloat16"]),
+    "elm_mlx float16": ("elm_mlx", {}, ["--dtype", "float16"]),
+}
 
 
 # ---- workers: one configuration each, in a fresh interpreter ------------------------
@@ -89,7 +94,7 @@ def worker_elm_mlx(opts) -> dict:
     from elm_mlx.generate import generate_step
     from elm_mlx.io import load_model
 
-    model, args = load_model(opts.model)
+    model, args = load_model(opts.model, dtype=opts.dtype)
     model = fast_decoder(model, enabled=not opts.no_fast)
 
     def run(n_prompt, n_new):
@@ -221,7 +226,7 @@ def bytes_per_token(args, context: int) -> int:
 
 
 def run_contender(name: str, opts, model_dir: Path) -> dict | None:
-    worker, env, flags = CONTENDERS[name]
+    worker, env, flags = {**CONTENDERS, **DTYPE_CONTENDERS}[name]
     cmd = [sys.executable, __file__, "--worker", worker, "--model", str(model_dir)]
     cmd += ["--prompt-tokens", str(opts.prompt_tokens), "--new-tokens", str(opts.new_tokens)]
     cmd += ["--repeats", str(opts.repeats), *flags]
@@ -405,9 +410,10 @@ def print_ratios(results: dict) -> None:
             d = _x(r["decode_tps"], a and a["decode_tps"])
             cells.append(f"{p + ' / ' + d:>23}")
         print(f"{name:24}  {'  '.join(cells)}")
-    firsts = {n: tuple(r["tokens"]) for n, r in results.items() if r}
-    agree = len(set(firsts.values())) == 1
-    print(f"greedy tokens (first 16): {'all contenders agree' if agree else firsts}")
+    firsts = {n: r["tokens"] for n, r in results.items() if r}
+    ref = next(iter(firsts.values()), None)
+    differ = [n for n, t in firsts.items() if t != ref]
+    print(f"greedy tokens (first 16) differ from {next(iter(firsts), '-')}'s: {differ or 'none'}")
 
 
 def print_breakdown(b: dict, context: int) -> None:
@@ -448,10 +454,12 @@ def parse(argv=None):
     p.add_argument("--repeats", type=int, default=1, help="measured runs per contender (best)")
     p.add_argument("--only", help="comma-separated contender names (default: all)")
     p.add_argument("--no-breakdown", action="store_true")
+    p.add_argument("--dtypes", action="store_true", help="also time bfloat16 and float16 (slow)")
     p.add_argument("--workdir", default=str(Path(tempfile.gettempdir()) / "elm_mlx_bench"))
     p.add_argument("--worker", choices=sorted(WORKERS), help=argparse.SUPPRESS)
     p.add_argument("--model", help=argparse.SUPPRESS)
     p.add_argument("--no-fast", action="store_true", help=argparse.SUPPRESS)
+    p.add_argument("--dtype", help=argparse.SUPPRESS)
     return p.parse_args(argv)
 
 
@@ -469,6 +477,7 @@ def main(argv=None) -> None:
     per_token = bytes_per_token(args, context)
     ceiling = bandwidth * 1e9 / per_token
     names = opts.only.split(",") if opts.only else list(CONTENDERS)
+    names += list(DTYPE_CONTENDERS) if opts.dtypes else []
     results = {name: run_contender(name, opts, model_dir) for name in names}
     breakdown = None if opts.no_breakdown else run_breakdown(opts, model_dir)
     print(f"OpenELM-{opts.size} shapes, random float32 weights; prompt {opts.prompt_tokens}")
