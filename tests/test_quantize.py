@@ -249,7 +249,7 @@ def test_scan_and_target_recipe():
     args = quant_args()
     weights = random_weights(args, seed=2)
     model = build(args, weights)
-    windows = qq.token_windows(np.random.default_rng(3).integers(0, 256, 257).tolist(), 64)
+    windows = qq.token_windows(np.random.default_rng(3).integers(0, 256, 97).tolist(), 32)
     damage = qq.sensitivity_scan(model, windows, group_size=64)
     assert set(damage) == set(q.matrix_shapes(args)) and all(d[4] > 0 for d in damage.values())
     assert rel_err(model(IDS), build(args, weights)(IDS)) == 0  # restored to float
@@ -306,7 +306,7 @@ def test_cli_quantize_and_report(cli_dirs, capsys):
 def test_cli_scan_writes_a_recipe_meeting_the_target(cli_dirs, capsys):
     tmp, _ = cli_dirs
     argv = ["quantize", "--model", str(tmp / "float"), "--out", str(tmp / "q"), "--scan"]
-    argv += ["--target-bpw", "7", "--eval-text", str(tmp / "heldout.txt")]
+    argv += ["--target-bpw", "7", "--eval-text", str(tmp / "heldout.txt"), "--eval-tokens", "96"]
     assert cli.main(argv) == 0
     recipe = q.Recipe.load(tmp / "q" / "quantize_recipe.json")
     loaded, args = mio.load_model(tmp / "q")
