@@ -28,7 +28,7 @@ import threading
 import time
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
-from functools import partial
+from functools import cache, partial
 from pathlib import Path
 
 import mlx.core as mx
@@ -37,6 +37,7 @@ import mlx.optimizers as optim
 from mlx.utils import tree_flatten, tree_map, tree_map_with_path
 
 from .data import Batch, Dataset, check_batch_size, iterate_batches, iterate_eval_batches
+from .losses import head_cross_entropy
 
 CHECKPOINT_DIR = "checkpoint"
 METRICS_FILE = "metrics.jsonl"
@@ -64,7 +65,8 @@ class TrainArgs:
     min_lr_ratio: float = 0.0  # cosine decay ends at learning_rate * min_lr_ratio
     weight_decay: float = 0.0
     grad_accum: int = 1
-    grad_checkpoint: bool = False
+    grad_checkpoint: bool = False  # recompute whole blocks in the backward pass
+    recompute_attention: bool = True  # recompute only the attention core (cheap)
     max_grad_norm: float = 0.0  # 0 = no clipping
     val_every: int = 100  # 0 = no validation
     val_batches: int = 25  # 0 = the whole validation set
@@ -131,17 +133,48 @@ def loss_sums(model: nn.Module, tokens: mx.array, spans: mx.array) -> tuple[mx.a
     """(sum of next-token cross-entropies over the target positions, their count)."""
     inputs, targets = tokens[:, :-1], tokens[:, 1:]  # (B, L) each
     logits = model(inputs)  # (B, L, vocab)
-    pos = mx.arange(inputs.shape[1])[None]  # (1, L)
-    mask = (pos >= spans[:, :1]) & (pos < spans[:, 1:])  # (B, L)
+    mask = _target_mask(spans, inputs.shape[1])  # (B, L)
     ce = nn.losses.cross_entropy(logits, targets).astype(mx.float32)  # (B, L)
     return (ce * mask).sum(), mask.sum()
+
+
+def _target_mask(spans: mx.array, length: int) -> mx.array:
+    pos = mx.arange(length)[None]  # (1, L)
+    return (pos >= spans[:, :1]) & (pos < spans[:, 1:])  # (B, L)
+
+
+def head_weight_name(model: nn.Module) -> str | None:
+    """The parameter name of an OpenELM's float output head; None if quantized or not OpenELM."""
+    args, transformer = getattr(model, "args", None), getattr(model, "transformer", None)
+    if args is None or transformer is None:
+        return None
+    tied = args.share_input_output_layers
+    layer = transformer.token_embeddings if tied else model.get("lm_head")
+    if layer is None or "scales" in layer or not isinstance(layer, (nn.Embedding, nn.Linear)):
+        return None
+    return "transformer.token_embeddings.weight" if tied else "lm_head.weight"
+
+
+def training_loss_sum(model: nn.Module, tokens: mx.array, spans: mx.array) -> mx.array:
+    """`loss_sums(...)[0]` with a chunked output head (losses.py) where the model allows it."""
+    name = head_weight_name(model)
+    if name is None:
+        return loss_sums(model, tokens, spans)[0]
+    inputs, targets = tokens[:, :-1], tokens[:, 1:]  # (B, L) each
+    h = model.transformer(inputs)  # (B, L, D)
+    B, L, D = h.shape
+    weight = (
+        model.transformer.token_embeddings.weight if name.startswith("t") else model.lm_head.weight
+    )
+    trained = name in dict(tree_flatten(model.trainable_parameters()))
+    mask = _target_mask(spans, L).reshape(B * L)
+    return head_cross_entropy(h.reshape(B * L, D), weight, targets.reshape(B * L), mask, trained)
 
 
 def _train_loss(model, tokens, spans, ntokens, world_size: int) -> mx.array:
     # This rank's share of the global mean, times the world size so that the
     # gradients' average over ranks is the gradient of the global mean.
-    total, _ = loss_sums(model, tokens, spans)
-    return total * world_size / ntokens
+    return training_loss_sum(model, tokens, spans) * world_size / ntokens
 
 
 def evaluate(
@@ -210,7 +243,10 @@ def _one_update(step: Callable, batches: Iterator[Batch], accum: int) -> tuple[m
     return sum(losses) / accum, ntokens
 
 
+@cache
 def _checkpointed_class(cls: type) -> type:
+    """A subclass of a block class whose forward pass is recomputed in the backward pass."""
+
     def __call__(self, x, *args, **kwargs):
         def inner(params, x):
             self.update(params)
@@ -221,19 +257,52 @@ def _checkpointed_class(cls: type) -> type:
     return type(f"Checkpointed{cls.__name__}", (cls,), {"__call__": __call__})
 
 
+@cache
+def _recomputed_attention_class(cls: type) -> type:
+    """A subclass of OpenELM's Attention whose `attend` (norms, RoPE, softmax) is recomputed."""
+
+    def attend(self, qkv, mask=None, cache=None):
+        if cache is not None:
+            return cls.attend(self, qkv, mask, cache)
+        # Only the QK-norm weights are used in here: the projections stay outside.
+        params = {k: v for k, v in self.trainable_parameters().items() if k.endswith("_norm")}
+
+        def inner(params, qkv):
+            self.update(params)
+            return cls.attend(self, qkv, mask)
+
+        return mx.checkpoint(inner)(params, qkv)
+
+    return type(f"Recomputed{cls.__name__}", (cls,), {"attend": attend})
+
+
 @contextlib.contextmanager
-def gradient_checkpointing(model: nn.Module, enabled: bool = True):
-    """Recompute each block's activations in the backward pass (less memory, ~1/3 more time)."""
-    layers = list(model.layers) if enabled else []
-    originals = [type(layer) for layer in layers]
-    classes = {cls: _checkpointed_class(cls) for cls in set(originals)}
-    for layer, cls in zip(layers, originals, strict=True):
-        layer.__class__ = classes[cls]
+def activation_recompute(model: nn.Module, blocks: bool = False, attention: bool = True):
+    """Trade compute for memory during training, undone on exit.
+
+    `blocks`: recompute every block in the backward pass (gradient checkpointing:
+    least memory, about a third more time). `attention`: recompute only what lies
+    between qkv_proj and out_proj (QK-norm, RoPE, the attention probabilities),
+    a few percent of the compute and a large share of the saved activations.
+    """
+    if blocks:
+        objs = list(model.layers)
+        swaps = [(o, _checkpointed_class(type(o))) for o in objs]
+    elif attention:
+        objs = [
+            layer.attn for layer in model.layers if hasattr(getattr(layer, "attn", None), "attend")
+        ]
+        swaps = [(o, _recomputed_attention_class(type(o))) for o in objs]
+    else:
+        swaps = []
+    originals = [(o, type(o)) for o, _ in swaps]
+    for o, cls in swaps:
+        o.__class__ = cls
     try:
         yield
     finally:
-        for layer, cls in zip(layers, originals, strict=True):
-            layer.__class__ = cls
+        for o, cls in originals:
+            o.__class__ = cls
 
 
 # ---- Ctrl-C ---------------------------------------------------------------------------
@@ -545,7 +614,8 @@ def train(
     check_batch_size(train_set, args.batch_size, group.size())
     run = _Run(model, args, train_set, valid_set, group, log)
     run.start(resume)
-    with gradient_checkpointing(model, args.grad_checkpoint), _deferred_interrupt() as stop:
+    recompute = activation_recompute(model, args.grad_checkpoint, args.recompute_attention)
+    with recompute, _deferred_interrupt() as stop:
         _train_loop(run, stop, callback)
         run.save()
     if run.state.interrupted:

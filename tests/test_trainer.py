@@ -202,14 +202,39 @@ def test_evaluate_is_the_mean_token_cross_entropy():
     assert evaluate(model, data, 2) == pytest.approx(total / count, rel=1e-5)
 
 
-def test_gradient_checkpointing_gives_the_same_weights(tmp_path):
+@pytest.mark.parametrize("kind", ["lora", "full"])
+def test_activation_recompute_gives_the_same_gradients(kind):
+    from elm_mlx.trainer import activation_recompute, loss_sums
+
+    model = base_model()
+    apply_lora(model, LoRAConfig(rank=4, fine_tune_type=kind))
+    tokens = mx.array(np.array([e.tokens for e in records(4)]))
+    spans = mx.array([[0, SEQ - 1]] * 4)
+
+    def grads(**modes):
+        with activation_recompute(model, **modes):
+            fn = nn.value_and_grad(model, lambda m, t, s: loss_sums(m, t, s)[0])
+            return dict(tree_flatten(fn(model, tokens, spans)[1]))
+
+    plain = grads(blocks=False, attention=False)
+    if kind == "full":
+        assert any("q_norm" in k for k in plain)
+    for modes in (dict(attention=True), dict(blocks=True)):
+        other = grads(**modes)
+        assert other.keys() == plain.keys()
+        for k in plain:
+            assert np.allclose(other[k], plain[k], atol=1e-6, rtol=1e-5), (modes, k)
+    assert type(model.layers[0]).__name__ == "Block"  # the class swaps are undone
+    assert type(model.layers[0].attn).__name__ == "Attention"
+
+
+def test_gradient_checkpointing_trains_to_the_same_weights(tmp_path):
     plain, checkpointed = lora_model(), lora_model()
     train(plain, settings(tmp_path / "a", iters=2), dataset(), log=quiet)
     train(checkpointed, settings(tmp_path / "b", iters=2, grad_checkpoint=True), dataset(),
           log=quiet)  # fmt: skip
     a, b = trainable(plain), trainable(checkpointed)
     assert all(np.allclose(a[k], b[k], atol=1e-6) for k in a)
-    assert type(checkpointed.layers[0]).__name__ == "Block"  # the class swap is undone
 
 
 def test_full_training_from_scratch_uses_the_same_loop(tmp_path):
@@ -244,3 +269,33 @@ def test_quantized_base_trains_with_lora(tmp_path):
     before = evaluate(model, data, 4)
     train(model, settings(tmp_path, iters=20), data, log=quiet)
     assert evaluate(model, data, 4) < 0.8 * before
+
+
+@pytest.mark.parametrize("tied", [True, False])
+@pytest.mark.parametrize("kind", ["lora", "full"])
+def test_chunked_head_loss_has_autograd_gradients(tied, kind, monkeypatch):
+    """The chunked output-head loss (losses.py) against plain autograd through full logits."""
+    import elm_mlx.losses as losses
+    from elm_mlx.trainer import head_weight_name, loss_sums, training_loss_sum
+
+    monkeypatch.setattr(losses, "CHUNK_ELEMENTS", 7 * 128)  # 7 rows a chunk: several chunks
+    args = tiny_args(tied=tied)
+    model = OpenELM(args)
+    model.load_weights([(k, mx.array(v)) for k, v in random_weights(args, 0).items()])
+    apply_lora(model, LoRAConfig(rank=4, fine_tune_type=kind))
+    for _, m in model.named_modules():
+        if isinstance(m, LoRALinear):
+            m.lora_b = 0.1 * mx.random.normal(m.lora_b.shape, key=mx.random.key(1))
+    assert head_weight_name(model) is not None
+    tokens = mx.random.randint(0, args.vocab_size, (3, 30), key=mx.random.key(2))
+    spans = mx.array([[0, 29], [5, 20], [2, 11]])
+    ref_loss, ref = nn.value_and_grad(model, lambda m, t, s: loss_sums(m, t, s)[0])(
+        model, tokens, spans
+    )
+    loss, grads = nn.value_and_grad(model, training_loss_sum)(model, tokens, spans)
+    assert loss.item() == pytest.approx(ref_loss.item(), rel=1e-5)
+    ref, grads = dict(tree_flatten(ref)), dict(tree_flatten(grads))
+    assert ref.keys() == grads.keys()
+    for k in ref:
+        scale = mx.abs(ref[k]).max().item() + 1e-12
+        assert mx.abs(grads[k] - ref[k]).max().item() < 1e-4 * scale, k
