@@ -16,6 +16,11 @@ other dtypes and other devices (Metal, CUDA) take the normal MLX path.
 
 from __future__ import annotations
 
+import ctypes
+import functools
+import glob
+import os
+from contextlib import contextmanager
 from dataclasses import dataclass
 
 import mlx.core as mx
@@ -52,8 +57,7 @@ class _LayerViews:
     attn: nn.Module  # the block's MLX Attention, for caches the numpy path does not handle
     attn_norm: np.ndarray  # (d,)
     qkv: np.ndarray  # (d, (q + 2 kv) * head_dim)
-    q_norm: np.ndarray | None  # (head_dim,)
-    k_norm: np.ndarray | None  # (head_dim,)
+    qk_norm: np.ndarray | None  # (q + kv, head_dim): q_norm's weight per query head, then k_norm's
     out: np.ndarray  # (q * head_dim, d)
     ffn_norm: np.ndarray  # (d,)
     proj_1: np.ndarray  # (d, 2 * ffn_dim)
@@ -91,7 +95,9 @@ def _make_views(model: OpenELM, sources: tuple) -> _Views:
     layers = []
     for i, block in enumerate(model.transformer.layers):
         an, qkv, qn, kn, out, fn, p1, p2 = arrays[3 + 8 * i : 11 + 8 * i]
-        layers.append(_LayerViews(block.attn, an, qkv.T, qn, kn, out.T, fn, p1.T, p2.T))
+        a = block.attn
+        qk = None if qn is None else np.stack([qn] * a.n_heads + [kn] * a.n_kv_heads)
+        layers.append(_LayerViews(a, an, qkv.T, qk, out.T, fn, p1.T, p2.T))
     return _Views(sources, arrays[0], arrays[1], arrays[2].T, tuple(layers))
 
 
@@ -112,8 +118,13 @@ def _rms_norm(x: np.ndarray, weight: np.ndarray, eps: float) -> np.ndarray:
 
 def _glu(h: np.ndarray) -> np.ndarray:
     gate, up = np.split(h, 2, axis=-1)  # (L, ffn_dim) each
+    t = np.negative(gate)
     with np.errstate(over="ignore"):  # exp(-gate) = inf gives silu = -0, as it should
-        return gate / (1.0 + np.exp(-gate)) * up
+        np.exp(t, out=t)
+    t += 1.0
+    np.divide(gate, t, out=t)  # silu(gate)
+    t *= up
+    return t
 
 
 def _rope(x: np.ndarray, cos: np.ndarray, sin: np.ndarray) -> np.ndarray:
@@ -157,21 +168,57 @@ def _causal_sdpa(q: np.ndarray, keys: np.ndarray, values: np.ndarray, scale: flo
     n_kv, T, _ = keys.shape
     rep, past = n_q // n_kv, T - L
     qg = (q * scale).transpose(1, 0, 2).reshape(n_kv, rep, L, hd)
+    bias = np.where(np.arange(T) > past + np.arange(L)[:, None], -np.inf, 0.0)
+    bias = bias.astype(np.float32)  # (L, T) causal mask
     out = np.empty((n_kv, rep, L, hd), np.float32)
     for lo in range(0, L, block):
         hi = min(L, lo + block)
         end = past + hi  # keys visible to the last query of the block
         qb = qg[:, :, lo:hi].reshape(n_kv, rep * (hi - lo), hd)
         s = (qb @ keys[:, :end].transpose(0, 2, 1)).reshape(n_kv, rep, hi - lo, end)
-        s += np.where(np.arange(end) > past + np.arange(lo, hi)[:, None], -np.inf, 0.0).astype(
-            np.float32
-        )  # (hi - lo, end) causal mask
+        s += bias[lo:hi, :end]
         s -= s.max(axis=-1, keepdims=True)
         np.exp(s, out=s)
         z = s.sum(axis=-1, keepdims=True)  # (n_kv, rep, hi - lo, 1)
         o = s.reshape(n_kv, rep * (hi - lo), end) @ values[:, :end]
         out[:, :, lo:hi] = o.reshape(n_kv, rep, hi - lo, hd) / z
     return out.transpose(2, 0, 1, 3).reshape(L, n_q * hd)
+
+
+@functools.cache
+def _openblas_threads():
+    """(get, set) of the thread count of numpy's bundled OpenBLAS, or None (another BLAS)."""
+    libs = os.path.join(os.path.dirname(np.__file__), os.pardir, "numpy.libs", "*openblas*")
+    for path in glob.glob(libs):
+        try:
+            lib = ctypes.CDLL(path)  # already loaded by numpy: the same handle
+        except OSError:
+            continue
+        for prefix in ("scipy_openblas", "openblas"):
+            for suffix in ("64_", ""):
+                get = getattr(lib, f"{prefix}_get_num_threads{suffix}", None)
+                set_ = getattr(lib, f"{prefix}_set_num_threads{suffix}", None)
+                if get is not None and set_ is not None:
+                    return get, set_
+    return None
+
+
+@contextmanager
+def _one_blas_thread():
+    """Run small products on one thread.
+
+    Attention's products are a few hundred microseconds; splitting them over threads
+    saves little, and on a busy machine every hand-off waits for a time slice.
+    """
+    fns = _openblas_threads()
+    n = fns[0]() if fns else 1
+    if n > 1:
+        fns[1](1)
+    try:
+        yield
+    finally:
+        if n > 1:
+            fns[1](n)
 
 
 def _numpy_cache(cache) -> bool:
@@ -189,23 +236,23 @@ def _attention(w: _LayerViews, qkv: np.ndarray, cache, eps: float, tables: dict)
         return np.asarray(out)[0]
     L = qkv.shape[0]
     n_q, n_kv, hd = w.attn.n_heads, w.attn.n_kv_heads, w.attn.head_dim
-    q, k, v = np.split(qkv.reshape(L, n_q + 2 * n_kv, hd), [n_q, n_q + n_kv], axis=1)
-    if w.q_norm is not None:
-        q, k = _rms_norm(q, w.q_norm, eps), _rms_norm(k, w.k_norm, eps)
-    cos, sin = tables[0 if cache is None else cache.offset]
-    q, k = _rope(q, cos, sin), _rope(k, cos, sin)
+    qk, v = np.split(qkv.reshape(L, n_q + 2 * n_kv, hd), [n_q + n_kv], axis=1)
+    if w.qk_norm is not None:
+        qk = _rms_norm(qk, w.qk_norm, eps)  # q_norm and k_norm in one pass
+    q, k = np.split(_rope(qk, *tables[0 if cache is None else cache.offset]), [n_q], axis=1)
     k, v = k.transpose(1, 0, 2), v.transpose(1, 0, 2)  # (n_kv, L, hd)
     keys = values = None
     if cache is not None and cache.keys is not None:
         keys = np.asarray(cache.keys)[0, :, : cache.offset]  # (n_kv, T, hd), no copy
         values = np.asarray(cache.values)[0, :, : cache.offset]
-    if L == 1:
-        out = _sdpa(q[0], k[:, 0], v[:, 0], keys, values, w.attn.scale)
-    else:
-        if keys is not None:
-            k, v = np.concatenate([keys, k], axis=1), np.concatenate([values, v], axis=1)
-        out = _causal_sdpa(q, k, v, w.attn.scale)
-        k, v = k[:, -L:], v[:, -L:]
+    with _one_blas_thread():
+        if L == 1:
+            out = _sdpa(q[0], k[:, 0], v[:, 0], keys, values, w.attn.scale)
+        else:
+            if keys is not None:
+                k, v = np.concatenate([keys, k], axis=1), np.concatenate([values, v], axis=1)
+            out = _causal_sdpa(q, k, v, w.attn.scale)
+            k, v = k[:, -L:], v[:, -L:]
     del keys, values  # the views must not outlive the buffers the update may replace
     if cache is not None:
         cache.update_and_fetch(mx.array(k)[None], mx.array(v)[None])  # (1, n_kv, L, hd)
