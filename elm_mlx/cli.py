@@ -30,7 +30,13 @@ def _add_info(sub) -> None:
         description="Print the per-layer table (query heads, KV heads, FFN width) and parameter "
         "count of a published OpenELM (e.g. OpenELM-270M) or of a converted model directory.",
     )
-    p.add_argument("model", help="a preset name such as OpenELM-270M, or a model directory")
+    p.add_argument(
+        "model",
+        nargs="?",
+        default="nano",
+        help="a preset name such as OpenELM-270M, a model directory, or nano (the shipped "
+        "nano model, the default)",
+    )
 
 
 def _run_info(args) -> None:
@@ -38,21 +44,23 @@ def _run_info(args) -> None:
 
     from .config import PRESETS, ModelArgs, describe, preset
 
-    if Path(args.model).is_dir():
+    name = args.model
+    if name == "nano" and not Path(name).is_dir():
+        name = _model_path(None)
+    if Path(name).is_dir():
         import json
 
-        config_file = Path(args.model) / "config.json"
+        config_file = Path(name) / "config.json"
         if not config_file.exists():
-            raise FileNotFoundError(f"{config_file} not found; is {args.model} a model directory?")
+            raise FileNotFoundError(f"{config_file} not found; is {name} a model directory?")
         model_args = ModelArgs.from_dict(json.loads(config_file.read_text()))
-        print(f"{args.model}")
-    elif args.model.split("/")[-1] in PRESETS:
-        model_args = preset(args.model)
-        print(args.model.split("/")[-1])
+        print(f"{name}")
+    elif name.split("/")[-1] in PRESETS:
+        model_args = preset(name)
+        print(name.split("/")[-1])
     else:
         raise CliError(
-            f"{args.model!r} is neither a model directory nor a preset; "
-            f"presets: {', '.join(PRESETS)}"
+            f"{name!r} is neither a model directory nor a preset; presets: {', '.join(PRESETS)}"
         )
     print(describe(model_args))
 
@@ -203,7 +211,11 @@ _INSTRUCT_RULE = (
 
 
 def _add_generation_flags(p) -> None:
-    p.add_argument("--model", required=True, help="model directory or hub id, with tokenizer.model")
+    p.add_argument(
+        "--model",
+        help="model directory or hub id, with tokenizer.model (default: the shipped nano "
+        "model, a small base model trained on Shakespeare's plays, no chat template)",
+    )
     p.add_argument("--max-tokens", type=int, default=256, help="most tokens to generate (256)")
     p.add_argument("--temp", type=float, default=0.0, help="temperature; 0 = greedy (default)")
     p.add_argument("--top-p", type=float, default=1.0, help="nucleus mass in (0, 1]; 1 = off")
@@ -262,15 +274,25 @@ def _load_for_generation(args):
     from .io import load, require_tokenizer
 
     start = time.perf_counter()
-    model, tokenizer = load(args.model)
-    tokenizer = require_tokenizer(tokenizer, args.model)
+    path = _model_path(args.model)
+    model, tokenizer = load(path)
+    tokenizer = require_tokenizer(tokenizer, path)
     if args.verbose:
         millions = model.args.num_parameters() / 1e6
         print(
-            f"loaded {args.model}: {millions:.1f}M parameters, {time.perf_counter() - start:.2f}s",
+            f"loaded {path}: {millions:.1f}M parameters, {time.perf_counter() - start:.2f}s",
             file=sys.stderr,
         )
     return model, tokenizer
+
+
+def _model_path(model: str | None) -> str:
+    """The --model value, or the shipped nano model when none is given."""
+    if model is not None:
+        return model
+    from .io import default_model_path
+
+    return str(default_model_path())
 
 
 def _is_instruct(model: str) -> bool:
@@ -287,7 +309,7 @@ def _read_prompt(value: str) -> str:
 
 
 def _prompt_text(tokenizer, prompt: str, args) -> str:
-    if args.raw or (args.system is None and not _is_instruct(args.model)):
+    if args.raw or (args.system is None and not _is_instruct(args.model or "")):
         return prompt
     system = [] if args.system is None else [{"role": "system", "content": args.system}]
     return tokenizer.apply_chat_template(system + [{"role": "user", "content": prompt}])
@@ -330,7 +352,9 @@ def _add_chat(sub) -> None:
         help="chat with an Instruct model (keeps the KV cache between turns)",
         description="Interactive chat: one message per line on stdin; the reply streams to "
         "stdout. The KV cache is kept between turns, so only the new turn is processed. "
-        "/reset starts over, /exit or Ctrl-D quits.",
+        "/reset starts over, /exit or Ctrl-D quits. Without --model it runs the shipped nano "
+        "model, a base model never tuned for chat: for real answers pass a converted "
+        "OpenELM-*-Instruct directory.",
     )
     _add_generation_flags(p)
 

@@ -36,6 +36,10 @@ MAX_SHARD_BYTES = 5 << 30
 # an unused copy of the output head.
 UNUSED_KEYS = frozenset({"transformer.classifier.weight"})
 DTYPES = {"float32": mx.float32, "float16": mx.float16, "bfloat16": mx.bfloat16}
+# The nano OpenELM shipped in the package (examples/nano/train_nano.py makes it): what
+# `elm-mlx generate` runs when no --model is given. A base model, trained on Shakespeare.
+DEFAULT_MODEL = Path(__file__).resolve().parent / "assets" / "nano"
+DEFAULT_MODEL_FILES = ("config.json", "model.safetensors", TOKENIZER_FILE)
 
 # (bytes, produce): the tensors of one or more keys, produced only when their shard is written.
 Pending = tuple[int, Callable[[], dict[str, mx.array]]]
@@ -239,6 +243,18 @@ def load_tokenizer(path: Path):
     from .tokenizer import Tokenizer
 
     return Tokenizer(Path(path) / TOKENIZER_FILE)
+
+
+def default_model_path() -> Path:
+    """The shipped nano model directory, or a FileNotFoundError saying how to get it back."""
+    missing = [n for n in DEFAULT_MODEL_FILES if not (DEFAULT_MODEL / n).is_file()]
+    if missing:
+        raise FileNotFoundError(
+            f"the shipped nano model is incomplete ({', '.join(missing)} missing in "
+            f"{DEFAULT_MODEL}); reinstall elm-mlx, rebuild it with "
+            "`python examples/nano/train_nano.py`, or pass --model DIR"
+        )
+    return DEFAULT_MODEL
 
 
 def require_tokenizer(tokenizer, path: str | Path):

@@ -63,7 +63,6 @@ def test_help(capsys, command):
         ["generate", "--model", "m", "--prompt", "x", "--temp", "hot"],
         ["generate", "--model", "m", "--prompt", "x", "--max-tokens", "1.5"],
         ["generate", "--model", "m"],  # no prompt
-        ["generate", "--prompt", "x"],  # no model
         ["chat", "--model", "m", "--top-k", "many"],
     ],
 )
