@@ -20,6 +20,7 @@ import ctypes
 import functools
 import glob
 import os
+from concurrent.futures import ThreadPoolExecutor
 from contextlib import contextmanager
 from dataclasses import dataclass
 
@@ -117,14 +118,23 @@ def _rms_norm(x: np.ndarray, weight: np.ndarray, eps: float) -> np.ndarray:
 
 
 def _glu(h: np.ndarray) -> np.ndarray:
+    """silu(gate) * up of (L, 2 * ffn_dim); prompt chunks are shared out over the cores."""
     gate, up = np.split(h, 2, axis=-1)  # (L, ffn_dim) each
-    t = np.negative(gate)
-    with np.errstate(over="ignore"):  # exp(-gate) = inf gives silu = -0, as it should
-        np.exp(t, out=t)
-    t += 1.0
-    np.divide(gate, t, out=t)  # silu(gate)
-    t *= up
-    return t
+    out = np.empty_like(gate)
+
+    def rows(lo: int, hi: int) -> None:
+        t = np.negative(gate[lo:hi], out=out[lo:hi])
+        with np.errstate(over="ignore"):  # exp(-gate) = inf gives silu = -0, as it should
+            np.exp(t, out=t)
+        t += 1.0
+        np.divide(gate[lo:hi], t, out=t)
+        t *= up[lo:hi]
+
+    if len(h) < 64:
+        rows(0, len(h))
+    else:
+        _parallel(rows, len(h))
+    return out
 
 
 def _rope(x: np.ndarray, cos: np.ndarray, sin: np.ndarray) -> np.ndarray:
@@ -158,31 +168,69 @@ def _sdpa(q: np.ndarray, k: np.ndarray, v: np.ndarray, keys, values, scale: floa
     return out.reshape(1, -1)
 
 
-def _causal_sdpa(q: np.ndarray, keys: np.ndarray, values: np.ndarray, scale: float, block=128):
+def _causal_sdpa(q: np.ndarray, keys: np.ndarray, values: np.ndarray, scale: float) -> np.ndarray:
     """Causal attention of L new positions, the last L of keys/values (n_kv, T, hd).
 
-    q: (L, n_q, hd). Queries go in blocks that only score the keys they may see.
-    Returns (L, n_q * hd).
+    q: (L, n_q, hd); query head h reads KV head h // (n_q / n_kv). The query heads
+    are shared out over the CPU's cores. Returns (L, n_q * hd).
     """
     L, n_q, hd = q.shape
     n_kv, T, _ = keys.shape
     rep, past = n_q // n_kv, T - L
-    qg = (q * scale).transpose(1, 0, 2).reshape(n_kv, rep, L, hd)
+    qh = (q * scale).transpose(1, 0, 2)  # (n_q, L, hd)
     bias = np.where(np.arange(T) > past + np.arange(L)[:, None], -np.inf, 0.0)
     bias = bias.astype(np.float32)  # (L, T) causal mask
-    out = np.empty((n_kv, rep, L, hd), np.float32)
+    out = np.empty((n_q, L, hd), np.float32)
+
+    def heads(h0: int, h1: int) -> None:
+        for g in range(h0 // rep, (h1 - 1) // rep + 1):
+            a, b = max(h0, g * rep), min(h1, (g + 1) * rep)
+            _group_attention(qh[a:b], keys[g], values[g], bias, out[a:b])
+
+    _parallel(heads, n_q)
+    return out.transpose(1, 0, 2).reshape(L, n_q * hd)
+
+
+def _group_attention(q, keys, values, bias, out, block: int = 128) -> None:
+    """Query heads q (r, L, hd) of one KV head (T, hd) into out (r, L, hd).
+
+    Queries go in blocks that only score the keys they may see.
+    """
+    r, L, hd = q.shape
+    past = keys.shape[0] - L
     for lo in range(0, L, block):
         hi = min(L, lo + block)
         end = past + hi  # keys visible to the last query of the block
-        qb = qg[:, :, lo:hi].reshape(n_kv, rep * (hi - lo), hd)
-        s = (qb @ keys[:, :end].transpose(0, 2, 1)).reshape(n_kv, rep, hi - lo, end)
+        s = q[:, lo:hi].reshape(r * (hi - lo), hd) @ keys[:end].T  # (r * rows, end)
+        s = s.reshape(r, hi - lo, end)
         s += bias[lo:hi, :end]
         s -= s.max(axis=-1, keepdims=True)
         np.exp(s, out=s)
-        z = s.sum(axis=-1, keepdims=True)  # (n_kv, rep, hi - lo, 1)
-        o = s.reshape(n_kv, rep * (hi - lo), end) @ values[:, :end]
-        out[:, :, lo:hi] = o.reshape(n_kv, rep, hi - lo, hd) / z
-    return out.transpose(2, 0, 1, 3).reshape(L, n_q * hd)
+        z = s.sum(axis=-1, keepdims=True)  # (r, rows, 1)
+        o = s.reshape(r * (hi - lo), end) @ values[:end]
+        out[:, lo:hi] = o.reshape(r, hi - lo, hd) / z
+
+
+def _cores() -> int:
+    try:
+        return min(8, len(os.sched_getaffinity(0)))
+    except AttributeError:  # macOS
+        return min(8, os.cpu_count() or 1)
+
+
+@functools.cache
+def _pool() -> ThreadPoolExecutor:
+    return ThreadPoolExecutor(max_workers=max(1, _cores() - 1), thread_name_prefix="elm_mlx")
+
+
+def _parallel(fn, n: int) -> None:
+    """fn(lo, hi) over [0, n) shared out over the cores (numpy releases the GIL)."""
+    k = min(_cores(), n)
+    bounds = [(n * i // k, n * (i + 1) // k) for i in range(k)]
+    futures = [_pool().submit(fn, lo, hi) for lo, hi in bounds[1:]]
+    fn(*bounds[0])  # this thread takes the first share
+    for future in futures:
+        future.result()
 
 
 @functools.cache
