@@ -110,7 +110,22 @@ def _same(a: tuple, b: tuple) -> bool:
 
 
 def _matvec(x: np.ndarray, w: np.ndarray) -> np.ndarray:
-    return x @ w  # (L, in) @ (in, out): gemv for one row, gemm for a prompt chunk
+    """x (L, in) @ w (in, out), split by output columns over the cores.
+
+    Each share is a contiguous row block of the weight; BLAS runs on one thread per
+    share (gemv for one row, gemm for a prompt chunk). OpenBLAS's own threads spin
+    between calls, which on a busy machine costs several times the work, and would
+    compete with the pool for the cores.
+    """
+    if _openblas_threads() is None:  # a BLAS we cannot keep on one thread: let it thread
+        return x @ w
+    out = np.empty((x.shape[0], w.shape[1]), np.float32)
+
+    def cols(lo: int, hi: int) -> None:
+        np.matmul(x, w[:, lo:hi], out=out[:, lo:hi])
+
+    _parallel(cols, w.shape[1])
+    return out
 
 
 def _rms_norm(x: np.ndarray, weight: np.ndarray, eps: float) -> np.ndarray:
@@ -253,11 +268,7 @@ def _openblas_threads():
 
 @contextmanager
 def _one_blas_thread():
-    """Run small products on one thread.
-
-    Attention's products are a few hundred microseconds; splitting them over threads
-    saves little, and on a busy machine every hand-off waits for a time slice.
-    """
+    """Keep numpy's OpenBLAS on one thread; the pool (`_parallel`) shares work out instead."""
     fns = _openblas_threads()
     n = fns[0]() if fns else 1
     if n > 1:
@@ -293,14 +304,13 @@ def _attention(w: _LayerViews, qkv: np.ndarray, cache, eps: float, tables: dict)
     if cache is not None and cache.keys is not None:
         keys = np.asarray(cache.keys)[0, :, : cache.offset]  # (n_kv, T, hd), no copy
         values = np.asarray(cache.values)[0, :, : cache.offset]
-    with _one_blas_thread():
-        if L == 1:
-            out = _sdpa(q[0], k[:, 0], v[:, 0], keys, values, w.attn.scale)
-        else:
-            if keys is not None:
-                k, v = np.concatenate([keys, k], axis=1), np.concatenate([values, v], axis=1)
-            out = _causal_sdpa(q, k, v, w.attn.scale)
-            k, v = k[:, -L:], v[:, -L:]
+    if L == 1:
+        out = _sdpa(q[0], k[:, 0], v[:, 0], keys, values, w.attn.scale)
+    else:
+        if keys is not None:
+            k, v = np.concatenate([keys, k], axis=1), np.concatenate([values, v], axis=1)
+        out = _causal_sdpa(q, k, v, w.attn.scale)
+        k, v = k[:, -L:], v[:, -L:]
     del keys, values  # the views must not outlive the buffers the update may replace
     if cache is not None:
         cache.update_and_fetch(mx.array(k)[None], mx.array(v)[None])  # (1, n_kv, L, hd)
@@ -373,19 +383,23 @@ class CpuDecoder:
     def forward(self, views: _Views, tokens: np.ndarray, cache: list | None) -> mx.array:
         """Logits (1, L, vocab) for token ids (L,), appending to `cache` (one per layer)."""
         args = self.model.args
-        eps = args.rms_norm_eps
         cache = cache or [None] * len(views.layers)
         tables = _prepare(cache, len(tokens), args.head_dim, args.rope_freq_constant)
-        h = views.embed[tokens]  # (L, d)
-        for w, c in zip(views.layers, cache, strict=True):
-            qkv = _matvec(_rms_norm(h, w.attn_norm, eps), w.qkv)  # (L, (q + 2 kv) * head_dim)
-            h = h + _matvec(_attention(w, qkv, c, eps, tables), w.out)
-            g = _matvec(_rms_norm(h, w.ffn_norm, eps), w.proj_1)  # (L, 2 * ffn_dim)
-            h = h + _matvec(_glu(g), w.proj_2)
-        h = _rms_norm(h, views.norm, eps)
-        if len(tokens) == 1:
-            return mx.array(_matvec(h, views.head))[None]  # (1, 1, vocab)
+        with _one_blas_thread():  # the pool shares the work out instead
+            h = _blocks(views, views.embed[tokens], cache, args.rms_norm_eps, tables)
+            if len(tokens) == 1:
+                return mx.array(_matvec(h, views.head))[None]  # (1, 1, vocab)
         return _head(self.model, mx.array(h)[None])  # lazy (1, L, vocab)
+
+
+def _blocks(views: _Views, h: np.ndarray, cache: list, eps: float, tables: dict) -> np.ndarray:
+    """Every block and the final norm: (L, d) -> (L, d)."""
+    for w, c in zip(views.layers, cache, strict=True):
+        qkv = _matvec(_rms_norm(h, w.attn_norm, eps), w.qkv)  # (L, (q + 2 kv) * head_dim)
+        h = h + _matvec(_attention(w, qkv, c, eps, tables), w.out)
+        g = _matvec(_rms_norm(h, w.ffn_norm, eps), w.proj_1)  # (L, 2 * ffn_dim)
+        h = h + _matvec(_glu(g), w.proj_2)
+    return _rms_norm(h, views.norm, eps)
 
 
 def _head(model: OpenELM, h: mx.array) -> mx.array:
