@@ -49,9 +49,13 @@ class Attention(nn.Module):
         )
         if cache is not None:
             k, v = cache.update_and_fetch(k, v)  # (B, n_kv, offset + L, head_dim)
-        # Native GQA: query head h reads KV head h // (n_q / n_kv); K/V are not repeated.
-        out = mx.fast.scaled_dot_product_attention(q, k, v, scale=self.scale, mask=mask)
+        out = self.sdpa(q, k, v, mask)  # (B, n_q, L, head_dim)
         return out.transpose(0, 2, 1, 3).reshape(B, L, n_q * self.head_dim)
+
+    def sdpa(self, q: mx.array, k: mx.array, v: mx.array, mask=None) -> mx.array:
+        """Softmax attention; the trainer swaps in a CPU-friendly causal version for training."""
+        # Native GQA: query head h reads KV head h // (n_q / n_kv); K/V are not repeated.
+        return mx.fast.scaled_dot_product_attention(q, k, v, scale=self.scale, mask=mask)
 
 
 class FeedForward(nn.Module):
@@ -63,7 +67,11 @@ class FeedForward(nn.Module):
 
     def __call__(self, x: mx.array) -> mx.array:
         gate, up = mx.split(self.proj_1(x), 2, axis=-1)  # (B, L, ffn_dim) each
-        return self.proj_2(nn.silu(gate) * up)
+        return self.proj_2(self.activation(gate, up))
+
+    def activation(self, gate: mx.array, up: mx.array) -> mx.array:
+        """SwiGLU; the trainer swaps in a version with a cheaper gradient for training."""
+        return nn.silu(gate) * up
 
 
 class Block(nn.Module):
