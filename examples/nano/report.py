@@ -35,7 +35,9 @@ def _corpus(c: dict) -> list[str]:
         "",
         f"Shakespeare's plays from `{c['source']}` (sha256 `{c['source_sha256'][:16]}...`), "
         "one record per run of speeches (`SPEAKER:` + lines), at most "
-        f"{c['max_record_tokens']} tokens + BOS + EOS.",
+        f"{c['max_record_tokens']} tokens + BOS; no EOS (a record is a window onto a play "
+        "that goes on, so the model writes scene after scene until max_tokens or its context "
+        "ends).",
         "",
         "| split | plays | characters | records | tokens |",
         "|---|---|---|---|---|",

@@ -20,6 +20,7 @@ On one free CPU core with OpenBLAS the default run takes about half an hour.
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
 import math
 import os
@@ -36,8 +37,11 @@ sys.path.insert(0, str(HERE))
 
 from prepare_corpus import prepare  # noqa: E402
 
-CONTEXT = 256  # tokens per training sequence (BOS + record + EOS)
-MODEL_FILES = ("config.json", "model.safetensors", "tokenizer.model")
+CONTEXT = 256  # tokens per training sequence (BOS + record)
+MODEL_FILES = ("config.json", "model.safetensors", "tokenizer.model", "generation_config.json")
+# Suggested sampling for this model, in Hugging Face's generation_config.json names;
+# the report's samples use it. Greedy decoding of so small a model soon repeats itself.
+GENERATION = {"do_sample": True, "temperature": 0.7, "top_p": 0.9, "max_new_tokens": 200}
 PROMPTS = ("ROMEO:", "JULIET:", "HAMLET:\nTo be, or not to be", "KING HENRY V:")
 
 
@@ -95,6 +99,7 @@ def train_model(a: argparse.Namespace, work: Path, tokenizer):
     from elm_mlx.trainer import evaluate, train
 
     data = load_datasets(work, tokenizer, max_seq_length=CONTEXT)
+    data = {split: without_eos(data[split], tokenizer.eos_id) for split in ("train", "valid")}
     for split in ("train", "valid"):
         print(data[split].summary())
     model, args = build(tokenizer.vocab_size, a.seed)
@@ -118,11 +123,33 @@ def train_model(a: argparse.Namespace, work: Path, tokenizer):
     return model, args, results
 
 
+def without_eos(dataset, eos_id: int):
+    """The dataset without the EOS the loader ends each record with.
+
+    A record is a window onto a play that goes on, not a finished document:
+    trained to expect EOS there, the model would stop after a speech or two.
+    """
+    from elm_mlx.data import Example
+
+    examples = [
+        Example(e.tokens[:-1], e.offset) if e.tokens[-1] == eos_id else e for e in dataset.examples
+    ]
+    return dataclasses.replace(dataset, examples=examples)
+
+
 def write_assets(model, args, work: Path, out: Path) -> None:
-    """config.json, model.safetensors and tokenizer.model into `out`, each replaced whole."""
+    """The model files (MODEL_FILES) into `out`, each replaced whole."""
     from elm_mlx.io import save_model
 
-    staged = save_model(work / "model", model, args, tokenizer=work / "tokenizer.model", force=True)
+    ids = {"bos_token_id": args.bos_token_id, "eos_token_id": args.eos_token_id}
+    staged = save_model(
+        work / "model",
+        model,
+        args,
+        tokenizer=work / "tokenizer.model",
+        force=True,
+        extra_files={"generation_config.json": {**GENERATION, **ids}},
+    )
     out.mkdir(parents=True, exist_ok=True)
     for name in MODEL_FILES:
         tmp = out / f".{name}.tmp"
@@ -138,7 +165,8 @@ def samples(out: Path, seed: int, max_tokens: int) -> list[tuple[str, str, str]]
     model, tokenizer = load(out)
     runs = []
     for i, prompt in enumerate(PROMPTS):
-        settings = {"temp": 0.8, "top_p": 0.95, "seed": seed + i, "max_tokens": max_tokens}
+        settings = {"temp": GENERATION["temperature"], "top_p": GENERATION["top_p"]}
+        settings.update(seed=seed + i, max_tokens=max_tokens)
         text = generate(model, tokenizer, prompt, **settings)
         runs.append((prompt, _settings(settings), text))
     settings = {"temp": 0.0, "repetition_penalty": 1.2, "max_tokens": max_tokens}
@@ -163,7 +191,7 @@ def main() -> None:
     if a.resume and (work / "corpus.json").is_file():
         corpus = json.loads((work / "corpus.json").read_text())
     else:
-        corpus = prepare(work, a.wheel, a.vocab_size, CONTEXT - 2)
+        corpus = prepare(work, a.wheel, a.vocab_size, CONTEXT - 1)  # + BOS
     tokenizer = Tokenizer(work / "tokenizer.model")
     model, args, results = train_model(a, work, tokenizer)
     write_assets(model, args, work, out)
