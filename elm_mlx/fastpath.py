@@ -1,17 +1,19 @@
-"""One-token decoding on the CPU through BLAS's matrix-vector kernel.
+"""The model's forward pass on the CPU through numpy/BLAS, on MLX's own buffers.
 
 Decoding reads every weight once per token, so its speed is the speed of the
 one-row products `x @ W.T`. MLX's CPU backend computes every float32 matmul with
 `cblas_sgemm`; for a single row OpenBLAS packs the weight matrix first and reads
 it at a fraction of the memory bandwidth, while `sgemv` on the same matrix runs
-3-4x faster (benchmarks/README.md has the measurements).
+3-4x faster. MLX's CPU `exp` (softmax, silu) is also several times slower than
+numpy's vectorised one. benchmarks/README.md has the measurements.
 
-`CpuDecoder(model)` is the model with a faster one-token step: the projections
-run in numpy (which hands one-row products to gemv) on zero-copy views of the
-model's own MLX weights; everything that touches the KV cache (QK-norm, RoPE,
-cache update, attention) runs through the model's own `Attention.attend` in MLX,
-so caches stay ordinary MLX caches. Prompts, batches, quantized or LoRA layers,
-other dtypes and other devices (Metal, CUDA) take the normal MLX path.
+`CpuDecoder(model)` is the model with a numpy forward pass: zero-copy views of
+the model's MLX weights (`np.asarray` of a CPU array shares its memory), products
+split over the cores with BLAS on one thread each (gemv for one token, gemm for a
+prompt chunk), blocked causal attention. The KV cache stays the model's MLX
+`KVCache`: new keys/values are appended lazily and evaluated once per call together
+with MLX's own RoPE cos/sin. Rotating caches, quantized or LoRA layers, other
+dtypes, batches and GPU devices take the model's normal MLX path.
 """
 
 from __future__ import annotations
@@ -170,17 +172,14 @@ def _sdpa(q: np.ndarray, k: np.ndarray, v: np.ndarray, keys, values, scale: floa
     s_new = (qg @ k[:, :, None])[..., 0]  # (n_kv, rep)
     if keys is None or keys.shape[1] == 0:
         return np.broadcast_to(v[:, None], qg.shape).reshape(1, -1)  # softmax over one key
-    s_old = np.ascontiguousarray(
-        (keys @ qg.transpose(0, 2, 1)).transpose(0, 2, 1)
-    )  # (n_kv, rep, T)
+    s_old = keys @ qg.transpose(0, 2, 1)  # (n_kv, T, rep)
+    s_old = np.ascontiguousarray(s_old.transpose(0, 2, 1))  # (n_kv, rep, T)
     m = np.maximum(s_old.max(axis=-1), s_new)  # (n_kv, rep)
     p_old, p_new = np.exp(s_old - m[..., None]), np.exp(s_new - m)
     z = p_old.sum(axis=-1) + p_new  # (n_kv, rep)
-    out = (values.transpose(0, 2, 1) @ p_old.transpose(0, 2, 1)).transpose(
-        0, 2, 1
-    )  # (n_kv, rep, hd)
-    out = (out + p_new[..., None] * v[:, None]) / z[..., None]
-    return out.reshape(1, -1)
+    out = values.transpose(0, 2, 1) @ p_old.transpose(0, 2, 1)  # (n_kv, hd, rep)
+    out = (out.transpose(0, 2, 1) + p_new[..., None] * v[:, None]) / z[..., None]
+    return out.reshape(1, -1)  # heads in order
 
 
 def _causal_sdpa(q: np.ndarray, keys: np.ndarray, values: np.ndarray, scale: float) -> np.ndarray:
@@ -409,10 +408,10 @@ def _head(model: OpenELM, h: mx.array) -> mx.array:
 
 
 def fast_decoder(model: OpenELM, enabled: bool | None = None) -> OpenELM | CpuDecoder:
-    """`model` wrapped for fast CPU decoding when it helps; `enabled=False` returns `model`.
+    """`model` wrapped in a CpuDecoder when MLX runs on the CPU; `enabled=False` returns `model`.
 
-    With `enabled=None` (automatic) the wrapper is used when MLX runs on the CPU;
-    it still falls back to the model for anything but single-token float32 steps.
+    `enabled=None` (automatic) wraps it only when the default device is the CPU; the
+    wrapper itself still hands anything it does not handle to the model.
     """
     if isinstance(model, CpuDecoder):
         model = model.model
