@@ -30,6 +30,7 @@ import json
 import random
 import re
 import sys
+import textwrap
 from pathlib import Path
 
 DICT_DIR = Path("/usr/share/dictd")
@@ -163,7 +164,8 @@ def run(a: argparse.Namespace) -> None:
     path = a.model or default_model_path()
     model, tokenizer = load(path)
     sets = load_datasets(work / "data", tokenizer, max_seq_length=160, mask_prompt=True)
-    prompts = [r["prompt"] for r in splits["test"][: a.show]]  # headwords never trained on
+    shown = splits["test"][: a.show]  # headwords never trained on
+    prompts = [r["prompt"] for r in shown]
     before = complete(model, tokenizer, prompts, a.max_tokens)
     loss_before = evaluate(model, sets["test"], a.batch_size)
     lora_train(a, model, sets, work / "adapters")
@@ -171,9 +173,10 @@ def run(a: argparse.Namespace) -> None:
     apply_adapters(model, work / "adapters")
     after = complete(model, tokenizer, prompts, a.max_tokens)
     loss_after = evaluate(model, sets["test"], a.batch_size)
-    for prompt, old, new in zip(prompts, before, after, strict=True):
-        print(f"\n=== {prompt.strip()} (held out)")
+    for record, old, new in zip(shown, before, after, strict=True):
+        print(f"\n=== {record['prompt'].strip()} (held out)")
         print(f"--- before: {old.strip()}\n--- after:  {new.strip()}")
+        print(f"--- Bierce: {textwrap.shorten(record['completion'], 120)}")
     print(f"\ntest loss on held-out definitions: {loss_before:.3f} before, {loss_after:.3f} after")
     print(f"adapters: {work / 'adapters'} (fuse them: elm-mlx fuse --model {path} "
           f"--adapter-path {work / 'adapters'} --save-path nano-devil)")  # fmt: skip
@@ -185,9 +188,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--data", help="prompt/completion jsonl instead of the Debian dictionary")
     p.add_argument("--dict-dir", default=str(DICT_DIR), help="where devil.index lies")
     p.add_argument("--work", default="runs/finetune_nano", help="data splits and adapters")
-    p.add_argument("--iters", type=int, default=300, help="optimizer steps (300)")
+    p.add_argument("--iters", type=int, default=200, help="optimizer steps (200)")
     p.add_argument("--batch-size", type=int, default=8, help="records per step (8)")
-    p.add_argument("--learning-rate", type=float, default=1e-3, help="peak learning rate")
+    p.add_argument("--learning-rate", type=float, default=2e-3, help="peak (2e-3)")
     p.add_argument("--rank", type=int, default=8, help="LoRA rank (8)")
     p.add_argument("--scale", type=float, default=2.0, help="LoRA scale, alpha / rank (2)")
     p.add_argument("--val-every", type=int, default=50, help="validate every N steps (50)")

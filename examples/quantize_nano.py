@@ -50,7 +50,7 @@ def run(a: argparse.Namespace) -> None:
     windows = text_windows(src, text, max_tokens=a.eval_tokens, seq_len=a.seq_len)
     print(f"held-out text: {text}")
     model, tokenizer = load(src)
-    settings = {"max_tokens": a.max_tokens, "repetition_penalty": 1.2}
+    settings = {"max_tokens": a.max_tokens}
     samples = {"float": generate(model, tokenizer, a.prompt, **settings)}
     for name, bits, recipe in VARIANTS:
         spec = QuantizeSpec(bits=bits or 4, group_size=a.group_size, recipe=recipe)
@@ -58,7 +58,7 @@ def run(a: argparse.Namespace) -> None:
         qmodel = quantize_dir(src, out, spec, force=True)
         print(f"\n== {name}: {out}\n{report(src, out, qmodel, windows)}")
         samples[name] = generate(qmodel, tokenizer, a.prompt, **settings)
-    print(f"\ngreedy completions of {a.prompt!r} (repetition penalty 1.2):")
+    print(f"\ngreedy completions of {a.prompt!r}:")
     for name, completion in samples.items():
         print(f"--- {name}:\n{a.prompt}{completion}")
 
