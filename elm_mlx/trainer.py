@@ -37,7 +37,7 @@ import mlx.optimizers as optim
 from mlx.utils import tree_flatten, tree_map, tree_map_with_path
 
 from .data import Batch, Dataset, check_batch_size, iterate_batches, iterate_eval_batches
-from .losses import head_cross_entropy
+from .train_ops import causal_attention, head_cross_entropy, swiglu
 
 CHECKPOINT_DIR = "checkpoint"
 METRICS_FILE = "metrics.jsonl"
@@ -67,6 +67,7 @@ class TrainArgs:
     grad_accum: int = 1
     grad_checkpoint: bool = False  # recompute whole blocks in the backward pass
     recompute_attention: bool = True  # recompute only the attention core (cheap)
+    fast_ops: bool = True  # train_ops' SwiGLU and (CPU) block-causal attention
     max_grad_norm: float = 0.0  # 0 = no clipping
     val_every: int = 100  # 0 = no validation
     val_batches: int = 25  # 0 = the whole validation set
@@ -156,7 +157,7 @@ def head_weight_name(model: nn.Module) -> str | None:
 
 
 def training_loss_sum(model: nn.Module, tokens: mx.array, spans: mx.array) -> mx.array:
-    """`loss_sums(...)[0]` with a chunked output head (losses.py) where the model allows it."""
+    """`loss_sums(...)[0]` with a chunked output head (train_ops.py) where the model allows it."""
     name = head_weight_name(model)
     if name is None:
         return loss_sums(model, tokens, spans)[0]
@@ -258,43 +259,71 @@ def _checkpointed_class(cls: type) -> type:
 
 
 @cache
-def _recomputed_attention_class(cls: type) -> type:
-    """A subclass of OpenELM's Attention whose `attend` (norms, RoPE, softmax) is recomputed."""
+def _training_attention_class(cls: type, recompute: bool, causal_blocks: bool) -> type:
+    """A subclass of OpenELM's Attention for training.
+
+    `recompute`: `attend` (QK-norm, RoPE, softmax) runs again in the backward pass
+    instead of keeping its activations. `causal_blocks`: causal attention by query
+    blocks (train_ops.causal_attention) instead of the fused kernel's CPU fallback.
+    """
+
+    def sdpa(self, q, k, v, mask=None):
+        if isinstance(mask, str) and mask == "causal":
+            return causal_attention(q, k, v, self.scale)
+        return cls.sdpa(self, q, k, v, mask)
 
     def attend(self, qkv, mask=None, cache=None):
         if cache is not None:
-            return cls.attend(self, qkv, mask, cache)
+            return base.attend(self, qkv, mask, cache)
         # Only the QK-norm weights are used in here: the projections stay outside.
         params = {k: v for k, v in self.trainable_parameters().items() if k.endswith("_norm")}
 
         def inner(params, qkv):
             self.update(params)
-            return cls.attend(self, qkv, mask)
+            return base.attend(self, qkv, mask)
 
         return mx.checkpoint(inner)(params, qkv)
 
-    return type(f"Recomputed{cls.__name__}", (cls,), {"attend": attend})
+    base = type(f"Blocked{cls.__name__}", (cls,), {"sdpa": sdpa}) if causal_blocks else cls
+    return type(f"Training{cls.__name__}", (base,), {"attend": attend}) if recompute else base
+
+
+@cache
+def _training_ffn_class(cls: type) -> type:
+    def activation(self, gate, up):
+        return swiglu(gate, up)
+
+    return type(f"Training{cls.__name__}", (cls,), {"activation": activation})
+
+
+def _training_swaps(model: nn.Module, blocks: bool, recompute_attention: bool, fast_ops: bool):
+    swaps = []
+    for layer in model.layers:
+        attn, ffn = getattr(layer, "attn", None), getattr(layer, "ffn", None)
+        recompute = recompute_attention and not blocks
+        blocked = fast_ops and mx.default_device() == mx.cpu
+        if hasattr(attn, "sdpa") and (recompute or blocked):
+            swaps.append((attn, _training_attention_class(type(attn), recompute, blocked)))
+        if fast_ops and hasattr(ffn, "activation"):
+            swaps.append((ffn, _training_ffn_class(type(ffn))))
+        if blocks:
+            swaps.append((layer, _checkpointed_class(type(layer))))
+    return swaps
 
 
 @contextlib.contextmanager
-def activation_recompute(model: nn.Module, blocks: bool = False, attention: bool = True):
-    """Trade compute for memory during training, undone on exit.
+def training_layers(
+    model: nn.Module, blocks: bool = False, recompute_attention: bool = True, fast_ops: bool = True
+):
+    """Swap in the training versions of the model's layers; undone on exit.
 
     `blocks`: recompute every block in the backward pass (gradient checkpointing:
-    least memory, about a third more time). `attention`: recompute only what lies
-    between qkv_proj and out_proj (QK-norm, RoPE, the attention probabilities),
-    a few percent of the compute and a large share of the saved activations.
+    least memory, about a third more time). `recompute_attention`: recompute only
+    what lies between qkv_proj and out_proj, a few percent of the compute for a
+    large share of the saved activations. `fast_ops`: train_ops' SwiGLU and, on
+    the CPU, causal attention by query blocks. All of them leave the math unchanged.
     """
-    if blocks:
-        objs = list(model.layers)
-        swaps = [(o, _checkpointed_class(type(o))) for o in objs]
-    elif attention:
-        objs = [
-            layer.attn for layer in model.layers if hasattr(getattr(layer, "attn", None), "attend")
-        ]
-        swaps = [(o, _recomputed_attention_class(type(o))) for o in objs]
-    else:
-        swaps = []
+    swaps = _training_swaps(model, blocks, recompute_attention, fast_ops)
     originals = [(o, type(o)) for o, _ in swaps]
     for o, cls in swaps:
         o.__class__ = cls
@@ -614,8 +643,8 @@ def train(
     check_batch_size(train_set, args.batch_size, group.size())
     run = _Run(model, args, train_set, valid_set, group, log)
     run.start(resume)
-    recompute = activation_recompute(model, args.grad_checkpoint, args.recompute_attention)
-    with recompute, _deferred_interrupt() as stop:
+    layers = training_layers(model, args.grad_checkpoint, args.recompute_attention, args.fast_ops)
+    with layers, _deferred_interrupt() as stop:
         _train_loop(run, stop, callback)
         run.save()
     if run.state.interrupted:
