@@ -189,40 +189,39 @@ def _causal_sdpa(q: np.ndarray, keys: np.ndarray, values: np.ndarray, scale: flo
     are shared out over the CPU's cores. Returns (L, n_q * hd).
     """
     L, n_q, hd = q.shape
-    n_kv, T, _ = keys.shape
-    rep, past = n_q // n_kv, T - L
+    n_kv = keys.shape[0]
+    rep = n_q // n_kv
     qh = (q * scale).transpose(1, 0, 2)  # (n_q, L, hd)
-    bias = np.where(np.arange(T) > past + np.arange(L)[:, None], -np.inf, 0.0)
-    bias = bias.astype(np.float32)  # (L, T) causal mask
     out = np.empty((n_q, L, hd), np.float32)
 
     def heads(h0: int, h1: int) -> None:
         for g in range(h0 // rep, (h1 - 1) // rep + 1):
             a, b = max(h0, g * rep), min(h1, (g + 1) * rep)
-            _group_attention(qh[a:b], keys[g], values[g], bias, out[a:b])
+            _group_attention(qh[a:b], keys[g], values[g], out[a:b])
 
     _parallel(heads, n_q)
     return out.transpose(1, 0, 2).reshape(L, n_q * hd)
 
 
-def _group_attention(q, keys, values, bias, out, block: int = 128) -> None:
+def _group_attention(q, keys, values, out, block: int = 64) -> None:
     """Query heads q (r, L, hd) of one KV head (T, hd) into out (r, L, hd).
 
-    Queries go in blocks that only score the keys they may see.
+    Queries go in blocks that score only the keys they may see; only the block's
+    own diagonal square needs the causal mask.
     """
     r, L, hd = q.shape
     past = keys.shape[0] - L
+    upper = np.triu(np.full((block, block), -np.inf, np.float32), k=1)  # (block, block)
     for lo in range(0, L, block):
         hi = min(L, lo + block)
-        end = past + hi  # keys visible to the last query of the block
-        s = q[:, lo:hi].reshape(r * (hi - lo), hd) @ keys[:end].T  # (r * rows, end)
-        s = s.reshape(r, hi - lo, end)
-        s += bias[lo:hi, :end]
+        n, end = hi - lo, past + hi  # rows, keys visible to the last row
+        s = (q[:, lo:hi].reshape(r * n, hd) @ keys[:end].T).reshape(r, n, end)
+        s[:, :, end - n :] += upper[:n, :n]
         s -= s.max(axis=-1, keepdims=True)
         np.exp(s, out=s)
-        z = s.sum(axis=-1, keepdims=True)  # (r, rows, 1)
-        o = s.reshape(r * (hi - lo), end) @ values[:end]
-        out[:, lo:hi] = o.reshape(r, hi - lo, hd) / z
+        z = s.sum(axis=-1, keepdims=True)  # (r, n, 1)
+        o = s.reshape(r * n, end) @ values[:end]
+        out[:, lo:hi] = o.reshape(r, n, hd) / z
 
 
 def _cores() -> int:
