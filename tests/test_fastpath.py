@@ -216,3 +216,21 @@ def test_preload_loads_system_openblas():
     path, description, maps = out.stdout.split("\n", 2)
     assert path == find_openblas() and "OpenBLAS" in description
     assert os.path.realpath(path).rsplit("/", 1)[-1] in maps
+
+
+def test_parallel_shares_cover_the_range_and_pass_errors_on():
+    from elm_mlx.fastpath import _parallel
+
+    seen = []
+    _parallel(lambda lo, hi: seen.extend(range(lo, hi)), 37)
+    assert sorted(seen) == list(range(37))
+
+    def fails_at_the_end(lo, hi):
+        if hi == 37:
+            raise ValueError("share failed")
+
+    with pytest.raises(ValueError, match="share failed"):
+        _parallel(fails_at_the_end, 37)
+    seen.clear()
+    _parallel(lambda lo, hi: seen.extend(range(lo, hi)), 5)  # still usable afterwards
+    assert sorted(seen) == list(range(5))
