@@ -1,7 +1,8 @@
 """Generation speed: elm_mlx against mlx-lm and PyTorch on the same OpenELM-shaped weights.
 
     python benchmarks/bench_generate.py                 # OpenELM-270M shapes, 512 + 128 tokens
-    python benchmarks/bench_generate.py --size 450M --repeats 3
+    python benchmarks/bench_generate.py --rounds 3      # contenders interleaved, best of 3
+    python benchmarks/bench_generate.py --size 450M
 
 Random float32 weights with the published per-layer shapes are written once as a
 Hugging Face checkpoint; every contender loads that same file. Each
@@ -90,12 +91,12 @@ def worker_elm_mlx(opts) -> dict:
     preload_blas()
     import mlx.core as mx
 
-    from elm_mlx.fastpath import fast_decoder
+    from elm_mlx.fastpath import CpuDecoder
     from elm_mlx.generate import generate_step
     from elm_mlx.io import load_model
 
     model, args = load_model(opts.model, dtype=opts.dtype)
-    model = fast_decoder(model, enabled=not opts.no_fast)
+    model = CpuDecoder(model, enabled=not opts.no_fast)  # switched off: exactly the model
 
     def run(n_prompt, n_new):
         ids = prompt_ids(n_prompt or opts.prompt_tokens, args.vocab_size)

@@ -446,6 +446,8 @@ def fast_decoder(model: OpenELM, enabled: bool | None = None) -> OpenELM | CpuDe
     wrapper itself still hands anything it does not handle to the model.
     """
     if isinstance(model, CpuDecoder):
+        if enabled is None:
+            return model  # already chosen, possibly switched off: leave it
         model = model.model
     if enabled is False or (enabled is None and not on_cpu()):
         return model

@@ -153,7 +153,10 @@ def test_wrapper_is_the_model_elsewhere(model):
     fast = fast_decoder(model)
     assert isinstance(fast, CpuDecoder)  # tests run on the CPU
     assert fast.args is model.args and len(fast.make_cache()) == len(model.layers)
-    assert fast_decoder(fast).model is model  # no double wrapping
+    assert fast_decoder(fast) is fast  # no double wrapping
+    off = CpuDecoder(model, enabled=False)
+    assert fast_decoder(off) is off  # a caller's switch stands
+    assert fast_decoder(off, enabled=True).enabled
     assert fast_decoder(model, enabled=False) is model
     assert isinstance(fast.make_cache(max_kv_size=16)[0], RotatingKVCache)
 
