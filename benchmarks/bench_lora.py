@@ -25,6 +25,7 @@ import sys
 import time
 
 RANK, SCALE, LR = 8, 20.0, 1e-4
+_KEEP: list = []
 
 
 def _weights(layers: int):
@@ -66,7 +67,8 @@ def _setup_elm(layers: int, batch: int, seq: int):
     layers_ctx = training_layers(
         model, targs.grad_checkpoint, targs.recompute_attention, targs.fast_ops
     )
-    layers_ctx.__enter__()  # kept for the life of this process
+    layers_ctx.__enter__()
+    _KEEP.append(layers_ctx)  # entered for the life of this process (exiting would undo it)
     step = make_step(model, opt, targs, mx.distributed.init())
     tokens = _batch(args, batch, seq)
     data = Batch(tokens, mx.array([[0, seq]] * batch), mx.array(float(batch * seq)))
