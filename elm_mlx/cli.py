@@ -217,8 +217,16 @@ def _add_generation_flags(p) -> None:
         "model, a small base model trained on Shakespeare's plays, no chat template)",
     )
     p.add_argument("--max-tokens", type=int, default=256, help="most tokens to generate (256)")
-    p.add_argument("--temp", type=float, default=0.0, help="temperature; 0 = greedy (default)")
-    p.add_argument("--top-p", type=float, default=1.0, help="nucleus mass in (0, 1]; 1 = off")
+    p.add_argument(
+        "--temp",
+        type=float,
+        help="temperature; 0 = greedy (default: the model's generation_config.json, else 0)",
+    )
+    p.add_argument(
+        "--top-p",
+        type=float,
+        help="nucleus mass in (0, 1]; 1 = off (default: generation_config.json, else 1)",
+    )
     p.add_argument("--top-k", type=int, default=0, help="sample among the k most likely; 0 = off")
     p.add_argument(
         "--min-p", type=float, default=0.0, help="drop tokens below min-p x the top one; 0 = off"
@@ -254,10 +262,11 @@ def _add_generate(sub) -> None:
 def _generation_settings(args, **extra):
     from .generate import GenerationSettings
 
+    suggested = _suggested_sampling(_model_path(args.model))
     return GenerationSettings(
         max_tokens=args.max_tokens,
-        temp=args.temp,
-        top_p=args.top_p,
+        temp=args.temp if args.temp is not None else suggested.get("temperature", 0.0),
+        top_p=args.top_p if args.top_p is not None else suggested.get("top_p", 1.0),
         top_k=args.top_k,
         min_p=args.min_p,
         repetition_penalty=args.repetition_penalty,
@@ -284,6 +293,22 @@ def _load_for_generation(args):
             file=sys.stderr,
         )
     return model, tokenizer
+
+
+def _suggested_sampling(path: str) -> dict:
+    """temperature / top_p from a local model directory's generation_config.json (HF's file),
+    used for the flags the user leaves out; {} when there is none or it does not sample."""
+    import json
+    from pathlib import Path
+
+    file = Path(path) / "generation_config.json"
+    try:
+        config = json.loads(file.read_text()) if file.is_file() else {}
+    except (OSError, ValueError):
+        return {}
+    if not isinstance(config, dict) or not config.get("do_sample"):
+        return {}
+    return {k: config[k] for k in ("temperature", "top_p") if isinstance(config.get(k), float)}
 
 
 def _model_path(model: str | None) -> str:

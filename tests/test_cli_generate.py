@@ -183,3 +183,23 @@ def test_chat_exit_command_and_ctrl_c(capsys, monkeypatch, model_dirs):
 
     monkeypatch.setattr(sys, "stdin", Interrupt())
     assert main([str(a) for a in argv]) == 0
+
+
+def test_sampling_defaults_come_from_generation_config(tmp_path):
+    """Flags the user leaves out take the model's generation_config.json; given flags win."""
+    import json
+
+    from elm_mlx.cli import _generation_settings, build_parser
+
+    (tmp_path / "generation_config.json").write_text(
+        json.dumps({"do_sample": True, "temperature": 0.7, "top_p": 0.9})
+    )
+    parse = build_parser().parse_args
+    base = ["generate", "--model", str(tmp_path), "--prompt", "x"]
+    settings = _generation_settings(parse(base))
+    assert (settings.temp, settings.top_p) == (0.7, 0.9)
+    settings = _generation_settings(parse([*base, "--temp", "0"]))
+    assert (settings.temp, settings.top_p) == (0.0, 0.9)
+    (tmp_path / "generation_config.json").write_text(json.dumps({"do_sample": False}))
+    settings = _generation_settings(parse(base))
+    assert (settings.temp, settings.top_p) == (0.0, 1.0)
