@@ -9,7 +9,7 @@ every position a target). elm_mlx runs its trainer's compiled step
 (`elm_mlx.trainer.make_step`); mlx-lm runs `mlx_lm.tuner.utils.linear_to_lora_layers`
 and the compiled step of `mlx_lm.tuner.trainer.train` with its `default_loss`.
 elm_mlx trains with its defaults (chunked output-head loss, block-causal
-attention on the CPU, attention recompute). Peak memory: each side alone in a
+attention on the CPU, SwiGLU that keeps its sigmoid). Peak memory: each side alone in a
 fresh process, MLX's peak over one step after the compiling one, weights
 included. Speed: both sides in one process, their steps alternating, so that
 other load on the machine hits both alike; tokens/s from wall time, and per

@@ -465,7 +465,10 @@ def _add_lora(sub) -> None:
     p.add_argument("--warmup", type=int, default=0, help="linear warmup steps, then cosine decay")
     p.add_argument("--weight-decay", type=float, default=0.0, help="AdamW weight decay (0)")
     p.add_argument("--grad-accum", type=int, default=1, help="micro-batches per step (1)")
-    p.add_argument("--grad-checkpoint", action="store_true", help="recompute activations")
+    p.add_argument("--grad-checkpoint", action="store_true", help="recompute whole blocks")
+    p.add_argument(
+        "--recompute-attention", action="store_true", help="recompute attention only (less memory)"
+    )
     p.add_argument("--max-grad-norm", type=float, default=0.0, help="clip gradients (0 = off)")
     p.add_argument("--val-every", type=int, default=100, help="validate every N steps (0 = off)")
     p.add_argument("--val-batches", type=int, default=25, help="validation batches (0 = all)")
@@ -491,8 +494,8 @@ def _train_args(args):
 
     names = (
         "iters", "batch_size", "learning_rate", "warmup", "weight_decay", "grad_accum",
-        "grad_checkpoint", "max_grad_norm", "val_every", "val_batches", "save_every",
-        "report_every", "seed",
+        "grad_checkpoint", "recompute_attention", "max_grad_norm", "val_every", "val_batches",
+        "save_every", "report_every", "seed",
     )  # fmt: skip
     return TrainArgs(out_dir=args.adapter_path, **{n: getattr(args, n) for n in names})
 
