@@ -243,6 +243,7 @@ def _add_generation_flags(p) -> None:
     p.add_argument("--seed", type=int, help="sampling seed (default: a fresh one per run)")
     p.add_argument("--max-kv-size", type=int, help="rotating KV window, to go past the context")
     p.add_argument("--system", help="system message (applies the chat template)")
+    p.add_argument("--adapter-path", help="LoRA adapters trained by `elm-mlx lora` to apply")
     p.add_argument("-v", "--verbose", action="store_true", help="model and prompt details")
 
 
@@ -286,6 +287,10 @@ def _load_for_generation(args):
     path = _model_path(args.model)
     model, tokenizer = load(path)
     tokenizer = require_tokenizer(tokenizer, path)
+    if args.adapter_path is not None:
+        from .lora import apply_adapters
+
+        apply_adapters(model, args.adapter_path)
     if args.verbose:
         millions = model.args.num_parameters() / 1e6
         print(

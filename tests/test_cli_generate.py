@@ -203,3 +203,37 @@ def test_sampling_defaults_come_from_generation_config(tmp_path):
     (tmp_path / "generation_config.json").write_text(json.dumps({"do_sample": False}))
     settings = _generation_settings(parse(base))
     assert (settings.temp, settings.top_p) == (0.0, 1.0)
+
+
+def test_generate_with_adapter_path_equals_the_fused_model(tmp_path, capsys):
+    """`generate --adapter-path` gives the text of the model `elm-mlx fuse` writes, and differs
+    from the base model's."""
+    import mlx.core as mx
+    from mlx.utils import tree_flatten, tree_map
+
+    from elm_mlx.cli import main
+    from elm_mlx.io import default_model_path, load
+    from elm_mlx.lora import LoRAConfig, apply_lora, save_adapters
+
+    base = str(default_model_path())
+    model, _ = load(base)
+    config = LoRAConfig(rank=4, scale=20.0)
+    apply_lora(model, config, seed=0)
+    trainable = tree_map(lambda p: p + 0.5 * mx.random.normal(p.shape, key=mx.random.key(1)),
+                         model.trainable_parameters())  # fmt: skip
+    model.update(trainable)
+    assert len(tree_flatten(trainable)) > 0
+    save_adapters(model, tmp_path / "adapters", config)
+    fused = tmp_path / "fused"
+    assert main(["fuse", "--model", base, "--adapter-path", str(tmp_path / "adapters"),
+                 "--save-path", str(fused)]) == 0  # fmt: skip
+    capsys.readouterr()
+
+    def text(*extra):
+        assert main(["generate", "--prompt", "ROMEO:", "--max-tokens", "12", "--temp", "0",
+                     *extra]) == 0  # fmt: skip
+        return capsys.readouterr().out
+
+    with_adapters = text("--adapter-path", str(tmp_path / "adapters"))
+    assert with_adapters == text("--model", str(fused))
+    assert with_adapters != text()
