@@ -1,0 +1,142 @@
+"""The kernels behind elm_mlx's CPU path, one at a time, on 270M-sized operands.
+
+    python benchmarks/bench_kernels.py
+
+Prints what MLX's CPU backend does with one-row and prompt-sized float32 products
+(with the system OpenBLAS preloaded, and with the BLAS its wheel bundles), what numpy
+does with the same arrays (zero-copy views), MLX's and numpy's `exp`, and MLX's
+half-precision products. Best of several runs each; the machine may be shared.
+"""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+
+N, K, M = 10240, 1280, 512  # proj_1 of OpenELM-270M's last layer, a 512-token prompt
+
+
+def best(fn, n: int = 7) -> float:
+    fn()
+    times = []
+    for _ in range(n):
+        start = time.perf_counter()
+        fn()
+        times.append(time.perf_counter() - start)
+    return min(times)
+
+
+def row(label: str, seconds: float, nbytes: int = 0, flops: int = 0) -> None:
+    """One timing; the rate is bytes of weights read per second, or FLOP per second."""
+    rate = (
+        f"{nbytes / seconds / 1e9:7.1f} GB/s" if nbytes else f"{flops / seconds / 1e9:6.1f} GFLOP/s"
+    )
+    print(f"  {label:58} {seconds * 1e3:9.2f} ms  {rate}")
+
+
+def products(mx, np) -> None:
+    from elm_mlx.fastpath import _matvec, _one_blas_thread
+
+    w = mx.random.normal((N, K)) * 0.02  # (out, in), as nn.Linear stores it
+    x1, xm = mx.random.normal((1, K)), mx.random.normal((M, K))
+    mx.eval(w, x1, xm)
+    wn, x1n, xmn = np.asarray(w), np.asarray(x1), np.asarray(xm)  # zero-copy views
+    print(f"one row: (1, {K}) @ ({K}, {N}) float32, {wn.nbytes / 1e6:.0f} MB of weights")
+    row("MLX x @ W.T (cblas_sgemm, M=1)", best(lambda: mx.eval(x1 @ w.T)), wn.nbytes)
+    row("MLX W @ x.T (cblas_sgemm, N=1)", best(lambda: mx.eval(w @ x1.T)), wn.nbytes)
+    row("numpy x @ W.T (gemv), BLAS default threads", best(lambda: x1n @ wn.T), wn.nbytes)
+    with _one_blas_thread():
+        row("numpy x @ W.T (gemv), one thread", best(lambda: x1n @ wn.T), wn.nbytes)
+        row(
+            "elm_mlx _matvec (gemv per core, blocking pool)",
+            best(lambda: _matvec(x1n, wn.T)),
+            wn.nbytes,
+        )
+    flops = 2 * M * N * K
+    print(f"prompt: ({M}, {K}) @ ({K}, {N}) float32")
+    row("MLX x @ W.T (cblas_sgemm)", best(lambda: mx.eval(xm @ w.T), 3), flops=flops)
+    row("numpy x @ W.T, BLAS default threads", best(lambda: xmn @ wn.T, 3), flops=flops)
+    with _one_blas_thread():
+        row("numpy x @ W.T, one thread", best(lambda: xmn @ wn.T, 3), flops=flops)
+        row(
+            "elm_mlx _matvec (gemm per core, blocking pool)",
+            best(lambda: _matvec(xmn, wn.T), 3),
+            flops=flops,
+        )
+
+
+def transcendentals(mx, np) -> None:
+    s = mx.random.normal((20, 512, 512))  # attention scores of one 270M layer, 512 tokens
+    mx.eval(s)
+    sn = np.asarray(s)
+    print(f"exp over {s.size / 1e6:.1f}M float32 (one layer's attention scores at 512 tokens)")
+    row("MLX exp", best(lambda: mx.eval(mx.exp(s)), 3), s.nbytes)
+    row(
+        "MLX softmax (precise)",
+        best(lambda: mx.eval(mx.softmax(s, axis=-1, precise=True)), 3),
+        s.nbytes,
+    )
+    row("numpy exp", best(lambda: np.exp(sn), 3), s.nbytes)
+
+
+def half_precision(mx) -> None:
+    print("MLX products by dtype (the CPU has no BLAS for half precision)")
+    for dtype in (mx.float32, mx.bfloat16, mx.float16):
+        w = (mx.random.normal((N // 2, K)) * 0.02).astype(dtype)
+        x1, xm = mx.random.normal((1, K)).astype(dtype), mx.random.normal((128, K)).astype(dtype)
+        mx.eval(w, x1, xm)
+        name = str(dtype).split(".")[-1]
+        row(
+            f"{name:8} one row  (1, {K}) @ ({K}, {N // 2})",
+            best(lambda x=x1, w=w: mx.eval(x @ w.T), 3),
+            w.nbytes,
+        )
+        flops = 2 * 128 * (N // 2) * K
+        row(
+            f"{name:8} 128 rows ({128}, {K}) @ ({K}, {N // 2})",
+            best(lambda x=xm, w=w: mx.eval(x @ w.T), 3),
+            flops=flops,
+        )
+
+
+def bundled_blas() -> None:
+    """MLX's products with the BLAS its wheel bundles (a fresh interpreter, no preload)."""
+    import mlx.core as mx
+
+    w, xm = mx.random.normal((N, K)), mx.random.normal((64, K))
+    mx.eval(w, xm)
+    print("MLX with its bundled BLAS (no preload)")
+    row(
+        f"MLX (64, {K}) @ ({K}, {N}) (cblas_sgemm)",
+        best(lambda: mx.eval(xm @ w.T), 3),
+        flops=2 * 64 * N * K,
+    )
+
+
+def main() -> None:
+    if sys.argv[1:] == ["--bundled"]:
+        return bundled_blas()
+    from elm_mlx.blas import blas_description, preload_blas
+
+    preload_blas()
+    import mlx.core as mx
+    import numpy as np
+
+    print(f"{os.cpu_count()} cores, load average {os.getloadavg()[0]:.2f}")
+    print(f"MLX BLAS: {blas_description()}")
+    products(mx, np)
+    transcendentals(mx, np)
+    half_precision(mx)
+    env = {**os.environ, "ELM_MLX_BLAS": "0"}
+    sys.stdout.flush()
+    subprocess.run([sys.executable, __file__, "--bundled"], env=env, check=True)
+    print(f"load average after: {os.getloadavg()[0]:.2f}")
+
+
+if __name__ == "__main__":
+    main()
