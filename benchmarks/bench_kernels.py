@@ -31,11 +31,9 @@ def best(fn, n: int = 7) -> float:
     return min(times)
 
 
-def row(label: str, seconds: float, nbytes: int = 0, flops: int = 0) -> None:
-    """One timing; the rate is bytes of weights read per second, or FLOP per second."""
-    rate = (
-        f"{nbytes / seconds / 1e9:7.1f} GB/s" if nbytes else f"{flops / seconds / 1e9:6.1f} GFLOP/s"
-    )
+def row(label: str, seconds: float, amount: float = 0, unit: str = "B") -> None:
+    """One timing and its rate: `amount` (bytes read, FLOP, values) per second, in billions."""
+    rate = f"{amount / seconds / 1e9:7.1f} G{unit}/s" if amount else ""
     print(f"  {label:58} {seconds * 1e3:9.2f} ms  {rate}")
 
 
@@ -59,14 +57,15 @@ def products(mx, np) -> None:
         )
     flops = 2 * M * N * K
     print(f"prompt: ({M}, {K}) @ ({K}, {N}) float32")
-    row("MLX x @ W.T (cblas_sgemm)", best(lambda: mx.eval(xm @ w.T), 3), flops=flops)
-    row("numpy x @ W.T, BLAS default threads", best(lambda: xmn @ wn.T, 3), flops=flops)
+    row("MLX x @ W.T (cblas_sgemm)", best(lambda: mx.eval(xm @ w.T), 3), flops, "FLOP")
+    row("numpy x @ W.T, BLAS default threads", best(lambda: xmn @ wn.T, 3), flops, "FLOP")
     with _one_blas_thread():
-        row("numpy x @ W.T, one thread", best(lambda: xmn @ wn.T, 3), flops=flops)
+        row("numpy x @ W.T, one thread", best(lambda: xmn @ wn.T, 3), flops, "FLOP")
         row(
             "elm_mlx _matvec (gemm per core, blocking pool)",
             best(lambda: _matvec(xmn, wn.T), 3),
-            flops=flops,
+            flops,
+            "FLOP",
         )
 
 
@@ -75,13 +74,14 @@ def transcendentals(mx, np) -> None:
     mx.eval(s)
     sn = np.asarray(s)
     print(f"exp over {s.size / 1e6:.1f}M float32 (one layer's attention scores at 512 tokens)")
-    row("MLX exp", best(lambda: mx.eval(mx.exp(s)), 3), s.nbytes)
+    row("MLX exp", best(lambda: mx.eval(mx.exp(s)), 3), s.size, "exp")
     row(
         "MLX softmax (precise)",
         best(lambda: mx.eval(mx.softmax(s, axis=-1, precise=True)), 3),
-        s.nbytes,
+        s.size,
+        "exp",
     )
-    row("numpy exp", best(lambda: np.exp(sn), 3), s.nbytes)
+    row("numpy exp", best(lambda: np.exp(sn), 3), s.size, "exp")
 
 
 def half_precision(mx) -> None:
@@ -100,7 +100,8 @@ def half_precision(mx) -> None:
         row(
             f"{name:8} 128 rows ({128}, {K}) @ ({K}, {N // 2})",
             best(lambda x=xm, w=w: mx.eval(x @ w.T), 3),
-            flops=flops,
+            flops,
+            "FLOP",
         )
 
 
@@ -114,7 +115,8 @@ def bundled_blas() -> None:
     row(
         f"MLX (64, {K}) @ ({K}, {N}) (cblas_sgemm)",
         best(lambda: mx.eval(xm @ w.T), 3),
-        flops=2 * 64 * N * K,
+        2 * 64 * N * K,
+        "FLOP",
     )
 
 
