@@ -55,7 +55,8 @@ def _setup_elm(layers: int, batch: int, seq: int):
     from elm_mlx.data import Batch
     from elm_mlx.lora import LoRAConfig, apply_lora
     from elm_mlx.model import OpenELM
-    from elm_mlx.trainer import TrainArgs, make_step, training_layers
+    from elm_mlx.train_ops import training_layers
+    from elm_mlx.trainer import TrainArgs, make_step
 
     args, _, weights = _weights(layers)
     model = OpenELM(args)

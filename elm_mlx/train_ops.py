@@ -11,6 +11,10 @@
 - `swiglu`: silu(gate) * up with a hand-written gradient that keeps the
   sigmoid instead of recomputing it.
 
+`training_layers(model)` swaps the last two into an OpenELM for the length of
+a training run (through `Attention.sdpa` and `FeedForward.activation`), with
+optional recomputation of the attention core or of whole blocks.
+
 On the CPU, MLX's transcendental functions run at a few tens of millions of
 values a second, while `pow` runs about twice as fast as `exp` at the same
 precision, so exponentials here are computed as powers of two there.
@@ -18,9 +22,11 @@ precision, so exponentials here are computed as powers of two there.
 
 from __future__ import annotations
 
+import contextlib
 from functools import cache
 
 import mlx.core as mx
+import mlx.nn as nn
 
 CHUNK_ELEMENTS = 1 << 23  # logits per chunk: 32 MB in float32
 LOG2E = 1.4426950408889634
@@ -148,3 +154,96 @@ def _swiglu_vjp(primals, cotangents, outputs):
 def swiglu(gate: mx.array, up: mx.array) -> mx.array:
     """silu(gate) * up."""
     return _swiglu(gate, up)[0]
+
+
+# ---- training versions of the model's layers ----------------------------------------------
+
+
+@cache
+def _checkpointed_class(cls: type) -> type:
+    """A subclass of a block class whose forward pass is recomputed in the backward pass."""
+
+    def __call__(self, x, *args, **kwargs):
+        def inner(params, x):
+            self.update(params)
+            return cls.__call__(self, x, *args, **kwargs)
+
+        return mx.checkpoint(inner)(self.trainable_parameters(), x)
+
+    return type(f"Checkpointed{cls.__name__}", (cls,), {"__call__": __call__})
+
+
+@cache
+def _training_attention_class(cls: type, recompute: bool, causal_blocks: bool) -> type:
+    """A subclass of OpenELM's Attention for training.
+
+    `recompute`: `attend` (QK-norm, RoPE, softmax) runs again in the backward pass
+    instead of keeping its activations. `causal_blocks`: causal attention by query
+    blocks (train_ops.causal_attention) instead of the fused kernel's CPU fallback.
+    """
+
+    def sdpa(self, q, k, v, mask=None):
+        if isinstance(mask, str) and mask == "causal":
+            return causal_attention(q, k, v, self.scale)
+        return cls.sdpa(self, q, k, v, mask)
+
+    def attend(self, qkv, mask=None, cache=None):
+        if cache is not None:
+            return base.attend(self, qkv, mask, cache)
+        # Only the QK-norm weights are used in here: the projections stay outside.
+        params = {k: v for k, v in self.trainable_parameters().items() if k.endswith("_norm")}
+
+        def inner(params, qkv):
+            self.update(params)
+            return base.attend(self, qkv, mask)
+
+        return mx.checkpoint(inner)(params, qkv)
+
+    base = type(f"Blocked{cls.__name__}", (cls,), {"sdpa": sdpa}) if causal_blocks else cls
+    return type(f"Training{cls.__name__}", (base,), {"attend": attend}) if recompute else base
+
+
+@cache
+def _training_ffn_class(cls: type) -> type:
+    def activation(self, gate, up):
+        return swiglu(gate, up)
+
+    return type(f"Training{cls.__name__}", (cls,), {"activation": activation})
+
+
+def _training_swaps(model: nn.Module, blocks: bool, recompute_attention: bool, fast_ops: bool):
+    swaps = []
+    for layer in model.layers:
+        attn, ffn = getattr(layer, "attn", None), getattr(layer, "ffn", None)
+        recompute = recompute_attention and not blocks
+        blocked = fast_ops and mx.default_device() == mx.cpu
+        if hasattr(attn, "sdpa") and (recompute or blocked):
+            swaps.append((attn, _training_attention_class(type(attn), recompute, blocked)))
+        if fast_ops and hasattr(ffn, "activation"):
+            swaps.append((ffn, _training_ffn_class(type(ffn))))
+        if blocks:
+            swaps.append((layer, _checkpointed_class(type(layer))))
+    return swaps
+
+
+@contextlib.contextmanager
+def training_layers(
+    model: nn.Module, blocks: bool = False, recompute_attention: bool = False, fast_ops: bool = True
+):
+    """Swap in the training versions of the model's layers; undone on exit.
+
+    `blocks`: recompute every block in the backward pass (gradient checkpointing:
+    least memory, about a third more time). `recompute_attention`: recompute only
+    what lies between qkv_proj and out_proj, a few percent of the compute for a
+    large share of the saved activations. `fast_ops`: train_ops' SwiGLU and, on
+    the CPU, causal attention by query blocks. All of them leave the math unchanged.
+    """
+    swaps = _training_swaps(model, blocks, recompute_attention, fast_ops)
+    originals = [(o, type(o)) for o, _ in swaps]
+    for o, cls in swaps:
+        o.__class__ = cls
+    try:
+        yield
+    finally:
+        for o, cls in originals:
+            o.__class__ = cls

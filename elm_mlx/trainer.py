@@ -18,28 +18,32 @@ rank 0 writes files or prints.
 from __future__ import annotations
 
 import contextlib
-import dataclasses
-import json
 import math
-import os
-import shutil
 import signal
 import threading
 import time
 from collections.abc import Callable, Iterator
-from dataclasses import dataclass
-from functools import cache, partial
+from dataclasses import asdict, dataclass
+from functools import partial
 from pathlib import Path
 
 import mlx.core as mx
 import mlx.nn as nn
 import mlx.optimizers as optim
-from mlx.utils import tree_flatten, tree_map, tree_map_with_path
+from mlx.utils import tree_flatten, tree_map
 
+from .checkpoint import (
+    CHECKPOINT_DIR,
+    MetricsLog,
+    checkpoint_dir,
+    read_meta,
+    restore_checkpoint,
+    save_arrays,
+    save_checkpoint,
+)
 from .data import Batch, Dataset, check_batch_size, iterate_batches, iterate_eval_batches
-from .train_ops import causal_attention, head_cross_entropy, swiglu
+from .train_ops import head_cross_entropy, training_layers
 
-CHECKPOINT_DIR = "checkpoint"
 METRICS_FILE = "metrics.jsonl"
 PLOT_FILE = "loss.png"
 # Settings a resumed run must share with the run it continues.
@@ -244,96 +248,6 @@ def _one_update(step: Callable, batches: Iterator[Batch], accum: int) -> tuple[m
     return sum(losses) / accum, ntokens
 
 
-@cache
-def _checkpointed_class(cls: type) -> type:
-    """A subclass of a block class whose forward pass is recomputed in the backward pass."""
-
-    def __call__(self, x, *args, **kwargs):
-        def inner(params, x):
-            self.update(params)
-            return cls.__call__(self, x, *args, **kwargs)
-
-        return mx.checkpoint(inner)(self.trainable_parameters(), x)
-
-    return type(f"Checkpointed{cls.__name__}", (cls,), {"__call__": __call__})
-
-
-@cache
-def _training_attention_class(cls: type, recompute: bool, causal_blocks: bool) -> type:
-    """A subclass of OpenELM's Attention for training.
-
-    `recompute`: `attend` (QK-norm, RoPE, softmax) runs again in the backward pass
-    instead of keeping its activations. `causal_blocks`: causal attention by query
-    blocks (train_ops.causal_attention) instead of the fused kernel's CPU fallback.
-    """
-
-    def sdpa(self, q, k, v, mask=None):
-        if isinstance(mask, str) and mask == "causal":
-            return causal_attention(q, k, v, self.scale)
-        return cls.sdpa(self, q, k, v, mask)
-
-    def attend(self, qkv, mask=None, cache=None):
-        if cache is not None:
-            return base.attend(self, qkv, mask, cache)
-        # Only the QK-norm weights are used in here: the projections stay outside.
-        params = {k: v for k, v in self.trainable_parameters().items() if k.endswith("_norm")}
-
-        def inner(params, qkv):
-            self.update(params)
-            return base.attend(self, qkv, mask)
-
-        return mx.checkpoint(inner)(params, qkv)
-
-    base = type(f"Blocked{cls.__name__}", (cls,), {"sdpa": sdpa}) if causal_blocks else cls
-    return type(f"Training{cls.__name__}", (base,), {"attend": attend}) if recompute else base
-
-
-@cache
-def _training_ffn_class(cls: type) -> type:
-    def activation(self, gate, up):
-        return swiglu(gate, up)
-
-    return type(f"Training{cls.__name__}", (cls,), {"activation": activation})
-
-
-def _training_swaps(model: nn.Module, blocks: bool, recompute_attention: bool, fast_ops: bool):
-    swaps = []
-    for layer in model.layers:
-        attn, ffn = getattr(layer, "attn", None), getattr(layer, "ffn", None)
-        recompute = recompute_attention and not blocks
-        blocked = fast_ops and mx.default_device() == mx.cpu
-        if hasattr(attn, "sdpa") and (recompute or blocked):
-            swaps.append((attn, _training_attention_class(type(attn), recompute, blocked)))
-        if fast_ops and hasattr(ffn, "activation"):
-            swaps.append((ffn, _training_ffn_class(type(ffn))))
-        if blocks:
-            swaps.append((layer, _checkpointed_class(type(layer))))
-    return swaps
-
-
-@contextlib.contextmanager
-def training_layers(
-    model: nn.Module, blocks: bool = False, recompute_attention: bool = False, fast_ops: bool = True
-):
-    """Swap in the training versions of the model's layers; undone on exit.
-
-    `blocks`: recompute every block in the backward pass (gradient checkpointing:
-    least memory, about a third more time). `recompute_attention`: recompute only
-    what lies between qkv_proj and out_proj, a few percent of the compute for a
-    large share of the saved activations. `fast_ops`: train_ops' SwiGLU and, on
-    the CPU, causal attention by query blocks. All of them leave the math unchanged.
-    """
-    swaps = _training_swaps(model, blocks, recompute_attention, fast_ops)
-    originals = [(o, type(o)) for o, _ in swaps]
-    for o, cls in swaps:
-        o.__class__ = cls
-    try:
-        yield
-    finally:
-        for o, cls in originals:
-            o.__class__ = cls
-
-
 # ---- Ctrl-C ---------------------------------------------------------------------------
 
 
@@ -361,38 +275,7 @@ def _deferred_interrupt():
         signal.signal(signal.SIGINT, previous)
 
 
-# ---- files -------------------------------------------------------------------------------
-
-
-def _save_arrays(path: Path, arrays: dict) -> None:
-    tmp = path.with_name(f".{path.stem}.tmp.safetensors")
-    mx.save_safetensors(str(tmp), arrays)
-    os.replace(tmp, path)
-
-
-def save_checkpoint(out_dir: Path, model, optimizer, state: TrainState, args: TrainArgs, world):
-    """Write everything a resume needs into `out_dir/checkpoint`, replacing it whole."""
-    final, tmp, old = (out_dir / n for n in (CHECKPOINT_DIR, ".checkpoint.tmp", ".checkpoint.old"))
-    shutil.rmtree(tmp, ignore_errors=True)
-    tmp.mkdir(parents=True)
-    _save_arrays(tmp / "weights.safetensors", dict(tree_flatten(model.trainable_parameters())))
-    opt = dict(tree_flatten(optimizer.state))
-    opt["rng.key"] = mx.random.state[0]
-    _save_arrays(tmp / "optimizer.safetensors", opt)
-    meta = {"state": dataclasses.asdict(state), "args": dataclasses.asdict(args), "world": world}
-    (tmp / "state.json").write_text(json.dumps(meta, indent=2) + "\n")
-    if final.exists():
-        shutil.rmtree(old, ignore_errors=True)
-        final.rename(old)
-    tmp.rename(final)
-    shutil.rmtree(old, ignore_errors=True)
-
-
-def _checkpoint_dir(out_dir: Path) -> Path:
-    for name in (CHECKPOINT_DIR, ".checkpoint.old"):  # .old: a crash between two renames
-        if (out_dir / name / "state.json").is_file():
-            return out_dir / name
-    raise FileNotFoundError(f"no checkpoint in {out_dir} to resume; start without resume")
+# ---- resuming ------------------------------------------------------------------------------
 
 
 def _check_resumable(saved: dict, args: TrainArgs, world: int, where: Path) -> None:
@@ -407,53 +290,12 @@ def _check_resumable(saved: dict, args: TrainArgs, world: int, where: Path) -> N
         raise TrainError(f"cannot resume {where} exactly: " + "; ".join(diffs))
 
 
-def _set_rng_key(key: mx.array) -> None:
-    # A seed s gives the key (s >> 32, s & 0xffffffff): seeding with the key's words restores it.
-    hi, lo = key.tolist()
-    mx.random.seed((hi << 32) | lo)
-
-
-def restore_checkpoint(out_dir: Path, model, optimizer, args: TrainArgs, world: int) -> TrainState:
-    """Load trainable weights, optimizer state and RNG key; return the saved TrainState."""
-    where = _checkpoint_dir(out_dir)
-    saved = json.loads((where / "state.json").read_text())
-    _check_resumable(saved, args, world, where)
-    weights = mx.load(str(where / "weights.safetensors"))
-    trainable = dict(tree_flatten(model.trainable_parameters()))
-    if set(weights) != set(trainable):
-        raise TrainError(
-            f"{where} holds weights for other trainable parameters than this model's "
-            f"({len(weights)} vs {len(trainable)}); resume with the same adapter settings"
-        )
-    model.load_weights(list(weights.items()), strict=False)
-    opt = mx.load(str(where / "optimizer.safetensors"))
-    _set_rng_key(opt.pop("rng.key"))
-    optimizer.init(model.trainable_parameters())
-    optimizer.state = tree_map_with_path(lambda path, _: opt[path], optimizer.state)
-    mx.eval(model.parameters(), optimizer.state)
-    return TrainState(**saved["state"])
-
-
-class _Metrics:
-    """metrics.jsonl: one JSON object per report or validation (rank 0 only)."""
-
-    def __init__(self, path: Path, keep_until: int | None, enabled: bool):
-        self.path, self.enabled = path, enabled
-        if not enabled:
-            return
-        lines = []
-        if keep_until is not None and path.is_file():
-            lines = [
-                line
-                for line in path.read_text().splitlines()
-                if line.strip() and json.loads(line).get("step", 0) <= keep_until
-            ]
-        path.write_text("".join(line + "\n" for line in lines))
-
-    def write(self, **record) -> None:
-        if self.enabled:
-            with self.path.open("a") as f:
-                f.write(json.dumps(record) + "\n")
+def _restore(out_dir: Path, model, optimizer, args: TrainArgs, world: int) -> TrainState:
+    where = checkpoint_dir(out_dir)
+    meta = read_meta(where)
+    _check_resumable(meta, args, world, where)
+    restore_checkpoint(where, model, optimizer)
+    return TrainState(**meta["state"])
 
 
 # ---- the loop ----------------------------------------------------------------------------
@@ -480,15 +322,13 @@ class _Run:
             self.out.mkdir(parents=True, exist_ok=True)
         self.optimizer.init(self.model.trainable_parameters())
         if resume:
-            self.state = restore_checkpoint(
-                self.out, self.model, self.optimizer, self.args, self.world
-            )
+            self.state = _restore(self.out, self.model, self.optimizer, self.args, self.world)
             self.state.interrupted = False
             self.say(f"resuming at step {self.state.step} from {self.out / CHECKPOINT_DIR}")
         else:
             mx.random.seed(self.args.seed)
         keep = self.state.step if resume else None
-        self.metrics = _Metrics(self.out / METRICS_FILE, keep, self.writer)
+        self.metrics = MetricsLog(self.out / METRICS_FILE, keep, self.writer)
 
     def save(self) -> None:
         finite = [mx.isfinite(p).all() for _, p in tree_flatten(self.model.trainable_parameters())]
@@ -496,7 +336,8 @@ class _Run:
             _diverged(self, "the weights are no longer finite")
         if self.writer:
             self.state.saved_step = self.state.step
-            save_checkpoint(self.out, self.model, self.optimizer, self.state, self.args, self.world)
+            meta = {"state": asdict(self.state), "args": asdict(self.args), "world": self.world}
+            save_checkpoint(self.out, self.model, self.optimizer, meta)
             if not self.validating:
                 self.save_weights()
         self.state.saved_step = self.state.step
@@ -504,7 +345,7 @@ class _Run:
     def save_weights(self) -> None:
         if self.writer:
             weights = dict(tree_flatten(self.model.trainable_parameters()))
-            _save_arrays(self.out / self.args.weights_file, weights)
+            save_arrays(self.out / self.args.weights_file, weights)
 
     def validate(self) -> None:
         a, s = self.args, self.state
