@@ -508,8 +508,9 @@ def main(argv=None) -> None:
     print(versions())
     after = os.getloadavg()[0]
     print(f"{os.cpu_count()} cores; load average {load[0]:.2f} before, {after:.2f} after")
-    blas = next((r["blas"] for r in results.values() if r and "blas" in r), "?")
-    print(f"elm_mlx BLAS: {blas}")
+    for name, r in results.items():
+        if r and "blas" in r:
+            print(f"{name} BLAS: {r['blas']}")
     print(
         f"memory bandwidth (copy, all cores): {bandwidth:.1f} GB/s; {per_token / 1e9:.3f} GB read "
         f"per decoded token -> ceiling {ceiling:.1f} tok/s\n"
