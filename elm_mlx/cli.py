@@ -441,7 +441,7 @@ def _chat_turn(session, message: str, args) -> bool:
 def _add_lora(sub) -> None:
     p = sub.add_parser(
         "lora",
-        help="fine-tune with LoRA (QLoRA on a quantized model) or fully (--full)",
+        help="fine-tune with LoRA (QLoRA on a quantized model), DoRA (--dora) or fully (--full)",
         description="Train adapters on DIR/train.jsonl, validating on DIR/valid.jsonl. Records: "
         '{"text"}, {"prompt","completion"} or {"messages":[...]} (Instruct template). Writes '
         "ADAPTER_PATH/adapters.safetensors (best validation), adapter_config.json, checkpoint/ "
@@ -452,7 +452,11 @@ def _add_lora(sub) -> None:
     p.add_argument("--data", required=True, help="directory with train.jsonl and valid.jsonl")
     p.add_argument("--adapter-path", default="adapters", help="output directory (adapters)")
     p.add_argument("--resume", action="store_true", help="continue from ADAPTER_PATH/checkpoint")
-    p.add_argument("--full", action="store_true", help="train every weight instead of LoRA")
+    kind = p.add_mutually_exclusive_group()
+    kind.add_argument("--full", action="store_true", help="train every weight instead of LoRA")
+    kind.add_argument(
+        "--dora", action="store_true", help="DoRA: LoRA plus a learned magnitude per output row"
+    )
     p.add_argument("--rank", type=int, default=8, help="LoRA rank (8)")
     scale = p.add_mutually_exclusive_group()
     scale.add_argument("--scale", type=float, help="LoRA scale (20); alpha = scale * rank")
@@ -489,6 +493,7 @@ def _lora_config(args):
     common = dict(dropout=args.dropout, num_layers=args.num_layers, targets=targets)
     if args.full:
         return LoRAConfig(fine_tune_type="full", **common)
+    common["fine_tune_type"] = "dora" if args.dora else "lora"
     if args.alpha is not None:
         return LoRAConfig.with_alpha(args.alpha, rank=args.rank, **common)
     return LoRAConfig(rank=args.rank, scale=20.0 if args.scale is None else args.scale, **common)

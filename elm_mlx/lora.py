@@ -6,6 +6,8 @@ its attribute paths, so adapter weights are named
 `transformer.layers.{i}.attn.qkv_proj.lora_a` (the names mlx-lm uses, so
 adapter directories are interchangeable). A quantized base layer
 (`nn.QuantizedLinear`) is wrapped the same way and stays frozen: that is QLoRA.
+`fine_tune_type="dora"` swaps in `DoRALinear`s instead (weight-decomposed LoRA:
+a learned magnitude per output row on top of the low-rank direction update).
 
 An adapter directory holds `adapters.safetensors` and `adapter_config.json`
 (mlx-lm's format). For a full fine-tune (`fine_tune_type: "full"`) the
@@ -32,7 +34,7 @@ TARGET_PATHS = {
     "proj_1": "ffn.proj_1",
     "proj_2": "ffn.proj_2",
 }
-FINE_TUNE_TYPES = ("lora", "full")
+FINE_TUNE_TYPES = ("lora", "dora", "full")
 ADAPTER_FILE = "adapters.safetensors"
 CONFIG_FILE = "adapter_config.json"
 
@@ -61,7 +63,9 @@ class LoRAConfig:
         """Raise LoRAError naming every bad setting at once."""
         problems = []
         if self.fine_tune_type not in FINE_TUNE_TYPES:
-            problems.append(f"fine_tune_type {self.fine_tune_type!r} is not one of lora, full")
+            problems.append(
+                f"fine_tune_type {self.fine_tune_type!r} is not one of {', '.join(FINE_TUNE_TYPES)}"
+            )
         if not isinstance(self.rank, int) or self.rank < 1:
             problems.append(f"rank must be a positive integer, got {self.rank!r}")
         if not 0.0 <= self.dropout < 1.0:
@@ -89,7 +93,7 @@ class LoRAConfig:
             return {"fine_tune_type": "full", "num_layers": n}
         params = {"rank": self.rank, "scale": self.scale, "dropout": self.dropout}
         params["keys"] = [TARGET_PATHS[t] for t in self.targets]
-        return {"fine_tune_type": "lora", "num_layers": n, "lora_parameters": params}
+        return {"fine_tune_type": self.fine_tune_type, "num_layers": n, "lora_parameters": params}
 
     @classmethod
     def from_dict(cls, d: dict) -> LoRAConfig:
@@ -173,19 +177,73 @@ class LoRALinear(nn.Module):
         """The low-rank weight update, (output_dims, input_dims) in float32."""
         return (self.scale * self.lora_b.T) @ self.lora_a.T
 
+    def fused_weight(self) -> mx.array:
+        """The adapted (output_dims, input_dims) weight in float32."""
+        return dense_weight(self.linear).astype(mx.float32) + self.delta()
+
     def fuse(self, de_quantize: bool = False) -> nn.Module:
         """A plain layer computing the same function (re-quantized if the base was)."""
         base = self.linear
-        weight = dense_weight(base)
         in_dims, out_dims = linear_dims(base)
         has_bias = "bias" in base
         fused = nn.Linear(in_dims, out_dims, bias=has_bias)
-        fused.weight = (weight.astype(mx.float32) + self.delta()).astype(weight.dtype)
+        fused.weight = self.fused_weight().astype(dense_weight(base).dtype)
         if has_bias:
             fused.bias = base.bias
         if isinstance(base, nn.QuantizedLinear) and not de_quantize:
             return nn.QuantizedLinear.from_linear(fused, base.group_size, base.bits, mode=base.mode)
         return fused
+
+
+class DoRALinear(LoRALinear):
+    """DoRA: `m * (W + dW) / |W + dW|`, a learned length for each output row's weights.
+
+    dW = scale * lora_b.T @ lora_a.T is LoRA's update of the direction; `m` starts
+    at the base rows' norms, so a fresh layer equals its base. As the DoRA paper
+    suggests, the row norms are treated as constants in the backward pass. They
+    are computed without forming W + dW: with c = scale * lora_b and
+    P = lora_a.T @ W.T (the base layer applied to lora_a's columns),
+
+        |W_i + dW_i|^2 = |W_i|^2 + 2 sum_k c[k, i] P[k, i] + c[:, i] . (A.T A) c[:, i]
+
+    which costs `rank` rows through the (possibly quantized) base layer per step,
+    never a de-quantized copy of it.
+    """
+
+    def __init__(self, linear, rank=8, scale=20.0, dropout=0.0, key=None):
+        super().__init__(linear, rank, scale, dropout, key)
+        row_norms_sq = mx.square(dense_weight(linear).astype(mx.float32)).sum(axis=1)
+        self._base_norms_sq = row_norms_sq  # a constant: underscored names are not parameters
+        self.m = mx.sqrt(row_norms_sq)
+
+    def _base(self, x: mx.array) -> mx.array:
+        """x @ W.T without the base layer's bias."""
+        y = self.linear(x)
+        return y - self.linear.bias if "bias" in self.linear else y
+
+    def row_norms(self) -> mx.array:
+        """|W_i + dW_i| for every output row i (no gradient)."""
+        a, c = self.lora_a, self.scale * self.lora_b  # (in, r), (r, out)
+        p = self._base(a.T.astype(self.linear_dtype())).astype(mx.float32)  # (r, out)
+        cross = (c * p).sum(axis=0)
+        update = (c * ((a.T @ a) @ c)).sum(axis=0)
+        norms_sq = self._base_norms_sq + 2 * cross + update
+        return mx.stop_gradient(mx.sqrt(mx.maximum(norms_sq, 0.0)))
+
+    def linear_dtype(self) -> mx.Dtype:
+        base = self.linear
+        return base.scales.dtype if isinstance(base, nn.QuantizedLinear) else base.weight.dtype
+
+    def __call__(self, x: mx.array) -> mx.array:
+        y = self._base(x)
+        h = self.dropout(x) if "dropout" in self else x
+        y = y + (self.scale * ((h @ self.lora_a) @ self.lora_b)).astype(y.dtype)
+        y = (self.m / self.row_norms()).astype(y.dtype) * y
+        return y + self.linear.bias if "bias" in self.linear else y
+
+    def fused_weight(self) -> mx.array:
+        weight = super().fused_weight()
+        return (self.m / mx.linalg.norm(weight, axis=1))[:, None] * weight
 
 
 # ---- applying ----------------------------------------------------------------
@@ -200,7 +258,7 @@ def _module(root: nn.Module, path: str) -> nn.Module:
 def apply_lora(model: nn.Module, config: LoRAConfig, seed: int = 0) -> list[str]:
     """Freeze `model` and swap LoRA layers in place; returns the adapted module paths.
 
-    A full fine-tune (`fine_tune_type="full"`) unfreezes the whole model instead.
+    `fine_tune_type="dora"` swaps DoRA layers; `"full"` unfreezes the whole model instead.
     """
     layers = model.layers
     config.validate(len(layers))
@@ -219,7 +277,8 @@ def apply_lora(model: nn.Module, config: LoRAConfig, seed: int = 0) -> list[str]
         for t in config.targets:
             j = i * len(TARGETS) + TARGETS.index(t)
             base = _module(layers[i], TARGET_PATHS[t])
-            lora = LoRALinear(base, config.rank, config.scale, config.dropout, key=keys[j])
+            kind = DoRALinear if config.fine_tune_type == "dora" else LoRALinear
+            lora = kind(base, config.rank, config.scale, config.dropout, key=keys[j])
             swaps.append((TARGET_PATHS[t], lora))
             adapted.append(f"layers.{i}.{TARGET_PATHS[t]}")
         layers[i].update_modules(tree_unflatten(swaps))
@@ -316,6 +375,8 @@ def expected_adapter_shapes(model: nn.Module, config: LoRAConfig) -> dict[str, t
             name = f"{prefix}{i}.{TARGET_PATHS[t]}"
             shapes[f"{name}.lora_a"] = (in_dims, config.rank)
             shapes[f"{name}.lora_b"] = (config.rank, out_dims)
+            if config.fine_tune_type == "dora":
+                shapes[f"{name}.m"] = (out_dims,)
     return shapes
 
 

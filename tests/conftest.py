@@ -56,3 +56,18 @@ def tokenizer(sp_model_file):
     from elm_mlx.tokenizer import Tokenizer
 
     return Tokenizer(sp_model_file)
+
+
+@pytest.fixture
+def model_dir(tmp_path, sp_model_file):
+    """A tiny untied HF checkpoint with a SentencePiece tokenizer (for the training commands)."""
+    import shutil
+
+    from elm_mlx.testing import random_weights, tiny_args, write_hf_checkpoint
+
+    args = tiny_args(vocab_size=384, tied=False)
+    weights = random_weights(args, 0)
+    weights["lm_head.weight"] *= 5
+    path = write_hf_checkpoint(tmp_path / "model", args, weights)
+    shutil.copyfile(sp_model_file, path / "tokenizer.model")
+    return path

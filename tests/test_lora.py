@@ -238,20 +238,6 @@ def test_full_fine_tune_trains_everything_but_not_a_quantized_model():
 # ---- the command line ------------------------------------------------------------------
 
 
-@pytest.fixture
-def model_dir(tmp_path, sp_model_file):
-    import shutil
-
-    from elm_mlx.testing import write_hf_checkpoint
-
-    args = tiny_args(vocab_size=384, tied=False)
-    weights = random_weights(args, 0)
-    weights["lm_head.weight"] *= 5
-    path = write_hf_checkpoint(tmp_path / "model", args, weights)
-    shutil.copyfile(sp_model_file, path / "tokenizer.model")
-    return path
-
-
 def write_data(path, n_train=8):
     path.mkdir()
     for split, n in (("train", n_train), ("valid", 4)):

@@ -203,7 +203,7 @@ def test_evaluate_is_the_mean_token_cross_entropy():
     assert evaluate(model, data, 2) == pytest.approx(total / count, rel=1e-5)
 
 
-@pytest.mark.parametrize("kind", ["lora", "full"])
+@pytest.mark.parametrize("kind", ["lora", "dora", "full"])
 def test_training_layers_give_the_same_gradients(kind):
     from elm_mlx.train_ops import training_layers
     from elm_mlx.trainer import loss_sums
@@ -324,7 +324,7 @@ def test_quantized_base_trains_with_lora(tmp_path):
 
 
 @pytest.mark.parametrize("tied", [True, False])
-@pytest.mark.parametrize("kind", ["lora", "full"])
+@pytest.mark.parametrize("kind", ["lora", "dora", "full"])
 def test_chunked_head_loss_has_autograd_gradients(tied, kind, monkeypatch):
     """The chunked output-head loss (train_ops.py) against plain autograd through full logits."""
     import elm_mlx.train_ops as losses
