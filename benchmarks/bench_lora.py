@@ -23,6 +23,9 @@ import json
 import subprocess
 import sys
 import time
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # a checkout runs as is
 
 RANK, SCALE, LR = 8, 20.0, 1e-4
 _KEEP: list = []
