@@ -130,11 +130,11 @@ def lora_train(a: argparse.Namespace, model, sets: dict, adapters: Path) -> None
     from elm_mlx.lora import LoRAConfig, apply_lora, num_trainable, write_adapter_config
     from elm_mlx.trainer import TrainArgs, train
 
-    config = LoRAConfig(rank=a.rank, scale=a.scale)
+    config = LoRAConfig(rank=a.rank, scale=a.scale, fine_tune_type="dora" if a.dora else "lora")
     apply_lora(model, config, seed=a.seed)
     write_adapter_config(adapters, config, len(model.layers))
     total = model.args.num_parameters()
-    print(f"LoRA rank {a.rank} on every projection: {num_trainable(model):,} trainable "
+    print(f"{config.fine_tune_type.upper()} rank {a.rank} on every projection: {num_trainable(model):,} trainable "
           f"parameters ({100 * num_trainable(model) / total:.1f}% of {total:,})")  # fmt: skip
     targs = TrainArgs(
         iters=a.iters,
@@ -193,6 +193,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--learning-rate", type=float, default=2e-3, help="peak (2e-3)")
     p.add_argument("--rank", type=int, default=8, help="LoRA rank (8)")
     p.add_argument("--scale", type=float, default=2.0, help="LoRA scale, alpha / rank (2)")
+    p.add_argument("--dora", action="store_true", help="DoRA adapters instead of LoRA")
     p.add_argument("--val-every", type=int, default=50, help="validate every N steps (50)")
     p.add_argument("--show", type=int, default=4, help="held-out headwords to complete (4)")
     p.add_argument("--max-tokens", type=int, default=60, help="tokens per completion (60)")
