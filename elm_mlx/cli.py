@@ -609,24 +609,30 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
-def main(argv: list[str] | None = None) -> int:
+def run_command(run, args) -> int:
+    """Run `run(args)` the way every elm-mlx command runs; returns the exit status.
+
+    The system OpenBLAS is loaded before anything imports MLX, a user mistake
+    (bad value, missing file) is one `error: ...` line and status 1, Ctrl-C is
+    status 130. The examples use it too.
+    """
     from .blas import BlasError, preload_blas
 
     try:
         preload_blas()  # must precede any MLX import: a fast BLAS for MLX's CPU matmuls
-    except BlasError as e:
-        print(f"error: {e}", file=sys.stderr)
-        return 1
-    args = build_parser().parse_args(argv)
-    try:
-        COMMANDS[args.command][1](args)
-    except _user_errors() as e:
+        run(args)
+    except (BlasError, *_user_errors()) as e:
         print(f"error: {e}", file=sys.stderr)
         return 1
     except KeyboardInterrupt:
         print("interrupted", file=sys.stderr)
         return 130
     return 0
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    return run_command(COMMANDS[args.command][1], args)
 
 
 if __name__ == "__main__":

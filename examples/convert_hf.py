@@ -79,16 +79,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
 
 
 def main(argv: list[str] | None = None) -> int:
-    a = parse_args(argv)
-    from elm_mlx.blas import preload_blas
+    from elm_mlx.cli import run_command  # OpenBLAS before MLX, one-line errors, exit status
 
-    try:
-        preload_blas()  # before MLX loads: MLX's Linux CPU matmuls through OpenBLAS
-        run(a)
-    except (ValueError, FileNotFoundError) as e:
-        print(f"error: {e}", file=sys.stderr)
-        return 1
-    return 0
+    return run_command(run, parse_args(argv))
 
 
 if __name__ == "__main__":

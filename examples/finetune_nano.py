@@ -134,8 +134,9 @@ def lora_train(a: argparse.Namespace, model, sets: dict, adapters: Path) -> None
     apply_lora(model, config, seed=a.seed)
     write_adapter_config(adapters, config, len(model.layers))
     total = model.args.num_parameters()
-    print(f"{config.fine_tune_type.upper()} rank {a.rank} on every projection: {num_trainable(model):,} trainable "
-          f"parameters ({100 * num_trainable(model) / total:.1f}% of {total:,})")  # fmt: skip
+    n = num_trainable(model)
+    print(f"{config.fine_tune_type.upper()} rank {a.rank} on every projection: {n:,} trainable "
+          f"parameters ({100 * n / total:.1f}% of {total:,})")  # fmt: skip
     targs = TrainArgs(
         iters=a.iters,
         batch_size=a.batch_size,
@@ -202,16 +203,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
 
 
 def main(argv: list[str] | None = None) -> int:
-    a = parse_args(argv)
-    from elm_mlx.blas import preload_blas
+    from elm_mlx.cli import run_command  # OpenBLAS before MLX, one-line errors, exit status
 
-    try:
-        preload_blas()  # before MLX loads: MLX's Linux CPU matmuls through OpenBLAS
-        run(a)
-    except (ValueError, FileNotFoundError) as e:
-        print(f"error: {e}", file=sys.stderr)
-        return 1
-    return 0
+    return run_command(run, parse_args(argv))
 
 
 if __name__ == "__main__":
