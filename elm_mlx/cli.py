@@ -100,6 +100,11 @@ def _add_convert(sub) -> None:
     p.add_argument(
         "--q-recipe", metavar="NAME|FILE", help="mixed-precision recipe (see elm-mlx quantize)"
     )
+    p.add_argument(
+        "--q-scales-dtype",
+        choices=["float32", "bfloat16", "float16"],
+        help="dtype of scales and biases (default: float32 on CPU, the model's dtype on GPU)",
+    )
 
 
 def _run_convert(args) -> None:
@@ -118,13 +123,14 @@ def _run_convert(args) -> None:
 
 
 def _convert_quant_spec(args):
-    given = [f for f in ("q_bits", "q_group_size", "q_recipe") if getattr(args, f) is not None]
+    flags = ("q_bits", "q_group_size", "q_recipe", "q_scales_dtype")
+    given = [f for f in flags if getattr(args, f) is not None]
     if not args.quantize:
         if given:
             flags = ", ".join("--" + f.replace("_", "-") for f in given)
             raise CliError(f"{flags} need -q/--quantize")
         return None
-    return _quant_spec(args.q_bits, args.q_group_size, args.q_recipe, None)
+    return _quant_spec(args.q_bits, args.q_group_size, args.q_recipe, args.q_scales_dtype)
 
 
 # ---- quantize ---------------------------------------------------------------

@@ -352,6 +352,22 @@ def test_convert_quantizes_while_streaming_like_quantize_dir(cli_dirs, sp_model_
                      "--q-bits", "8"]) == 1  # fmt: skip
 
 
+def test_convert_scales_dtype_flag(cli_dirs, sp_model_file):
+    tmp, weights = cli_dirs
+    write_hf_checkpoint(tmp / "hf", mio.read_config(tmp / "float"), weights)
+    argv = ["convert", "--hf-path", str(tmp / "hf"), "--tokenizer", str(sp_model_file)]
+    assert (
+        cli.main([*argv, "--mlx-path", str(tmp / "bf"), "-q", "--q-scales-dtype", "bfloat16"]) == 0
+    )
+    streamed, _ = mio.load_model(tmp / "bf")
+    scales = [v for k, v in tree_flatten(streamed.parameters()) if k.endswith(".scales")]
+    assert scales and all(v.dtype == mx.bfloat16 for v in scales)
+    in_memory = q.quantize_dir(tmp / "float", tmp / "q", q.QuantizeSpec(scales_dtype="bfloat16"))
+    assert_same_parameters(streamed, in_memory)
+    assert cli.main([*argv, "--mlx-path", str(tmp / "x"), "--q-scales-dtype", "float16"]) == 1
+    assert not (tmp / "x").exists()
+
+
 # ---- CPU layers ------------------------------------------------------------------
 
 
