@@ -116,22 +116,53 @@ def causal_attention(q: mx.array, k: mx.array, v: mx.array, scale: float) -> mx.
     """Causal softmax attention, (B, n_q, L, D) x (B, n_kv, L, D) -> (B, n_q, L, D).
 
     Query head h reads KV head h // (n_q / n_kv). Each block of queries
-    multiplies only the keys up to its last position.
+    multiplies only the keys up to its last position, and has a hand-written
+    gradient that keeps only its probabilities (`_causal_block`).
     """
     B, n_q, L, D = q.shape
     n_kv = k.shape[1]
     q = (q * scale).reshape(B, n_kv, n_q // n_kv, L, D)
     k, v = k[:, :, None], v[:, :, None]  # (B, n_kv, 1, L, D)
     bounds = attention_blocks(L)
-    outs = []
-    for a, b in zip(bounds, bounds[1:], strict=False):
-        s = (q[:, :, :, a:b] @ k[:, :, :, :b].swapaxes(-1, -2)).astype(mx.float32)
-        visible = mx.arange(a, b)[:, None] >= mx.arange(b)[None]  # (b - a, b)
-        s = mx.where(visible, s, -mx.inf)  # (B, n_kv, rep, b - a, b)
-        e = _exp(s - mx.stop_gradient(s.max(axis=-1, keepdims=True)))
-        p = (e / e.sum(axis=-1, keepdims=True)).astype(v.dtype)
-        outs.append(p @ v[:, :, :, :b])  # (B, n_kv, rep, b - a, D)
+    outs = [
+        _causal_block(q[:, :, :, a:b], k[:, :, :, :b], v[:, :, :, :b])[0]
+        for a, b in zip(bounds, bounds[1:], strict=False)
+    ]  # (B, n_kv, rep, b - a, D) each
     return mx.concatenate(outs, axis=3).reshape(B, n_q, L, D)
+
+
+@mx.custom_function
+def _causal_block(q, k, v):
+    """softmax(q k^T) v for the last m = q.shape[-2] query positions of keys (.., b, D).
+
+    q (B, n_kv, rep, m, D), already scaled; k, v (B, n_kv, 1, b, D). Query row i
+    is position b - m + i and sees keys 0 .. b - m + i. Returns (out, probabilities).
+    """
+    m, b = q.shape[-2], k.shape[-2]
+    s = (q @ k.swapaxes(-1, -2)).astype(mx.float32)  # (B, n_kv, rep, m, b)
+    visible = mx.arange(b - m, b)[:, None] >= mx.arange(b)[None]
+    s = mx.where(visible, s, -mx.inf)
+    e = _exp(s - s.max(axis=-1, keepdims=True))
+    p = (e * (1.0 / e.sum(axis=-1, keepdims=True))).astype(v.dtype)
+    return p @ v, p
+
+
+@_causal_block.vjp
+def _causal_block_vjp(primals, cotangents, outputs):
+    """The softmax-attention gradient from the kept probabilities P and the output O:
+    dV = P^T dO, dS = P * (dO V^T - rowsum(dO * O)), dQ = dS K, dK = dS^T Q,
+    with the `rep` query heads that share a KV head folded into the rows."""
+    q, k, v = primals
+    d_out, (out, p) = cotangents[0], outputs
+    B, n_kv, rep, m, D = q.shape
+    b = k.shape[-2]
+    row = (d_out * out).astype(mx.float32).sum(axis=-1, keepdims=True)  # (.., m, 1)
+    ds = (p * ((d_out @ v.swapaxes(-1, -2)).astype(mx.float32) - row)).astype(q.dtype)
+    dq = ds @ k  # (B, n_kv, rep, m, D)
+    ds = ds.reshape(B, n_kv, rep * m, b).swapaxes(-1, -2)  # (B, n_kv, b, rep * m)
+    dk = ds @ q.reshape(B, n_kv, rep * m, D)
+    dv = p.reshape(B, n_kv, rep * m, b).swapaxes(-1, -2) @ d_out.reshape(B, n_kv, rep * m, D)
+    return dq, dk[:, :, None], dv[:, :, None]
 
 
 # ---- SwiGLU ----------------------------------------------------------------------------
