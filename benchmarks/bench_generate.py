@@ -91,12 +91,13 @@ def worker_elm_mlx(opts) -> dict:
     preload_blas()
     import mlx.core as mx
 
-    from elm_mlx.fastpath import CpuDecoder
+    from elm_mlx.fastpath import fast_decoder
     from elm_mlx.generate import generate_step
     from elm_mlx.io import load_model
 
     model, args = load_model(opts.model, dtype=opts.dtype)
-    model = CpuDecoder(model, enabled=not opts.no_fast)  # switched off: exactly the model
+    if opts.no_fast:  # otherwise generate_step chooses, as for every user
+        model = fast_decoder(model, enabled=False)
 
     def run(n_prompt, n_new):
         ids = prompt_ids(n_prompt or opts.prompt_tokens, args.vocab_size)

@@ -250,7 +250,14 @@ def _add_generation_flags(p) -> None:
     p.add_argument("--max-kv-size", type=int, help="rotating KV window, to go past the context")
     p.add_argument("--system", help="system message (applies the chat template)")
     p.add_argument("--adapter-path", help="LoRA adapters trained by `elm-mlx lora` to apply")
-    p.add_argument("-v", "--verbose", action="store_true", help="model and prompt details")
+    p.add_argument(
+        "--no-fast-path",
+        action="store_true",
+        help="on the CPU, run MLX's own kernels instead of the numpy/BLAS decoding path",
+    )
+    p.add_argument(
+        "-v", "--verbose", action="store_true", help="model, BLAS, fast path and prompt details"
+    )
 
 
 def _add_generate(sub) -> None:
@@ -287,6 +294,8 @@ def _generation_settings(args, **extra):
 def _load_for_generation(args):
     import time
 
+    from .blas import blas_description
+    from .fastpath import fast_decoder, fast_path_description
     from .io import load, require_tokenizer
 
     start = time.perf_counter()
@@ -297,13 +306,16 @@ def _load_for_generation(args):
         from .lora import apply_adapters
 
         apply_adapters(model, args.adapter_path)
+    decoder = fast_decoder(model, enabled=not args.no_fast_path)
     if args.verbose:
         millions = model.args.num_parameters() / 1e6
         print(
             f"loaded {path}: {millions:.1f}M parameters, {time.perf_counter() - start:.2f}s",
             file=sys.stderr,
         )
-    return model, tokenizer
+        print(f"BLAS: {blas_description()}", file=sys.stderr)
+        print(f"CPU fast path: {fast_path_description(decoder)}", file=sys.stderr)
+    return decoder, tokenizer
 
 
 def _suggested_sampling(path: str) -> dict:

@@ -467,16 +467,35 @@ def _head(model: OpenELM, h: mx.array) -> mx.array:
     return model.lm_head(h)
 
 
-def fast_decoder(model: OpenELM, enabled: bool | None = None) -> OpenELM | CpuDecoder:
-    """`model` wrapped in a CpuDecoder when MLX runs on the CPU; `enabled=False` returns `model`.
+def fast_path_description(model) -> str:
+    """One line saying whether single-sequence generation takes the numpy path, and why."""
+    if isinstance(model, CpuDecoder) and not model.enabled:
+        return "off (switched off)"
+    if not on_cpu():
+        return f"off (MLX runs on {mx.default_device()})"
+    if _sources(getattr(model, "model", model)) is None:
+        return (
+            "off (float32 models with plain layers only; quantized, LoRA and half-precision "
+            "layers take MLX's kernels)"
+        )
+    return "on (numpy BLAS: gemv per token, gemm per prompt chunk)"
 
-    `enabled=None` (automatic) wraps it only when the default device is the CPU; the
-    wrapper itself still hands anything it does not handle to the model.
+
+def fast_decoder(model: OpenELM, enabled: bool | None = None) -> OpenELM | CpuDecoder:
+    """`model` wrapped in a CpuDecoder when MLX runs on the CPU.
+
+    `enabled=None` (automatic) wraps an OpenELM only when the default device is
+    the CPU, and leaves a wrapper the caller already chose as it is; `enabled=False`
+    returns a switched-off wrapper (exactly the model), so that the choice stands
+    when generation code calls `fast_decoder` again. The wrapper itself hands
+    anything it does not handle to the model.
     """
     if isinstance(model, CpuDecoder):
         if enabled is None:
             return model  # already chosen, possibly switched off: leave it
         model = model.model
-    if enabled is False or (enabled is None and not on_cpu()):
-        return model
+    if enabled is False:
+        return CpuDecoder(model, enabled=False)
+    if enabled is None and not (on_cpu() and isinstance(model, OpenELM)):
+        return model  # a GPU, or another model class (it may compute differently)
     return CpuDecoder(model)

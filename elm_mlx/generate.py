@@ -14,6 +14,7 @@ from dataclasses import dataclass
 import mlx.core as mx
 
 from .cache import ContextLengthError
+from .fastpath import fast_decoder
 from .sample import (
     LogitsProcessor,
     Sampler,
@@ -123,7 +124,12 @@ def generate_step(
     The prompt goes through the model in chunks of `prefill_step` tokens; each
     next step is queued (`mx.async_eval`) before the current token is yielded.
     `cache` (from `model.make_cache()`) may already hold earlier tokens.
+
+    On the CPU the model runs through `elm_mlx.fastpath.CpuDecoder` (numpy/BLAS,
+    same logits to float32 rounding); pass `fast_decoder(model, enabled=False)`
+    to keep MLX's own kernels.
     """
+    model = fast_decoder(model)
     prompt = mx.array(prompt_ids, dtype=mx.int32).reshape(-1)  # (L,)
     if prompt.size == 0:
         raise ValueError("the prompt is empty; give at least one token id")
@@ -321,7 +327,7 @@ class ChatSession:
         system: str | None = None,
         settings: GenerationSettings | None = None,
     ):
-        self.model, self.tokenizer, self.system = model, tokenizer, system
+        self.model, self.tokenizer, self.system = fast_decoder(model), tokenizer, system
         self.settings = settings or GenerationSettings()
         self.reset()
 

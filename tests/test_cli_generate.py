@@ -237,3 +237,27 @@ def test_generate_with_adapter_path_equals_the_fused_model(tmp_path, capsys):
     with_adapters = text("--adapter-path", str(tmp_path / "adapters"))
     assert with_adapters == text("--model", str(fused))
     assert with_adapters != text()
+
+
+def test_cpu_fast_path_is_used_and_can_be_switched_off(capsys, monkeypatch, model_dirs):
+    """On the CPU generation runs through the numpy path unless --no-fast-path; same greedy
+    text either way (logits agree to float32 rounding), and -v says which path and BLAS."""
+    from elm_mlx.fastpath import CpuDecoder
+
+    calls = []
+    original = CpuDecoder.forward
+
+    def counting(self, views, tokens, cache):
+        calls.append(len(tokens))
+        return original(self, views, tokens, cache)
+
+    monkeypatch.setattr(CpuDecoder, "forward", counting)
+    argv = ["generate", "--model", model_dirs[0], "--prompt", "Once upon a time", "--temp", "0"]
+    code, fast_out, err = run_cli(capsys, *argv, "--max-tokens", "10", "-v")
+    assert code == 0 and len(calls) >= 10 and sum(calls) > 10  # prompt chunk and each token
+    assert "CPU fast path: on" in err and "BLAS: " in err
+    calls.clear()
+    code, plain_out, err = run_cli(capsys, *argv, "--max-tokens", "10", "-v", "--no-fast-path")
+    assert code == 0 and calls == []
+    assert "CPU fast path: off (switched off)" in err
+    assert plain_out == fast_out

@@ -157,7 +157,9 @@ def test_wrapper_is_the_model_elsewhere(model):
     off = CpuDecoder(model, enabled=False)
     assert fast_decoder(off) is off  # a caller's switch stands
     assert fast_decoder(off, enabled=True).enabled
-    assert fast_decoder(model, enabled=False) is model
+    switched_off = fast_decoder(model, enabled=False)
+    assert switched_off.model is model and not switched_off.enabled
+    assert fast_decoder(switched_off) is switched_off  # generate_step keeps the choice
     assert isinstance(fast.make_cache(max_kv_size=16)[0], RotatingKVCache)
 
 
@@ -237,3 +239,17 @@ def test_parallel_shares_cover_the_range_and_pass_errors_on():
     seen.clear()
     _parallel(lambda lo, hi: seen.extend(range(lo, hi)), 5)  # still usable afterwards
     assert sorted(seen) == list(range(5))
+
+
+def test_generation_takes_the_numpy_path_on_the_cpu(model, monkeypatch):
+    seen = []
+    original = CpuDecoder.forward
+    monkeypatch.setattr(
+        CpuDecoder, "forward", lambda self, *a: seen.append(1) or original(self, *a)
+    )
+    tokens = [t for t, _ in generate_step([1, 5, 9, 2], model, max_tokens=4)]
+    assert len(seen) == 5  # prefill, last prompt token, three more steps: all numpy
+    seen.clear()
+    off = fast_decoder(model, enabled=False)
+    assert [t for t, _ in generate_step([1, 5, 9, 2], off, max_tokens=4)] == tokens
+    assert seen == []
