@@ -251,6 +251,13 @@ def _add_generation_flags(p) -> None:
     p.add_argument("--system", help="system message (applies the chat template)")
     p.add_argument("--adapter-path", help="LoRA adapters trained by `elm-mlx lora` to apply")
     p.add_argument(
+        "--dtype",
+        choices=["auto", "float32", "bfloat16", "float16"],
+        default="auto",
+        help="compute dtype of a float model (auto: float32 on the CPU, where MLX's "
+        "half-precision kernels are slow; bfloat16 on a GPU); quantized models keep theirs",
+    )
+    p.add_argument(
         "--no-fast-path",
         action="store_true",
         help="on the CPU, run MLX's own kernels instead of the numpy/BLAS decoding path",
@@ -295,13 +302,19 @@ def _load_for_generation(args):
     import time
 
     from .blas import blas_description
-    from .fastpath import fast_decoder, fast_path_description
-    from .io import load, require_tokenizer
+    from .fastpath import default_dtype, fast_decoder, fast_path_description
+    from .io import as_dtype, dtype_name, load, require_tokenizer
 
     start = time.perf_counter()
     path = _model_path(args.model)
     model, tokenizer = load(path)
     tokenizer = require_tokenizer(tokenizer, path)
+    stored = model.transformer.norm.weight.dtype
+    if model.args.quantization is None:  # quantized models keep their scales' dtype
+        want = default_dtype() if args.dtype == "auto" else as_dtype(args.dtype)
+        if want != stored:
+            model.set_dtype(want)
+    compute = model.transformer.norm.weight.dtype
     if args.adapter_path is not None:
         from .lora import apply_adapters
 
@@ -313,6 +326,10 @@ def _load_for_generation(args):
             f"loaded {path}: {millions:.1f}M parameters, {time.perf_counter() - start:.2f}s",
             file=sys.stderr,
         )
+        how = "as stored" if compute == stored else f"stored {dtype_name(stored)}"
+        if args.dtype == "auto" and model.args.quantization is None:
+            how += "; --dtype auto: float32 on the CPU, bfloat16 on a GPU"
+        print(f"compute dtype: {dtype_name(compute)} ({how})", file=sys.stderr)
         print(f"BLAS: {blas_description()}", file=sys.stderr)
         print(f"CPU fast path: {fast_path_description(decoder)}", file=sys.stderr)
     return decoder, tokenizer

@@ -261,3 +261,27 @@ def test_cpu_fast_path_is_used_and_can_be_switched_off(capsys, monkeypatch, mode
     assert code == 0 and calls == []
     assert "CPU fast path: off (switched off)" in err
     assert plain_out == fast_out
+
+
+def test_half_precision_models_compute_in_float32_on_the_cpu(capsys, tmp_path, model_dirs):
+    """--dtype auto: a bfloat16 model directory runs in float32 on the CPU (fast path on), the
+    same text as loading it as float32; --dtype bfloat16 keeps MLX's half-precision kernels."""
+    import mlx.core as mx
+
+    from elm_mlx.generate import generate
+    from elm_mlx.io import load, save_model
+
+    model, tokenizer = load(model_dirs[0])
+    model.set_dtype(mx.bfloat16)
+    half = save_model(
+        tmp_path / "bf16", model, model.args, tokenizer=model_dirs[0] / "tokenizer.model"
+    )
+    argv = ["generate", "--model", half, "--prompt", "Once upon a time", "--temp", "0", "-v"]
+    code, out, err = run_cli(capsys, *argv, "--max-tokens", "8")
+    assert code == 0 and "compute dtype: float32 (stored bfloat16" in err
+    assert "CPU fast path: on" in err
+    as_float32, _ = load(half, dtype="float32")
+    assert out == generate(as_float32, tokenizer, "Once upon a time", max_tokens=8) + "\n"
+    code, _, err = run_cli(capsys, *argv, "--max-tokens", "8", "--dtype", "bfloat16")
+    assert code == 0 and "compute dtype: bfloat16 (as stored)" in err
+    assert "CPU fast path: off" in err
