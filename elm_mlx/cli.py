@@ -487,6 +487,7 @@ def _add_lora(sub) -> None:
     p.add_argument("--data", required=True, help="directory with train.jsonl and valid.jsonl")
     p.add_argument("--adapter-path", default="adapters", help="output directory (adapters)")
     p.add_argument("--resume", action="store_true", help="continue from ADAPTER_PATH/checkpoint")
+    p.add_argument("--force", action="store_true", help="replace adapters already in ADAPTER_PATH")
     kind = p.add_mutually_exclusive_group()
     kind.add_argument("--full", action="store_true", help="train every weight instead of LoRA")
     kind.add_argument(
@@ -545,21 +546,65 @@ def _train_args(args):
     return TrainArgs(out_dir=args.adapter_path, **{n: getattr(args, n) for n in names})
 
 
+_ADAPTER_FLAGS = {
+    "fine_tune_type": "--dora / --full",
+    "num_layers": "--num-layers",
+    "rank": "--rank",
+    "scale": "--scale / --alpha",
+    "dropout": "--dropout",
+    "keys": "--targets",
+}
+
+
 def _check_resume_config(adapter_path: str, config, n_layers: int) -> None:
     from .lora import read_adapter_config
 
     saved = read_adapter_config(adapter_path)
-    if saved.to_dict(n_layers) != config.to_dict(n_layers):
+    before, now = saved.to_dict(n_layers), config.to_dict(n_layers)
+    before.update(before.pop("lora_parameters", {}))
+    now.update(now.pop("lora_parameters", {}))
+    diffs = [
+        f"{_ADAPTER_FLAGS.get(k, k)} was {before.get(k)}, now {now.get(k)}"
+        for k in sorted(set(before) | set(now))
+        if before.get(k) != now.get(k)
+    ]
+    if diffs:
         raise CliError(
             f"--resume: {adapter_path} was trained with other adapter settings "
-            f"({saved.to_dict(n_layers)}); repeat the original flags"
+            f"({'; '.join(diffs)}); repeat the original flags"
+        )
+
+
+def _forget_run(adapter_path: str) -> None:
+    """--force: drop an earlier run's checkpoint so that a later --resume cannot pick it up."""
+    import shutil
+    from pathlib import Path
+
+    from .checkpoint import CHECKPOINT_DIR
+
+    for name in (CHECKPOINT_DIR, ".checkpoint.old"):
+        shutil.rmtree(Path(adapter_path) / name, ignore_errors=True)
+
+
+def _check_fresh_adapter_path(adapter_path: str) -> None:
+    from pathlib import Path
+
+    from .checkpoint import CHECKPOINT_DIR
+    from .lora import ADAPTER_FILE, CONFIG_FILE
+
+    path = Path(adapter_path)
+    held = [n for n in (ADAPTER_FILE, CONFIG_FILE, CHECKPOINT_DIR) if (path / n).exists()]
+    if held:
+        raise CliError(
+            f"{adapter_path} already holds {', '.join(held)}; --resume continues that run, "
+            "--force replaces it, or choose another --adapter-path"
         )
 
 
 def _run_lora(args) -> None:
     import mlx.core as mx
 
-    from .data import load_datasets
+    from .data import check_batch_size, load_datasets
     from .io import load, require_tokenizer
     from .lora import apply_lora, num_trainable, write_adapter_config
     from .trainer import evaluate, train
@@ -577,14 +622,19 @@ def _run_lora(args) -> None:
     )  # fmt: skip
     for dataset in sets.values():
         say(dataset.summary())
+    check_batch_size(sets["train"], targs.batch_size, group.size())  # before anything is written
     n_layers = len(model.layers)
     if args.resume:
         _check_resume_config(args.adapter_path, config, n_layers)
+    elif not args.force:
+        _check_fresh_adapter_path(args.adapter_path)
     apply_lora(model, config, seed=args.seed)
     total = model.args.num_parameters()
     say(f"trainable parameters: {num_trainable(model):,} of {total:,} "
         f"({100 * num_trainable(model) / total:.3f}%), {group.size()} process(es)")  # fmt: skip
     if group.rank() == 0:
+        if args.force and not args.resume:
+            _forget_run(args.adapter_path)
         write_adapter_config(args.adapter_path, config, n_layers)
     state = train(model, targs, sets["train"], sets.get("valid"), resume=args.resume, group=group)
     if state.best_val is not None:

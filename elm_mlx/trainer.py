@@ -324,6 +324,11 @@ class _Run:
         if resume:
             self.state = _restore(self.out, self.model, self.optimizer, self.args, self.world)
             self.state.interrupted = False
+            if self.state.step >= self.args.iters:
+                raise TrainError(
+                    f"{self.out / CHECKPOINT_DIR} is at step {self.state.step} already; "
+                    f"raise iters above {self.state.step} to train more"
+                )
             self.say(f"resuming at step {self.state.step} from {self.out / CHECKPOINT_DIR}")
         else:
             mx.random.seed(self.args.seed)

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+from pathlib import Path
 
 import mlx.core as mx
 import mlx.nn as nn
@@ -293,4 +294,19 @@ def test_cli_reports_bad_data_and_resume_mismatch_in_one_line(tmp_path, model_di
     assert main([*args[:4], str(data), "--iters", "1", "--adapter-path", adapters]) == 0
     resumed = [*args[:4], str(data), "--iters", "2", "--adapter-path", adapters, "--rank", "4"]
     assert main([*resumed, "--resume"]) == 1
-    assert "trained with other adapter settings" in capsys.readouterr().err
+    err = capsys.readouterr().err
+    assert "trained with other adapter settings (--rank was 8, now 4)" in err
+    # An existing run is neither replaced without --force nor spoiled by a failing run.
+    before = {p.name: p.read_bytes() for p in Path(adapters).iterdir() if p.is_file()}
+    assert main([*resumed]) == 1
+    assert "already holds adapters.safetensors" in capsys.readouterr().err
+    assert main([*resumed, "--force", "--batch-size", "100"]) == 1
+    assert "fewer than the batch size 100" in capsys.readouterr().err
+    assert {p.name: p.read_bytes() for p in Path(adapters).iterdir() if p.is_file()} == before
+    fresh = tmp_path / "never"
+    assert main([*resumed[:-4], "--adapter-path", str(fresh), "--batch-size", "100"]) == 1
+    assert not fresh.exists()
+    assert main([*resumed, "--force"]) == 0
+    capsys.readouterr()
+    assert main([*resumed, "--iters", "1", "--resume"]) == 1  # already at step 2
+    assert "is at step 2 already; raise iters above 2" in capsys.readouterr().err
