@@ -659,14 +659,21 @@ def _add_fuse(sub) -> None:
 
 
 def _run_fuse(args) -> None:
-    from .io import load, save_model
+    from pathlib import Path
+
+    from .io import carried_files, check_not_source, check_target, load, save_model
     from .lora import fuse_lora, load_adapters
 
+    check_not_source(args.save_path, args.model, "--save-path")
+    check_target(Path(args.save_path).absolute(), force=args.force)  # before the work
     model, tokenizer = load(args.model)
     load_adapters(model, args.adapter_path)
     fuse_lora(model, de_quantize=args.de_quantize)
     tokenizer_file = tokenizer.model_file if tokenizer is not None else None
-    save_model(args.save_path, model, model.args, tokenizer=tokenizer_file, force=args.force)
+    save_model(
+        args.save_path, model, model.args, tokenizer=tokenizer_file, force=args.force,
+        extra_files=carried_files(args.model),
+    )  # fmt: skip
     print(f"fused {args.adapter_path} into {args.model}: wrote {args.save_path}")
 
 

@@ -300,8 +300,7 @@ def convert(
     out = Path(mlx_path).expanduser().absolute()
     mio.check_target(out, force=force)  # before any download
     src, tok_file = _source_dir(hf_path, tokenizer, revision)
-    if out == src.absolute() or out in src.absolute().parents:
-        raise ValueError(f"--mlx-path {out} would replace the source {src}; choose another path")
+    mio.check_not_source(out, src, "--mlx-path")
     args, source, out_dtype = _checked(src, tok_file, dtype, log)
     transform = _quantizer(quantize, args, out_dtype)
     fields = dict(
@@ -318,6 +317,8 @@ def convert(
             mio.write_weights(tmp, pending, max_shard_bytes=max_shard_bytes, log=log)
             mio.write_config(tmp, args, torch_dtype=fields["dtype"])
             shutil.copyfile(tok_file, tmp / mio.TOKENIZER_FILE)
+            for name, content in mio.carried_files(src).items():  # sampling defaults
+                (tmp / name).write_text(json.dumps(content, indent=2) + "\n")
             origin = (_origin(tokenizer, tok_file), tok_file)
             record = provenance(str(hf_path), src, sums.result(), origin, **fields)
             (tmp / "provenance.json").write_text(json.dumps(record, indent=2) + "\n")

@@ -23,6 +23,7 @@ MODEL_FILES = [
     "pytorch_model*.bin",
     "pytorch_model.bin.index.json",
     "tokenizer.model",
+    "generation_config.json",  # sampling defaults, carried into converted directories
 ]
 TOKENIZER_FILES = ["tokenizer.model"]
 # Seconds to wait for the hub's first answer before calling the hub unreachable.

@@ -309,6 +309,29 @@ def check_target(path: Path, *, force: bool) -> None:
         )
 
 
+def check_not_source(out: str | Path, src: str | Path, flag: str) -> None:
+    """Refuse an output directory that is the input model or holds it."""
+    o, i = Path(out).expanduser().resolve(), Path(src).expanduser().resolve()
+    if o == i or o in i.parents:
+        raise FileExistsError(
+            f"{flag} {out} would replace the input model {src}; choose another path"
+        )
+
+
+GENERATION_CONFIG = "generation_config.json"
+
+
+def carried_files(src: str | Path) -> dict[str, dict]:
+    """Side files a model directory passes on to the directories made from it (its sampling
+    defaults, generation_config.json), as `save_model`'s `extra_files`."""
+    file = Path(src) / GENERATION_CONFIG
+    try:
+        content = json.loads(file.read_text())
+    except (OSError, json.JSONDecodeError):
+        return {}
+    return {GENERATION_CONFIG: content} if isinstance(content, dict) else {}
+
+
 def plan_shards(sizes: list[int], max_bytes: int) -> list[list[int]]:
     """Indices of consecutive items per shard, each shard at most `max_bytes` unless one item
     alone is larger."""

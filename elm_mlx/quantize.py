@@ -379,6 +379,7 @@ def quantize_dir(
     """Quantize the float model directory `src` into the model directory `out` (written
     atomically, tokenizer.model copied); returns the quantized model."""
     src = Path(src)
+    mio.check_not_source(out, src, "the output")
     mio.check_target(Path(out).absolute(), force=force)
     model, args = mio.load_model(src, lazy=True)  # each matrix is read when it is quantized
     if args.quantization:
@@ -391,7 +392,7 @@ def quantize_dir(
         model.args,
         tokenizer=tokenizer if tokenizer.is_file() else None,
         force=force,
-        extra_files=extra_files,
+        extra_files={**mio.carried_files(src), **(extra_files or {})},
         log=log,
     )
     return model

@@ -408,3 +408,36 @@ def test_cpu_embedding_head_matches(tiny):
         if isinstance(m, nn.QuantizedLinear | nn.QuantizedEmbedding):
             m.__class__ = m.__class__.__mro__[1]
     assert rel_err(fast, model(IDS)) < 1e-5
+
+
+def test_outputs_never_replace_their_input_and_keep_sampling_defaults(cli_dirs, capsys):
+    """quantize, fuse and convert refuse to write over the model they read (even with
+    --force), and pass its generation_config.json on."""
+    import json
+
+    from elm_mlx.lora import LoRAConfig, apply_lora, save_adapters
+
+    tmp, weights = cli_dirs
+    src = tmp / "float"
+    sampling = {"temperature": 0.7, "top_p": 0.9}
+    (src / "generation_config.json").write_text(json.dumps(sampling))
+    before = {p.name: p.read_bytes() for p in src.iterdir()}
+    assert cli.main(["quantize", "--model", str(src), "--out", str(src), "--force"]) == 1
+    assert "would replace the input model" in capsys.readouterr().err
+    model, _ = mio.load_model(src)
+    apply_lora(model, LoRAConfig(rank=2))
+    save_adapters(model, tmp / "adapters", LoRAConfig(rank=2))
+    fuse = ["fuse", "--model", str(src), "--adapter-path", str(tmp / "adapters")]
+    assert cli.main([*fuse, "--save-path", str(src), "--force"]) == 1
+    assert "would replace the input model" in capsys.readouterr().err
+    write_hf_checkpoint(tmp / "hf", mio.read_config(src), weights)
+    convert = ["convert", "--hf-path", str(tmp / "hf"), "--tokenizer", str(src / "tokenizer.model")]
+    assert cli.main([*convert, "--mlx-path", str(tmp / "hf"), "--force"]) == 1
+    assert {p.name: p.read_bytes() for p in src.iterdir()} == before
+    assert cli.main(["quantize", "--model", str(src), "--out", str(tmp / "q")]) == 0
+    assert cli.main([*fuse, "--save-path", str(tmp / "fused")]) == 0
+    for out in ("q", "fused"):
+        assert json.loads((tmp / out / "generation_config.json").read_text()) == sampling
+    (tmp / "hf" / "generation_config.json").write_text(json.dumps(sampling))
+    assert cli.main([*convert, "--mlx-path", str(tmp / "converted")]) == 0
+    assert json.loads((tmp / "converted" / "generation_config.json").read_text()) == sampling
