@@ -384,6 +384,12 @@ def _print_summary(last) -> None:
     if last is None:
         print("generated no tokens", file=sys.stderr)
         return
+    if last.finish_reason == "context":
+        print(
+            "stopped: the model's context is full; --max-kv-size N keeps generating with a "
+            "rotating window of N tokens",
+            file=sys.stderr,
+        )
     print(
         f"prompt: {last.prompt_tokens} tokens, {last.prompt_tps:.2f} tokens/s\n"
         f"generation: {last.generation_tokens} tokens, {last.generation_tps:.2f} tokens/s\n"

@@ -54,6 +54,8 @@ class GenerationSettings:
             raise ValueError(f"prefill_step must be an integer >= 1, got {self.prefill_step}")
         if self.max_kv_size is not None and self.max_kv_size < 8:
             raise ValueError(f"max_kv_size must be at least 8 tokens, got {self.max_kv_size}")
+        if self.seed is not None and not (isinstance(self.seed, int) and 0 <= self.seed < 2**64):
+            raise ValueError(f"seed must be an integer in [0, 2**64), got {self.seed}")
         if any(not isinstance(s, str) or not s for s in self.stop):
             raise ValueError(f"stop strings must be non-empty strings, got {list(self.stop)}")
 
@@ -77,7 +79,8 @@ class GenerationResponse:
     generation_tokens: int
     generation_tps: float
     peak_memory: float  # GB
-    finish_reason: str | None = None  # "stop" (EOS or stop string), "length", or None
+    # "stop" (EOS or stop string), "length" (max_tokens), "context" (the cache is full), or None
+    finish_reason: str | None = None
 
 
 # ---- token level ----------------------------------------------------------------
@@ -263,12 +266,18 @@ def stream_generate(
             text, reason = out.finish()[0], "stop"
         else:
             text, stopped = out.add(token)
-            reason = "stop" if stopped else "length" if n == budget else None
-            if reason == "length":
+            reason = "stop" if stopped else _length_reason(n, budget, settings.max_tokens)
+            if reason in ("length", "context"):
                 text += out.finish()[0]
         yield clock.response(text, token, logprobs, reason)
         if reason is not None:
             return
+
+
+def _length_reason(n: int, budget: int, max_tokens: int) -> str | None:
+    if n < budget:
+        return None
+    return "length" if budget == max_tokens else "context"
 
 
 class _Clock:

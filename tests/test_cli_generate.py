@@ -85,6 +85,8 @@ def test_bad_flags_exit_2(capsys, argv):
         (["--max-tokens", "-1"], "max_tokens"),
         (["--max-kv-size", "2"], "max_kv_size"),
         (["--stop", ""], "stop"),
+        (["--seed", "-1"], "seed must be an integer in [0, 2**64)"),
+        (["--seed", str(2**64)], "seed"),
         (["--raw", "--system", "Be brief."], "--system"),
     ],
 )
@@ -285,3 +287,23 @@ def test_half_precision_models_compute_in_float32_on_the_cpu(capsys, tmp_path, m
     code, _, err = run_cli(capsys, *argv, "--max-tokens", "8", "--dtype", "bfloat16")
     assert code == 0 and "compute dtype: bfloat16 (as stored)" in err
     assert "CPU fast path: off" in err
+
+
+def test_a_full_context_is_reported(capsys, model_dirs, loaded):
+    """Greedy generation that runs into the context length ends with finish_reason "context"
+    and a line on stderr that names the way past it; max_tokens itself ends with "length"."""
+    from elm_mlx.generate import stream_generate
+
+    model, tokenizer = loaded
+    context = model.args.max_context_length
+    n_prompt = len(tokenizer.encode("Once upon a time"))
+    last = list(stream_generate(model, tokenizer, "Once upon a time", max_tokens=context))[-1]
+    assert last.finish_reason == "context"  # these random weights never pick EOS greedily
+    assert last.generation_tokens == context - n_prompt + 1
+    last = list(stream_generate(model, tokenizer, "Once upon a time", max_tokens=3))[-1]
+    assert last.finish_reason == "length"
+    argv = ["generate", "--model", model_dirs[0], "--prompt", "Once upon a time", "--temp", "0"]
+    code, _, err = run_cli(capsys, *argv, "--max-tokens", str(context))
+    assert code == 0 and "context is full; --max-kv-size" in err
+    code, _, err = run_cli(capsys, *argv, "--max-tokens", "3")
+    assert code == 0 and "context is full" not in err
