@@ -194,11 +194,14 @@ def _check_quantize_flags(args) -> None:
 
 
 def _quant_spec(bits, group_size, recipe, scales_dtype):
+    from pathlib import Path
+
     from .quantize import RECIPES, QuantizeSpec
 
     if recipe is not None and bits is not None:
         raise CliError("a bits flag conflicts with a recipe: the recipe sets the bits")
-    if recipe is not None and recipe not in RECIPES and group_size is not None:
+    is_file = recipe is not None and recipe not in RECIPES and Path(recipe).is_file()
+    if is_file and group_size is not None:  # (a bad recipe name gets its own error)
         raise CliError("a group size flag conflicts with a recipe file: the file sets them")
     return QuantizeSpec(
         bits=4 if bits is None else bits,

@@ -250,15 +250,21 @@ def make_plan(args: ModelArgs, spec: QuantizeSpec | Recipe, *, loading: bool = F
     plan = {path: recipe.params_for(path) for path in shapes}
     for p in set(plan.values()) - {None}:
         check_params(p.bits, p.group_size, loading=loading)
-    bad = [
-        f"{path} (in dim {shapes[path][1]}, group size {p.group_size})"
-        for path, p in plan.items()
-        if p is not None and shapes[path][1] % p.group_size
-    ]
+    bad = [path for path, p in plan.items() if p is not None and shapes[path][1] % p.group_size]
     if bad:
+        widths = {shapes[path][1] for path in bad}
+        fits = [g for g in GROUP_SIZES if all(w % g == 0 for w in widths)]
+        fix = (
+            f"use group size {max(fits)} (--group-size {max(fits)})"
+            if fits
+            else "no supported group size fits them: keep them in float with a recipe file "
+            f'({{"{bad[0]}": false, ...}})'
+        )
+        shown = ", ".join(f"{path} (in dim {shapes[path][1]})" for path in bad[:3])
+        more = f" and {len(bad) - 3} more" if len(bad) > 3 else ""
         raise QuantizeError(
-            f"group size does not divide the input dimension of {'; '.join(bad)}: choose a "
-            "smaller group size, or a recipe that keeps these matrices in float (false)"
+            f"group size {plan[bad[0]].group_size} does not divide the input dimension of "
+            f"{len(bad)} matrices: {shown}{more}; {fix}"
         )
     return plan
 

@@ -206,9 +206,15 @@ def test_bad_requests_are_one_line_errors(kwargs, message):
 
 def test_group_size_that_does_not_divide_is_an_error_naming_the_layers():
     args = tiny_args()  # FFN widths are multiples of 16 only
-    with pytest.raises(q.QuantizeError, match=r"does not divide .*ffn\.proj_2") as e:
+    with pytest.raises(q.QuantizeError, match=r"does not divide .* 5 matrices: .*ffn\.proj_2") as e:
         q.make_plan(args, q.QuantizeSpec(4, 64))
-    assert "\n" not in str(e.value)
+    assert "\n" not in str(e.value) and "keep them in float with a recipe file" in str(e.value)
+    # When a smaller supported group size fits every such matrix, the error names it.
+    from elm_mlx.io import default_model_path
+
+    nano = mio.read_config(default_model_path())  # model_dim 160
+    with pytest.raises(q.QuantizeError, match=r"use group size 32 \(--group-size 32\)$"):
+        q.make_plan(nano, q.QuantizeSpec(4, 64))
     # A recipe can keep exactly those matrices in float instead.
     recipe = q.Recipe(4, 32, {"*.out_proj": None, "*.proj_2": None})
     plan = q.make_plan(args, recipe)
