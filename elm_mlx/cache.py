@@ -52,7 +52,8 @@ class KVCache:
         if self.max_size is not None and end > self.max_size:
             raise ContextLengthError(
                 f"{end} tokens exceed the context length of {self.max_size}; "
-                "shorten the prompt or generation, or use a rotating window (max_kv_size)"
+                "shorten the prompt or generation, or use a rotating window "
+                "(max_kv_size, --max-kv-size)"
             )
         if self.keys is None or end > self.keys.shape[2]:
             self._grow(keys, values, end)

@@ -58,7 +58,7 @@ def checkpoint_dir(out_dir: Path) -> Path:
     for name in (CHECKPOINT_DIR, ".checkpoint.old"):  # .old: a crash between two renames
         if (out_dir / name / "state.json").is_file():
             return out_dir / name
-    raise FileNotFoundError(f"no checkpoint in {out_dir} to resume; start without resume")
+    raise FileNotFoundError(f"no checkpoint in {out_dir} to resume; start without --resume")
 
 
 def read_meta(where: Path) -> dict:

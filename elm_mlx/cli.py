@@ -42,18 +42,15 @@ def _add_info(sub) -> None:
 def _run_info(args) -> None:
     from pathlib import Path
 
-    from .config import PRESETS, ModelArgs, describe, preset
+    from .config import PRESETS, describe, preset
 
     name = args.model
     if name == "nano" and not Path(name).is_dir():
         name = _model_path(None)
     if Path(name).is_dir():
-        import json
+        from .io import read_config
 
-        config_file = Path(name) / "config.json"
-        if not config_file.exists():
-            raise FileNotFoundError(f"{config_file} not found; is {name} a model directory?")
-        model_args = ModelArgs.from_dict(json.loads(config_file.read_text()))
+        model_args = read_config(Path(name))  # errors name the file
         print(f"{name}")
     elif name.split("/")[-1] in PRESETS:
         model_args = preset(name)
@@ -128,7 +125,7 @@ def _convert_quant_spec(args):
     if not args.quantize:
         if given:
             flags = ", ".join("--" + f.replace("_", "-") for f in given)
-            raise CliError(f"{flags} need -q/--quantize")
+            raise CliError(f"{flags} only work with -q/--quantize")
         return None
     return _quant_spec(args.q_bits, args.q_group_size, args.q_recipe, args.q_scales_dtype)
 

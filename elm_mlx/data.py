@@ -111,13 +111,20 @@ def load_datasets(
 ) -> dict[str, Dataset]:
     """Load `train.jsonl`, `valid.jsonl` and `test.jsonl` (when present) from a directory."""
     data_dir = Path(data_dir)
+    if data_dir.is_file():
+        raise NotADirectoryError(
+            f"{data_dir} is a file; give the directory that holds train.jsonl and valid.jsonl"
+        )
     if not data_dir.is_dir():
         raise FileNotFoundError(f"data directory {data_dir} not found; it must hold train.jsonl")
     required = ["train", "valid"] if require_valid else ["train"]
     missing = [f"{s}.jsonl" for s in required if not (data_dir / f"{s}.jsonl").is_file()]
     if missing:
-        hint = " (or turn validation off)" if "valid.jsonl" in missing else ""
-        raise FileNotFoundError(f"{data_dir} has no {' or '.join(missing)}; add it{hint}")
+        hint = " (or turn validation off: --val-every 0)" if "valid.jsonl" in missing else ""
+        what = " and ".join(missing)
+        raise FileNotFoundError(
+            f"{data_dir} has no {what}; add {'them' if len(missing) > 1 else 'it'}{hint}"
+        )
     return {
         split: load_jsonl(
             data_dir / f"{split}.jsonl",

@@ -106,7 +106,8 @@ def token_budget(model, cache, n_prompt: int, max_tokens: int) -> int:
         held = f" (the cache already holds {first.offset})" if first.offset else ""
         raise ContextLengthError(
             f"the prompt has {n_prompt} tokens but only {room} fit in the {limit}-token "
-            f"context{held}; shorten the prompt or use a rotating window (max_kv_size)"
+            f"context{held}; shorten the prompt or use a rotating window "
+            "(max_kv_size, --max-kv-size)"
         )
     return min(max_tokens, room - n_prompt + 1)
 

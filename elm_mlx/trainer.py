@@ -500,7 +500,7 @@ def train(
     if run.state.interrupted:
         run.say(
             f"interrupted: checkpoint at step {run.state.step} saved in "
-            f"{run.out / CHECKPOINT_DIR}; run the same command with resume to continue"
+            f"{run.out / CHECKPOINT_DIR}; run the same command with --resume to continue"
         )
         raise KeyboardInterrupt
     if args.plot and run.writer:
