@@ -504,27 +504,39 @@ def _add_lora(sub) -> None:
     scale.add_argument("--scale", type=float, help="LoRA scale (20); alpha = scale * rank")
     scale.add_argument("--alpha", type=float, help="LoRA alpha; scale = alpha / rank")
     p.add_argument("--dropout", type=float, default=0.0, help="LoRA dropout (0)")
-    p.add_argument("--num-layers", type=int, default=-1, help="adapt the last N blocks (all)")
     p.add_argument(
-        "--targets", default="qkv_proj,out_proj,proj_1,proj_2", help="comma-separated projections"
+        "--num-layers", type=int, default=-1, help="adapt the last N blocks (-1 = all, the default)"
+    )
+    p.add_argument(
+        "--targets",
+        default="qkv_proj,out_proj,proj_1,proj_2",
+        help="comma-separated projections (all four)",
     )
     p.add_argument("--mask-prompt", action="store_true", help="loss on completions only")
-    p.add_argument("--max-seq-length", type=int, default=2048, help="truncate longer records")
+    p.add_argument(
+        "--max-seq-length", type=int, default=2048, help="truncate longer records (2048)"
+    )
     p.add_argument("--iters", type=int, default=1000, help="optimizer steps (1000)")
-    p.add_argument("--batch-size", type=int, default=4, help="records per step, all processes")
+    p.add_argument("--batch-size", type=int, default=4, help="records per step, all processes (4)")
     p.add_argument("--learning-rate", type=float, default=1e-4, help="peak learning rate (1e-4)")
-    p.add_argument("--warmup", type=int, default=0, help="linear warmup steps, then cosine decay")
+    p.add_argument(
+        "--warmup", type=int, default=0, help="linear warmup steps, then cosine decay (0)"
+    )
     p.add_argument("--weight-decay", type=float, default=0.0, help="AdamW weight decay (0)")
     p.add_argument("--grad-accum", type=int, default=1, help="micro-batches per step (1)")
     p.add_argument("--grad-checkpoint", action="store_true", help="recompute whole blocks")
     p.add_argument(
         "--recompute-attention", action="store_true", help="recompute attention only (less memory)"
     )
-    p.add_argument("--max-grad-norm", type=float, default=0.0, help="clip gradients (0 = off)")
-    p.add_argument("--val-every", type=int, default=100, help="validate every N steps (0 = off)")
-    p.add_argument("--val-batches", type=int, default=25, help="validation batches (0 = all)")
-    p.add_argument("--save-every", type=int, default=100, help="checkpoint every N steps")
-    p.add_argument("--report-every", type=int, default=10, help="progress line every N steps")
+    p.add_argument(
+        "--max-grad-norm", type=float, default=0.0, help="clip gradients (0 = off, the default)"
+    )
+    p.add_argument(
+        "--val-every", type=int, default=100, help="validate every N steps (100; 0 = off)"
+    )
+    p.add_argument("--val-batches", type=int, default=25, help="validation batches (25; 0 = all)")
+    p.add_argument("--save-every", type=int, default=100, help="checkpoint every N steps (100)")
+    p.add_argument("--report-every", type=int, default=10, help="progress line every N steps (10)")
     p.add_argument("--seed", type=int, default=0, help="adapter init, data order, dropout (0)")
 
 
