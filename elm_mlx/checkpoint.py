@@ -19,6 +19,7 @@ import mlx.optimizers as optim
 from mlx.utils import tree_flatten, tree_map_with_path
 
 CHECKPOINT_DIR = "checkpoint"
+_OLD, _TMP = ".checkpoint.old", ".checkpoint.tmp"  # the previous one and the one being written
 RNG_KEY = "rng.key"
 
 
@@ -37,7 +38,7 @@ def save_checkpoint(
     out_dir: Path, model: nn.Module, optimizer: optim.Optimizer, meta: dict
 ) -> Path:
     """Write everything a resume needs into `out_dir/checkpoint`, replacing it whole."""
-    final, tmp, old = (out_dir / n for n in (CHECKPOINT_DIR, ".checkpoint.tmp", ".checkpoint.old"))
+    final, tmp, old = (out_dir / n for n in (CHECKPOINT_DIR, _TMP, _OLD))
     shutil.rmtree(tmp, ignore_errors=True)
     tmp.mkdir(parents=True)
     save_arrays(tmp / "weights.safetensors", dict(tree_flatten(model.trainable_parameters())))
@@ -55,10 +56,16 @@ def save_checkpoint(
 
 def checkpoint_dir(out_dir: Path) -> Path:
     """The checkpoint directory under `out_dir`; FileNotFoundError if there is none."""
-    for name in (CHECKPOINT_DIR, ".checkpoint.old"):  # .old: a crash between two renames
+    for name in (CHECKPOINT_DIR, _OLD):  # _OLD: a crash between two renames
         if (out_dir / name / "state.json").is_file():
             return out_dir / name
     raise FileNotFoundError(f"no checkpoint in {out_dir} to resume; start without --resume")
+
+
+def remove_checkpoint(out_dir: Path) -> None:
+    """Delete every checkpoint under `out_dir`, so that no later resume can pick one up."""
+    for name in (CHECKPOINT_DIR, _OLD, _TMP):
+        shutil.rmtree(out_dir / name, ignore_errors=True)
 
 
 def read_meta(where: Path) -> dict:

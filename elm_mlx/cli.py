@@ -593,17 +593,6 @@ def _check_resume_config(adapter_path: str, config, n_layers: int) -> None:
         )
 
 
-def _forget_run(adapter_path: str) -> None:
-    """--force: drop an earlier run's checkpoint so that a later --resume cannot pick it up."""
-    import shutil
-    from pathlib import Path
-
-    from .checkpoint import CHECKPOINT_DIR
-
-    for name in (CHECKPOINT_DIR, ".checkpoint.old"):
-        shutil.rmtree(Path(adapter_path) / name, ignore_errors=True)
-
-
 def _check_fresh_adapter_path(adapter_path: str) -> None:
     from pathlib import Path
 
@@ -620,8 +609,11 @@ def _check_fresh_adapter_path(adapter_path: str) -> None:
 
 
 def _run_lora(args) -> None:
+    from pathlib import Path
+
     import mlx.core as mx
 
+    from .checkpoint import remove_checkpoint
     from .data import check_batch_size, load_datasets
     from .io import load, require_tokenizer
     from .lora import apply_lora, num_trainable, write_adapter_config
@@ -652,7 +644,7 @@ def _run_lora(args) -> None:
         f"({100 * num_trainable(model) / total:.3f}%), {group.size()} process(es)")  # fmt: skip
     if group.rank() == 0:
         if args.force and not args.resume:
-            _forget_run(args.adapter_path)
+            remove_checkpoint(Path(args.adapter_path))  # a later --resume must not pick it up
         write_adapter_config(args.adapter_path, config, n_layers)
     state = train(model, targs, sets["train"], sets.get("valid"), resume=args.resume, group=group)
     if state.best_val is not None:

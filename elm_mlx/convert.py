@@ -14,7 +14,6 @@ appears only when complete.
 from __future__ import annotations
 
 import hashlib
-import json
 import math
 import shutil
 import sys
@@ -318,10 +317,10 @@ def convert(
             mio.write_config(tmp, args, torch_dtype=fields["dtype"])
             shutil.copyfile(tok_file, tmp / mio.TOKENIZER_FILE)
             for name, content in mio.carried_files(src).items():  # sampling defaults
-                (tmp / name).write_text(json.dumps(content, indent=2) + "\n")
+                mio.write_json(tmp / name, content)
             origin = (_origin(tokenizer, tok_file), tok_file)
             record = provenance(str(hf_path), src, sums.result(), origin, **fields)
-            (tmp / "provenance.json").write_text(json.dumps(record, indent=2) + "\n")
+            mio.write_json(tmp / "provenance.json", record)
     finally:
         pool.shutdown(wait=False, cancel_futures=True)
     if log:

@@ -91,6 +91,11 @@ def weight_files(path: Path) -> list[Path]:
     return files
 
 
+def write_json(file: Path, content) -> None:
+    """`content` as indented JSON with a final newline (config-style files)."""
+    file.write_text(json.dumps(content, indent=2) + "\n")
+
+
 def read_json(file: Path) -> dict:
     try:
         data = json.loads(file.read_text())
@@ -373,7 +378,7 @@ def write_weights(
         del tensors
     if len(names) > 1:
         index = {"metadata": {"total_size": total}, "weight_map": dict(sorted(weight_map.items()))}
-        (path / INDEX_FILE).write_text(json.dumps(index, indent=2) + "\n")
+        write_json(path / INDEX_FILE, index)
     return names
 
 
@@ -394,7 +399,7 @@ def write_config(path: Path, args: ModelArgs, **extra) -> None:
     if args.quantization:
         config["quantization_config"] = args.quantization
     config.update(extra)
-    (path / "config.json").write_text(json.dumps(dict(sorted(config.items())), indent=2) + "\n")
+    write_json(path / "config.json", dict(sorted(config.items())))
 
 
 def save_model(
@@ -423,5 +428,5 @@ def save_model(
         if tokenizer is not None:
             shutil.copyfile(tokenizer, tmp / TOKENIZER_FILE)
         for name, content in (extra_files or {}).items():
-            (tmp / name).write_text(json.dumps(content, indent=2) + "\n")
+            write_json(tmp / name, content)
     return Path(path)

@@ -224,13 +224,13 @@ class DoRALinear(LoRALinear):
     def row_norms(self) -> mx.array:
         """|W_i + dW_i| for every output row i (no gradient)."""
         a, c = self.lora_a, self.scale * self.lora_b  # (in, r), (r, out)
-        p = self._base(a.T.astype(self.linear_dtype())).astype(mx.float32)  # (r, out)
+        p = self._base(a.T.astype(self._linear_dtype())).astype(mx.float32)  # (r, out)
         cross = (c * p).sum(axis=0)
         update = (c * ((a.T @ a) @ c)).sum(axis=0)
         norms_sq = self._base_norms_sq + 2 * cross + update
         return mx.stop_gradient(mx.sqrt(mx.maximum(norms_sq, 0.0)))
 
-    def linear_dtype(self) -> mx.Dtype:
+    def _linear_dtype(self) -> mx.Dtype:
         base = self.linear
         return base.scales.dtype if isinstance(base, nn.QuantizedLinear) else base.weight.dtype
 
