@@ -1,6 +1,6 @@
 """LoRA training throughput and peak memory: elm_mlx against mlx-lm on the same model and batch.
 
-    python benchmarks/bench_lora.py [--steps 3] [--layers 16] [--batch 4] [--seq 256]
+    python benchmarks/bench_lora.py [--steps 3] [--layers 16] [--batch 4] [--seq 256] [--breakdown]
 
 Both sides get OpenELM-270M's exact shapes with the same random float32
 weights, rank-8 adapters (scale 20) on qkv_proj, out_proj, proj_1 and proj_2
@@ -151,11 +151,79 @@ def child_speed(a) -> dict:
     return result
 
 
+def _best_seconds(fn, runs: int = 2) -> float:
+    import mlx.core as mx
+
+    mx.eval(fn())  # warm-up (compiles MLX's CPU kernels)
+    best = float("inf")
+    for _ in range(runs):
+        start = time.perf_counter()
+        mx.eval(fn())
+        best = min(best, time.perf_counter() - start)
+    return best
+
+
+def child_breakdown(a) -> dict:
+    """Where elm_mlx's step goes, against the products it cannot avoid (uncompiled)."""
+    import mlx.core as mx
+    import mlx.nn as nn
+
+    from elm_mlx.config import make_divisible
+    from elm_mlx.lora import LoRAConfig, apply_lora
+    from elm_mlx.model import OpenELM
+    from elm_mlx.train_ops import training_layers
+    from elm_mlx.trainer import TrainArgs, training_loss_sum
+
+    args, _, weights = _weights(a.layers)
+    n, d, hd = a.batch * a.seq, args.model_dim, args.head_dim
+    floor = 0.0  # every block matrix: x @ W.T forward and dy @ W for the input gradient
+    for i in range(args.num_transformer_layers):
+        q, kv = args.num_query_heads[i], args.num_kv_heads[i]
+        f = make_divisible(args.ffn_multipliers[i] * d, args.ffn_dim_divisor)
+        for fan_in, fan_out in ((d, (q + 2 * kv) * hd), (q * hd, d), (d, 2 * f), (f, d)):
+            w = mx.random.normal((fan_out, fan_in))
+            x, dy = mx.random.normal((n, fan_in)), mx.random.normal((n, fan_out))
+            mx.eval(w, x, dy)
+            floor += _best_seconds(lambda: x @ w.T) + _best_seconds(lambda: dy @ w)  # noqa: B023
+    head = mx.random.normal((args.vocab_size, d))
+    h = mx.random.normal((n, d))
+    mx.eval(head, h)
+    head_s = _best_seconds(lambda: h @ head.T)
+    model = OpenELM(args)
+    model.load_weights([(k, mx.array(v)) for k, v in weights.items()])
+    apply_lora(model, LoRAConfig(rank=RANK, scale=SCALE))
+    mx.eval(model.parameters())
+    tokens = _batch(args, a.batch, a.seq)
+    spans = mx.array([[0, a.seq]] * a.batch)
+    targs = TrainArgs()
+    grad = nn.value_and_grad(model, training_loss_sum)
+    with training_layers(model, targs.grad_checkpoint, targs.recompute_attention, targs.fast_ops):
+        hidden = _best_seconds(lambda: model.transformer(tokens[:, :-1]))
+        loss = _best_seconds(lambda: training_loss_sum(model, tokens, spans))
+        step = _best_seconds(lambda: grad(model, tokens, spans))
+    return {"floor": floor, "head": head_s, "hidden": hidden, "loss": loss, "step": step}
+
+
+def print_breakdown(b: dict) -> None:
+    print("where elm_mlx's step goes (uncompiled, best of 2, seconds):")
+    rows = [
+        ("block matmuls alone: forward + input gradients", b["floor"]),
+        ("output head product alone (x @ W.T, once)", b["head"]),
+        ("forward through the blocks (training layers)", b["hidden"]),
+        ("forward with the loss (head: loss and its gradient)", b["loss"]),
+        ("forward and backward", b["step"]),
+        ("  of which not block matmuls or 2 head products", b["step"] - b["floor"] - 2 * b["head"]),
+    ]
+    for label, sec in rows:
+        print(f"  {label:54} {sec:7.2f}")
+
+
 def child(kind: str, a) -> None:
     from elm_mlx.blas import preload_blas
 
     preload_blas()
-    result = child_speed(a) if kind == "speed" else child_memory(kind, a)
+    runs = {"speed": child_speed, "breakdown": child_breakdown}
+    result = runs[kind](a) if kind in runs else child_memory(kind, a)
     print("RESULT " + json.dumps(result), flush=True)
 
 
@@ -175,7 +243,12 @@ def main() -> None:
     p.add_argument("--layers", type=int, default=16, help="blocks (16 = the real 270M)")
     p.add_argument("--batch", type=int, default=4)
     p.add_argument("--seq", type=int, default=256)
-    p.add_argument("--child", choices=["elm_mlx", "mlx_lm", "speed"], help=argparse.SUPPRESS)
+    p.add_argument(
+        "--breakdown", action="store_true", help="also split elm_mlx's step into its parts"
+    )
+    p.add_argument(
+        "--child", choices=["elm_mlx", "mlx_lm", "speed", "breakdown"], help=argparse.SUPPRESS
+    )
     a = p.parse_args()
     if a.child:
         return child(a.child, a)
@@ -197,6 +270,8 @@ def main() -> None:
           f"({ours['tps_cpu'] / theirs['tps_cpu']:.2f}x per CPU-second; target >= 1.1x), "
           f"peak memory {memory['elm_mlx']['peak_gb'] / memory['mlx_lm']['peak_gb']:.2f}x "
           f"(target <= 0.9x)")  # fmt: skip
+    if a.breakdown:
+        print_breakdown(measure("breakdown", a))
 
 
 if __name__ == "__main__":
