@@ -39,7 +39,7 @@ rss = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
 print(json.dumps({{"seconds": seconds, "maxrss": rss * (1 if sys.platform == "darwin" else 1024)}}))
 """
 OURS = CHILD.format(
-    imports="from elm_mlx.convert import convert",
+    imports="from elm_mlx.formats.convert import convert",
     call="convert(src, out, dtype=dtype, max_shard_bytes=int(shard))",
 )
 # mlx-lm builds the whole model, then saves it; its tokenizer load imports transformers.

@@ -86,14 +86,14 @@ def best_of(run, repeats: int) -> dict:
 
 
 def worker_elm_mlx(opts) -> dict:
-    from elm_mlx.blas import blas_description, preload_blas
+    from elm_mlx.runtime.blas import blas_description, preload_blas
 
     preload_blas()
     import mlx.core as mx
 
-    from elm_mlx.fastpath import fast_decoder
-    from elm_mlx.generate import generate_step
-    from elm_mlx.io import load_model
+    from elm_mlx.formats.modeldir import load_model
+    from elm_mlx.generation.generate import generate_step
+    from elm_mlx.runtime.fastpath import fast_decoder
 
     model, args = load_model(opts.model, dtype=opts.dtype)
     if opts.no_fast:  # otherwise generate_step chooses, as for every user
@@ -111,7 +111,7 @@ def worker_elm_mlx(opts) -> dict:
 
 def worker_mlx_lm(opts) -> dict:
     if os.environ.get("BENCH_PRELOAD"):
-        from elm_mlx.blas import preload_blas
+        from elm_mlx.runtime.blas import preload_blas
 
         if preload_blas() is None:
             raise SystemExit("no system OpenBLAS to preload")
@@ -299,8 +299,8 @@ FAST_PARTS = {
 
 def fast_path_breakdown(model, ids: list[int], n_new: int) -> tuple[dict, float]:
     """Per-part seconds per token of the CPU fast path, and the whole step time."""
-    from elm_mlx import fastpath
-    from elm_mlx.generate import generate_step
+    from elm_mlx.generation.generate import generate_step
+    from elm_mlx.runtime import fastpath
 
     timer = ExclusiveTimer()
     for name, label in FAST_PARTS.items():
@@ -378,10 +378,10 @@ def _head(model, x):
 
 
 def worker_breakdown(opts) -> dict:
-    from elm_mlx.blas import preload_blas
+    from elm_mlx.runtime.blas import preload_blas
 
     preload_blas()
-    from elm_mlx.io import load_model
+    from elm_mlx.formats.modeldir import load_model
 
     model, args = load_model(opts.model)
     ids = prompt_ids(opts.prompt_tokens, args.vocab_size)
@@ -489,7 +489,7 @@ def main(argv=None) -> None:
     opts = parse(argv)
     if opts.worker:
         return run_worker(opts)
-    from elm_mlx.config import preset
+    from elm_mlx.model.config import preset
 
     args = preset(f"OpenELM-{opts.size}")
     model_dir = checkpoint(opts.size, opts.seed, Path(opts.workdir))

@@ -38,7 +38,7 @@ def row(label: str, seconds: float, amount: float = 0, unit: str = "B") -> None:
 
 
 def products(mx, np) -> None:
-    from elm_mlx.fastpath import _matvec, _one_blas_thread
+    from elm_mlx.runtime.fastpath import _matvec, _one_blas_thread
 
     w = mx.random.normal((N, K)) * 0.02  # (out, in), as nn.Linear stores it
     x1, xm = mx.random.normal((1, K)), mx.random.normal((M, K))
@@ -123,7 +123,7 @@ def bundled_blas() -> None:
 def main() -> None:
     if sys.argv[1:] == ["--bundled"]:
         return bundled_blas()
-    from elm_mlx.blas import blas_description, preload_blas
+    from elm_mlx.runtime.blas import blas_description, preload_blas
 
     preload_blas()
     import mlx.core as mx

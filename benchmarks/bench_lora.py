@@ -6,7 +6,7 @@ Both sides get OpenELM-270M's exact shapes with the same random float32
 weights, rank-8 adapters (scale 20) on qkv_proj, out_proj, proj_1 and proj_2
 of every block, AdamW at 1e-4, and the same token batch (batch x seq inputs,
 every position a target). elm_mlx runs its trainer's compiled step
-(`elm_mlx.trainer.make_step`); mlx-lm runs `mlx_lm.tuner.utils.linear_to_lora_layers`
+(`elm_mlx.training.trainer.make_step`); mlx-lm runs `mlx_lm.tuner.utils.linear_to_lora_layers`
 and the compiled step of `mlx_lm.tuner.trainer.train` with its `default_loss`.
 elm_mlx trains with its defaults (chunked output-head loss, block-causal
 attention on the CPU, SwiGLU that keeps its sigmoid). Peak memory: each side alone in a
@@ -32,7 +32,7 @@ _KEEP: list = []
 
 
 def _weights(layers: int):
-    from elm_mlx.config import ModelArgs, preset
+    from elm_mlx.model.config import ModelArgs, preset
     from elm_mlx.testing import hf_config, random_weights
 
     config = hf_config(preset("OpenELM-270M"))
@@ -55,11 +55,11 @@ def _setup_elm(layers: int, batch: int, seq: int):
     import mlx.core as mx
     import mlx.optimizers as optim
 
-    from elm_mlx.data import Batch
-    from elm_mlx.lora import LoRAConfig, apply_lora
-    from elm_mlx.model import OpenELM
-    from elm_mlx.train_ops import training_layers
-    from elm_mlx.trainer import TrainArgs, make_step
+    from elm_mlx.model.openelm import OpenELM
+    from elm_mlx.training.data import Batch
+    from elm_mlx.training.lora import LoRAConfig, apply_lora
+    from elm_mlx.training.train_ops import training_layers
+    from elm_mlx.training.trainer import TrainArgs, make_step
 
     args, _, weights = _weights(layers)
     model = OpenELM(args)
@@ -168,11 +168,11 @@ def child_breakdown(a) -> dict:
     import mlx.core as mx
     import mlx.nn as nn
 
-    from elm_mlx.config import make_divisible
-    from elm_mlx.lora import LoRAConfig, apply_lora
-    from elm_mlx.model import OpenELM
-    from elm_mlx.train_ops import training_layers
-    from elm_mlx.trainer import TrainArgs, training_loss_sum
+    from elm_mlx.model.config import make_divisible
+    from elm_mlx.model.openelm import OpenELM
+    from elm_mlx.training.lora import LoRAConfig, apply_lora
+    from elm_mlx.training.train_ops import training_layers
+    from elm_mlx.training.trainer import TrainArgs, training_loss_sum
 
     args, _, weights = _weights(a.layers)
     n, d, hd = a.batch * a.seq, args.model_dim, args.head_dim
@@ -219,7 +219,7 @@ def print_breakdown(b: dict) -> None:
 
 
 def child(kind: str, a) -> None:
-    from elm_mlx.blas import preload_blas
+    from elm_mlx.runtime.blas import preload_blas
 
     preload_blas()
     runs = {"speed": child_speed, "breakdown": child_breakdown}

@@ -3,7 +3,7 @@
     python benchmarks/bench_quantized.py [--prompt 64] [--decode 16] [--no-mlx-lm]
 
 Random weights with the published 270M shapes (elm_mlx.testing), OpenBLAS
-preloaded for MLX's float matmuls (elm_mlx.blas). Each variant is warmed up on
+preloaded for MLX's float matmuls (elm_mlx.runtime.blas). Each variant is warmed up on
 an 8-token prompt (MLX compiles its CPU kernels on first use), then timed:
 prompt tok/s is the prompt length over the time to the first new token, decode
 tok/s the remaining tokens over their time, greedy. Variants:
@@ -29,7 +29,7 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from elm_mlx.blas import preload_blas  # noqa: E402  (imports no MLX)
+from elm_mlx.runtime.blas import preload_blas  # noqa: E402  (imports no MLX)
 
 # (name, model dtype, bits or None, scales dtype, cast scales to float32 after quantizing)
 VARIANTS = [
@@ -46,8 +46,8 @@ VARIANTS = [
 def build(args, weights, dtype: str, bits: int | None, scales: str | None, cast: bool):
     import mlx.core as mx
 
-    from elm_mlx import quantize as q
-    from elm_mlx.model import OpenELM
+    from elm_mlx.model.openelm import OpenELM
+    from elm_mlx.quant import quantize as q
 
     model = OpenELM(args)
     model.load_weights([(k, mx.array(v)) for k, v in weights.items()], strict=True)
@@ -75,7 +75,7 @@ def timed(generate, prompt: list[int], decode: int) -> tuple[float, float]:
 
 
 def ours(model):
-    from elm_mlx.generate import generate_step
+    from elm_mlx.generation.generate import generate_step
 
     return lambda prompt, n: generate_step(prompt, model, max_tokens=n)
 
@@ -90,7 +90,7 @@ def theirs(model):
 def mlx_lm_model(model, workdir: Path, name: str):
     from mlx_lm.utils import load_model
 
-    from elm_mlx import io as mio
+    from elm_mlx.formats import modeldir as mio
 
     path = mio.save_model(workdir / name.replace(" ", "_").replace(",", ""), model, model.args)
     return load_model(path)[0]
@@ -107,8 +107,8 @@ def main() -> None:
 
     import numpy as np
 
-    from elm_mlx.config import preset
-    from elm_mlx.quantize import bits_per_weight
+    from elm_mlx.model.config import preset
+    from elm_mlx.quant.quantize import bits_per_weight
     from elm_mlx.testing import random_weights
 
     args = preset("OpenELM-270M")

@@ -18,8 +18,8 @@ from mlx_lm.models import openelm as mlx_lm_openelm
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "tests"))
 from reference import forward as numpy_forward  # noqa: E402
 
-from elm_mlx.config import preset  # noqa: E402
-from elm_mlx.model import OpenELM  # noqa: E402
+from elm_mlx.model.config import preset  # noqa: E402
+from elm_mlx.model.openelm import OpenELM  # noqa: E402
 from elm_mlx.testing import random_weights, tiny_args  # noqa: E402
 
 

@@ -9,7 +9,7 @@ def __getattr__(name: str):
     # Lazy, so that `import elm_mlx` does not import MLX before the CLI has had
     # a chance to choose a BLAS library.
     if name == "load":
-        from .io import load
+        from .formats.modeldir import load
 
         return load
     raise AttributeError(f"module 'elm_mlx' has no attribute {name!r}")

@@ -42,13 +42,13 @@ def _add_info(sub) -> None:
 def _run_info(args) -> None:
     from pathlib import Path
 
-    from .config import PRESETS, describe, preset
+    from .model.config import PRESETS, describe, preset
 
     name = args.model
     if name == "nano" and not Path(name).is_dir():
         name = _model_path(None)
     if Path(name).is_dir():
-        from .io import read_config
+        from .formats.modeldir import read_config
 
         model_args = read_config(Path(name))  # errors name the file
         print(f"{name}")
@@ -105,7 +105,7 @@ def _add_convert(sub) -> None:
 
 
 def _run_convert(args) -> None:
-    from .convert import convert
+    from .formats.convert import convert
 
     convert(
         args.hf_path,
@@ -161,8 +161,8 @@ def _add_quantize(sub) -> None:
 
 
 def _run_quantize(args) -> None:
-    from . import quant_quality as qq
-    from .quantize import bits_per_weight, dir_size, quantize_dir
+    from .quant import quality as qq
+    from .quant.quantize import bits_per_weight, dir_size, quantize_dir
 
     _check_quantize_flags(args)
     log = lambda line: print(line, file=sys.stderr, flush=True)  # noqa: E731
@@ -193,7 +193,7 @@ def _check_quantize_flags(args) -> None:
 def _quant_spec(bits, group_size, recipe, scales_dtype):
     from pathlib import Path
 
-    from .quantize import RECIPES, QuantizeSpec
+    from .quant.quantize import RECIPES, QuantizeSpec
 
     if recipe is not None and bits is not None:
         raise CliError("a bits flag conflicts with a recipe: the recipe sets the bits")
@@ -281,7 +281,7 @@ def _add_generate(sub) -> None:
 
 
 def _generation_settings(args, **extra):
-    from .generate import GenerationSettings
+    from .generation.generate import GenerationSettings
 
     suggested = _suggested_sampling(_model_path(args.model))
     return GenerationSettings(
@@ -301,9 +301,9 @@ def _generation_settings(args, **extra):
 def _load_for_generation(args):
     import time
 
-    from .blas import blas_description
-    from .fastpath import default_dtype, fast_decoder, fast_path_description
-    from .io import as_dtype, dtype_name, load, require_tokenizer
+    from .formats.modeldir import as_dtype, dtype_name, load, require_tokenizer
+    from .runtime.blas import blas_description
+    from .runtime.fastpath import default_dtype, fast_decoder, fast_path_description
 
     start = time.perf_counter()
     path = _model_path(args.model)
@@ -316,7 +316,7 @@ def _load_for_generation(args):
             model.set_dtype(want)
     compute = model.transformer.norm.weight.dtype
     if args.adapter_path is not None:
-        from .lora import apply_adapters
+        from .training.lora import apply_adapters
 
         apply_adapters(model, args.adapter_path)
     decoder = fast_decoder(model, enabled=not args.no_fast_path)
@@ -355,7 +355,7 @@ def _model_path(model: str | None) -> str:
     """The --model value, or the shipped nano model when none is given."""
     if model is not None:
         return model
-    from .io import default_model_path
+    from .formats.modeldir import default_model_path
 
     return str(default_model_path())
 
@@ -399,7 +399,7 @@ def _print_summary(last) -> None:
 
 
 def _run_generate(args) -> None:
-    from .generate import stream_generate
+    from .generation.generate import stream_generate
 
     if args.raw and args.system is not None:
         raise CliError("--system needs the chat template; drop --raw")
@@ -431,7 +431,7 @@ def _add_chat(sub) -> None:
 
 
 def _run_chat(args) -> None:
-    from .generate import ChatSession
+    from .generation.generate import ChatSession
 
     settings = _generation_settings(args)
     model, tokenizer = _load_for_generation(args)
@@ -455,7 +455,7 @@ def _read_line(interactive: bool) -> str | None:
 
 def _chat_turn(session, message: str, args) -> bool:
     """Answer one line; False ends the chat."""
-    from .cache import ContextLengthError
+    from .model.cache import ContextLengthError
 
     if message in ("/exit", "/quit"):
         return False
@@ -541,7 +541,7 @@ def _add_lora(sub) -> None:
 
 
 def _lora_config(args):
-    from .lora import LoRAConfig
+    from .training.lora import LoRAConfig
 
     targets = tuple(t.strip() for t in args.targets.split(",") if t.strip())
     common = dict(dropout=args.dropout, num_layers=args.num_layers, targets=targets)
@@ -554,7 +554,7 @@ def _lora_config(args):
 
 
 def _train_args(args):
-    from .trainer import TrainArgs
+    from .training.trainer import TrainArgs
 
     names = (
         "iters", "batch_size", "learning_rate", "warmup", "weight_decay", "grad_accum",
@@ -575,7 +575,7 @@ _ADAPTER_FLAGS = {
 
 
 def _check_resume_config(adapter_path: str, config, n_layers: int) -> None:
-    from .lora import read_adapter_config
+    from .training.lora import read_adapter_config
 
     saved = read_adapter_config(adapter_path)
     before, now = saved.to_dict(n_layers), config.to_dict(n_layers)
@@ -596,8 +596,8 @@ def _check_resume_config(adapter_path: str, config, n_layers: int) -> None:
 def _check_fresh_adapter_path(adapter_path: str) -> None:
     from pathlib import Path
 
-    from .checkpoint import CHECKPOINT_DIR
-    from .lora import ADAPTER_FILE, CONFIG_FILE
+    from .training.checkpoint import CHECKPOINT_DIR
+    from .training.lora import ADAPTER_FILE, CONFIG_FILE
 
     path = Path(adapter_path)
     held = [n for n in (ADAPTER_FILE, CONFIG_FILE, CHECKPOINT_DIR) if (path / n).exists()]
@@ -613,11 +613,11 @@ def _run_lora(args) -> None:
 
     import mlx.core as mx
 
-    from .checkpoint import remove_checkpoint
-    from .data import check_batch_size, load_datasets
-    from .io import load, require_tokenizer
-    from .lora import apply_lora, num_trainable, write_adapter_config
-    from .trainer import evaluate, train
+    from .formats.modeldir import load, require_tokenizer
+    from .training.checkpoint import remove_checkpoint
+    from .training.data import check_batch_size, load_datasets
+    from .training.lora import apply_lora, num_trainable, write_adapter_config
+    from .training.trainer import evaluate, train
 
     group = mx.distributed.init()
     say = print if group.rank() == 0 else (lambda *_: None)
@@ -671,8 +671,8 @@ def _add_fuse(sub) -> None:
 def _run_fuse(args) -> None:
     from pathlib import Path
 
-    from .io import carried_files, check_not_source, check_target, load, save_model
-    from .lora import fuse_lora, load_adapters
+    from .formats.modeldir import carried_files, check_not_source, check_target, load, save_model
+    from .training.lora import fuse_lora, load_adapters
 
     check_not_source(args.save_path, args.model, "--save-path")
     check_target(Path(args.save_path).absolute(), force=args.force)  # before the work
@@ -718,7 +718,7 @@ def run_command(run, args) -> int:
     (bad value, missing file) is one `error: ...` line and status 1, Ctrl-C is
     status 130. The examples use it too.
     """
-    from .blas import BlasError, preload_blas
+    from .runtime.blas import BlasError, preload_blas
 
     try:
         preload_blas()  # must precede any MLX import: a fast BLAS for MLX's CPU matmuls

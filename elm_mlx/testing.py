@@ -12,7 +12,7 @@ from pathlib import Path
 
 import numpy as np
 
-from .config import ModelArgs, preset
+from .model.config import ModelArgs, preset
 
 
 def tiny_args(

@@ -32,8 +32,8 @@ def log(line: str) -> None:
 
 def convert_once(a: argparse.Namespace, out: Path) -> None:
     """Convert `a.hf_path` into `out`, unless an earlier run already did (then --force redoes)."""
-    from elm_mlx.convert import convert
-    from elm_mlx.quantize import QuantizeSpec
+    from elm_mlx.formats.convert import convert
+    from elm_mlx.quant.quantize import QuantizeSpec
 
     if (out / "config.json").is_file() and not a.force:
         log(f"{out} is already converted; pass --force to convert again")
@@ -46,8 +46,8 @@ def convert_once(a: argparse.Namespace, out: Path) -> None:
 
 def run(a: argparse.Namespace) -> None:
     import elm_mlx
-    from elm_mlx.generate import stream_generate
-    from elm_mlx.io import require_tokenizer
+    from elm_mlx.formats.modeldir import require_tokenizer
+    from elm_mlx.generation.generate import stream_generate
 
     out = Path(a.mlx_path or Path("runs") / Path(a.hf_path).name.lower())
     convert_once(a, out)

@@ -15,10 +15,10 @@ headword starts a cynical definition instead of a speech. The steps:
    devil.dict.dz) and keep each entry's first paragraph, or read --data FILE.jsonl.
 2. Split the records into train/valid/test jsonl files under --work.
 3. Print greedy completions of a few held-out headwords from the base model.
-4. Swap LoRA layers into every projection (elm_mlx.lora.apply_lora) and train them with
-   elm_mlx.trainer, loss on the completions only; the best-validation adapters are kept
+4. Swap LoRA layers into every projection (elm_mlx.training.lora.apply_lora) and train them with
+   elm_mlx.training.trainer, loss on the completions only; the best-validation adapters are kept
    in WORK/adapters (adapters.safetensors, adapter_config.json, loss.png).
-5. Load the base model again with those adapters (elm_mlx.lora.apply_adapters) and print
+5. Load the base model again with those adapters (elm_mlx.training.lora.apply_adapters) and print
    the same completions and the test loss before and after.
 """
 
@@ -117,7 +117,7 @@ def write_splits(records: list[dict], out: Path, seed: int) -> dict[str, list[di
 
 def complete(model, tokenizer, prompts: list[str], max_tokens: int) -> list[str]:
     """Greedy completions (repetition penalty 1.2), the same for the model before and after."""
-    from elm_mlx.generate import generate
+    from elm_mlx.generation.generate import generate
 
     return [
         generate(model, tokenizer, p, max_tokens=max_tokens, repetition_penalty=1.2)
@@ -127,8 +127,8 @@ def complete(model, tokenizer, prompts: list[str], max_tokens: int) -> list[str]
 
 def lora_train(a: argparse.Namespace, model, sets: dict, adapters: Path) -> None:
     """Swap in LoRA layers and train them; the best adapters end in `adapters`."""
-    from elm_mlx.lora import LoRAConfig, apply_lora, num_trainable, write_adapter_config
-    from elm_mlx.trainer import TrainArgs, train
+    from elm_mlx.training.lora import LoRAConfig, apply_lora, num_trainable, write_adapter_config
+    from elm_mlx.training.trainer import TrainArgs, train
 
     config = LoRAConfig(rank=a.rank, scale=a.scale, fine_tune_type="dora" if a.dora else "lora")
     apply_lora(model, config, seed=a.seed)
@@ -153,10 +153,10 @@ def lora_train(a: argparse.Namespace, model, sets: dict, adapters: Path) -> None
 
 
 def run(a: argparse.Namespace) -> None:
-    from elm_mlx.data import load_datasets
-    from elm_mlx.io import default_model_path, load
-    from elm_mlx.lora import apply_adapters
-    from elm_mlx.trainer import evaluate
+    from elm_mlx.formats.modeldir import default_model_path, load
+    from elm_mlx.training.data import load_datasets
+    from elm_mlx.training.lora import apply_adapters
+    from elm_mlx.training.trainer import evaluate
 
     records = read_jsonl(Path(a.data)) if a.data else read_devil(Path(a.dict_dir))
     work = Path(a.work)

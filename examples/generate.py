@@ -25,8 +25,8 @@ import sys
 
 def run(a: argparse.Namespace) -> None:
     import elm_mlx
-    from elm_mlx.generate import GenerationSettings, stream_generate
-    from elm_mlx.io import default_model_path, require_tokenizer
+    from elm_mlx.formats.modeldir import default_model_path, require_tokenizer
+    from elm_mlx.generation.generate import GenerationSettings, stream_generate
 
     path = a.model or default_model_path()
     model, tokenizer = elm_mlx.load(path)

@@ -6,7 +6,7 @@
 Each quantized model directory (written under --work, loadable by elm_mlx and
 mlx-lm) is compared with the float model on held-out text the nano model never
 saw in training: bits per weight, size on disk, perplexity, mean KL divergence
-of the next-token distributions and top-1 agreement (elm_mlx.quant_quality).
+of the next-token distributions and top-1 agreement (elm_mlx.quant.quality).
 
 The held-out text is, in order: --eval-text; the nano corpus's validation split
 (runs/nano/valid.txt: The Comedy of Errors and Julius Caesar, written by
@@ -40,10 +40,10 @@ def held_out_text(given: str | None) -> Path:
 
 
 def run(a: argparse.Namespace) -> None:
-    from elm_mlx.generate import generate
-    from elm_mlx.io import default_model_path, load
-    from elm_mlx.quant_quality import report, text_windows
-    from elm_mlx.quantize import QuantizeSpec, quantize_dir
+    from elm_mlx.formats.modeldir import default_model_path, load
+    from elm_mlx.generation.generate import generate
+    from elm_mlx.quant.quality import report, text_windows
+    from elm_mlx.quant.quantize import QuantizeSpec, quantize_dir
 
     src = Path(a.model) if a.model else default_model_path()
     text = held_out_text(a.eval_text)

@@ -1,6 +1,6 @@
 """A plain float64 numpy OpenELM forward, written from the paper's formulas.
 
-Independent of elm_mlx.model and of MLX: weights come in as the HF checkpoint
+Independent of elm_mlx.model.openelm and of MLX: weights come in as the HF checkpoint
 dict, shapes are derived from the per-layer lists in the config dict.
 """
 

@@ -4,8 +4,8 @@ import mlx.core as mx
 import numpy as np
 import pytest
 
-from elm_mlx.cache import ContextLengthError, KVCache, RotatingKVCache, load_cache, save_cache
-from elm_mlx.model import OpenELM
+from elm_mlx.model.cache import ContextLengthError, KVCache, RotatingKVCache, load_cache, save_cache
+from elm_mlx.model.openelm import OpenELM
 from elm_mlx.testing import random_weights, tiny_args
 
 

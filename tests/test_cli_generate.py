@@ -10,7 +10,7 @@ import sys
 import pytest
 
 from elm_mlx.cli import main
-from elm_mlx.generate import ChatSession, GenerationSettings, generate
+from elm_mlx.generation.generate import ChatSession, GenerationSettings, generate
 from elm_mlx.testing import random_weights, tiny_args, write_hf_checkpoint
 
 
@@ -31,7 +31,7 @@ def model_dirs(tmp_path_factory, sp_model_file):
 
 @pytest.fixture(scope="module")
 def loaded(model_dirs):
-    from elm_mlx.io import load
+    from elm_mlx.formats.modeldir import load
 
     return load(model_dirs[0])
 
@@ -214,8 +214,8 @@ def test_generate_with_adapter_path_equals_the_fused_model(tmp_path, capsys):
     from mlx.utils import tree_flatten, tree_map
 
     from elm_mlx.cli import main
-    from elm_mlx.io import default_model_path, load
-    from elm_mlx.lora import LoRAConfig, apply_lora, save_adapters
+    from elm_mlx.formats.modeldir import default_model_path, load
+    from elm_mlx.training.lora import LoRAConfig, apply_lora, save_adapters
 
     base = str(default_model_path())
     model, _ = load(base)
@@ -244,7 +244,7 @@ def test_generate_with_adapter_path_equals_the_fused_model(tmp_path, capsys):
 def test_cpu_fast_path_is_used_and_can_be_switched_off(capsys, monkeypatch, model_dirs):
     """On the CPU generation runs through the numpy path unless --no-fast-path; same greedy
     text either way (logits agree to float32 rounding), and -v says which path and BLAS."""
-    from elm_mlx.fastpath import CpuDecoder
+    from elm_mlx.runtime.fastpath import CpuDecoder
 
     calls = []
     original = CpuDecoder.forward
@@ -270,8 +270,8 @@ def test_half_precision_models_compute_in_float32_on_the_cpu(capsys, tmp_path, m
     same text as loading it as float32; --dtype bfloat16 keeps MLX's half-precision kernels."""
     import mlx.core as mx
 
-    from elm_mlx.generate import generate
-    from elm_mlx.io import load, save_model
+    from elm_mlx.formats.modeldir import load, save_model
+    from elm_mlx.generation.generate import generate
 
     model, tokenizer = load(model_dirs[0])
     model.set_dtype(mx.bfloat16)
@@ -292,7 +292,7 @@ def test_half_precision_models_compute_in_float32_on_the_cpu(capsys, tmp_path, m
 def test_a_full_context_is_reported(capsys, model_dirs, loaded):
     """Greedy generation that runs into the context length ends with finish_reason "context"
     and a line on stderr that names the way past it; max_tokens itself ends with "length"."""
-    from elm_mlx.generate import stream_generate
+    from elm_mlx.generation.generate import stream_generate
 
     model, tokenizer = loaded
     context = model.args.max_context_length

@@ -5,7 +5,7 @@ import itertools
 import pytest
 
 from elm_mlx.cli import main
-from elm_mlx.config import ConfigError, ModelArgs, make_divisible, preset, scaling_config
+from elm_mlx.model.config import ConfigError, ModelArgs, make_divisible, preset, scaling_config
 from elm_mlx.testing import hf_config
 
 # The published table (query heads as (count, run length), KV first/last, FFN first/last, params).

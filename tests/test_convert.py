@@ -20,8 +20,8 @@ import numpy as np
 import pytest
 
 from elm_mlx import cli, load
-from elm_mlx.convert import convert
-from elm_mlx.model import OpenELM
+from elm_mlx.formats.convert import convert
+from elm_mlx.model.openelm import OpenELM
 from elm_mlx.testing import random_weights, tiny_args, write_hf_checkpoint
 
 VOCAB = 384  # the session tokenizer's size (byte fallback needs > 256 pieces)
@@ -158,7 +158,7 @@ def test_dtype_flag_casts_every_tensor(tmp_path, sp_model_file, dtype):
 
 
 def test_float16_warning_for_3b_sized_models(tmp_path, sp_model_file, monkeypatch):
-    import elm_mlx.convert as conv
+    import elm_mlx.formats.convert as conv
 
     _, _, src = checkpoint(tmp_path, sp_model_file)
     monkeypatch.setattr(conv, "FLOAT16_MAX_PARAMS", 1000)
@@ -237,8 +237,8 @@ def test_our_loader_opens_mlx_lm_quantized_output(mlx_lm_dirs):
 
 
 def test_quantize_hook_streams_a_quantized_model(tmp_path, sp_model_file):
-    from elm_mlx.config import ModelArgs
-    from elm_mlx.quantize import QuantizeSpec, quantize_model
+    from elm_mlx.model.config import ModelArgs
+    from elm_mlx.quant.quantize import QuantizeSpec, quantize_model
 
     config = tiny_args(vocab_size=VOCAB).to_dict() | {"ffn_dim_divisor": 32}
     args = ModelArgs.from_dict(config)

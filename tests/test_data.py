@@ -8,7 +8,7 @@ import random
 
 import pytest
 
-from elm_mlx.data import (
+from elm_mlx.training.data import (
     DataError,
     Dataset,
     Example,

@@ -14,11 +14,11 @@ import mlx.core as mx
 import numpy as np
 import pytest
 
-from elm_mlx.data import Dataset, Example
-from elm_mlx.lora import LoRAConfig, apply_lora
-from elm_mlx.model import OpenELM
+from elm_mlx.model.openelm import OpenELM
 from elm_mlx.testing import random_weights, tiny_args
-from elm_mlx.trainer import TrainArgs, train
+from elm_mlx.training.data import Dataset, Example
+from elm_mlx.training.lora import LoRAConfig, apply_lora
+from elm_mlx.training.trainer import TrainArgs, train
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -27,11 +27,11 @@ SETUP = textwrap.dedent(
     """
     import numpy as np
     import mlx.core as mx
-    from elm_mlx.data import Dataset, Example
-    from elm_mlx.lora import LoRAConfig, apply_lora
-    from elm_mlx.model import OpenELM
+    from elm_mlx.training.data import Dataset, Example
+    from elm_mlx.training.lora import LoRAConfig, apply_lora
+    from elm_mlx.model.openelm import OpenELM
     from elm_mlx.testing import random_weights, tiny_args
-    from elm_mlx.trainer import TrainArgs, train
+    from elm_mlx.training.trainer import TrainArgs, train
 
     def setup(out_dir):
         args = tiny_args(tied=False)
@@ -128,7 +128,7 @@ def test_two_processes_match_each_other_and_one_process(tmp_path):
 
 
 def test_batch_must_split_across_processes():
-    from elm_mlx.data import DataError
+    from elm_mlx.training.data import DataError
 
     class FakeGroup:
         def rank(self):

@@ -11,7 +11,9 @@ import pytest
 from mlx.utils import tree_flatten
 from test_lora import IDS, build, expected_trainable, quantize_tiny
 
-from elm_mlx.lora import (
+from elm_mlx.model.openelm import OpenELM
+from elm_mlx.testing import random_weights, tiny_args
+from elm_mlx.training.lora import (
     CONFIG_FILE,
     TARGETS,
     DoRALinear,
@@ -26,8 +28,6 @@ from elm_mlx.lora import (
     num_trainable,
     save_adapters,
 )
-from elm_mlx.model import OpenELM
-from elm_mlx.testing import random_weights, tiny_args
 
 DORA = LoRAConfig(rank=4, scale=2.0, fine_tune_type="dora")
 
@@ -166,7 +166,7 @@ def test_cli_dora_trains_resumes_and_fuses(tmp_path, model_dir, capsys):
     from test_lora import write_data
 
     from elm_mlx.cli import main
-    from elm_mlx.io import load
+    from elm_mlx.formats.modeldir import load
 
     data = write_data(tmp_path / "data")
     adapters = tmp_path / "adapters"

@@ -19,7 +19,7 @@ from pathlib import Path
 
 import pytest
 
-from elm_mlx.io import DEFAULT_MODEL, DEFAULT_MODEL_FILES
+from elm_mlx.formats.modeldir import DEFAULT_MODEL, DEFAULT_MODEL_FILES
 from elm_mlx.testing import random_weights, tiny_args, write_hf_checkpoint
 
 REPO = Path(__file__).resolve().parents[1]
@@ -60,8 +60,8 @@ def hf_dir(tmp_path_factory, sp_model_file):
 
 
 def test_generate_example_matches_the_library(hf_dir, tmp_path):
-    from elm_mlx.generate import generate
-    from elm_mlx.io import load
+    from elm_mlx.formats.modeldir import load
+    from elm_mlx.generation.generate import generate
 
     run = run_example(
         "generate.py", "--model", hf_dir, "--prompt", "Once upon", "--temp", "0",
@@ -202,8 +202,8 @@ def test_convert_example_offline_fails_in_one_line(tmp_path):
 
 
 def test_convert_example_converts_a_local_checkpoint_and_generates(hf_dir, tmp_path):
-    from elm_mlx.generate import generate
-    from elm_mlx.io import load
+    from elm_mlx.formats.modeldir import load
+    from elm_mlx.generation.generate import generate
 
     out = tmp_path / "mlx"
     args = ["--hf-path", hf_dir, "--mlx-path", out, "--prompt", "Hello", "--max-tokens", "6"]
@@ -246,9 +246,9 @@ def test_cli_info_describes_the_nano_model(capsys):
 
 def test_cli_uses_the_default_model_dir(monkeypatch, capsys, hf_dir):
     """No --model: the directory io.DEFAULT_MODEL names is loaded (here a tiny stand-in)."""
-    from elm_mlx import io
     from elm_mlx.cli import main
-    from elm_mlx.generate import generate
+    from elm_mlx.formats import modeldir as io
+    from elm_mlx.generation.generate import generate
 
     monkeypatch.setattr(io, "DEFAULT_MODEL", hf_dir)
     assert main(["generate", "--prompt", "Hi", "--max-tokens", "5"]) == 0
@@ -257,8 +257,8 @@ def test_cli_uses_the_default_model_dir(monkeypatch, capsys, hf_dir):
 
 
 def test_cli_without_the_default_model_says_so(monkeypatch, capsys, tmp_path):
-    from elm_mlx import io
     from elm_mlx.cli import main
+    from elm_mlx.formats import modeldir as io
 
     monkeypatch.setattr(io, "DEFAULT_MODEL", tmp_path / "nano")
     for argv in (["generate", "--prompt", "Hi"], ["chat"], ["info"]):

@@ -9,11 +9,11 @@ import mlx.nn as nn
 import numpy as np
 import pytest
 
-from elm_mlx.blas import find_openblas
-from elm_mlx.cache import RotatingKVCache
-from elm_mlx.fastpath import CpuDecoder, default_dtype, fast_decoder
-from elm_mlx.generate import generate_step
-from elm_mlx.model import OpenELM
+from elm_mlx.generation.generate import generate_step
+from elm_mlx.model.cache import RotatingKVCache
+from elm_mlx.model.openelm import OpenELM
+from elm_mlx.runtime.blas import find_openblas
+from elm_mlx.runtime.fastpath import CpuDecoder, default_dtype, fast_decoder
 from elm_mlx.testing import random_weights, tiny_args
 
 VARIANTS = [
@@ -179,7 +179,7 @@ def run_python(code: str, **env) -> subprocess.CompletedProcess:
 
 
 PRELOAD = (
-    "from elm_mlx.blas import preload_blas, blas_description\n"
+    "from elm_mlx.runtime.blas import preload_blas, blas_description\n"
     "path = preload_blas()\n"
     "import mlx.core as mx\n"
     "a = mx.arange(12, dtype=mx.float32).reshape(3, 4)\n"
@@ -224,7 +224,7 @@ def test_preload_loads_system_openblas():
 
 
 def test_parallel_shares_cover_the_range_and_pass_errors_on():
-    from elm_mlx.fastpath import _parallel
+    from elm_mlx.runtime.fastpath import _parallel
 
     seen = []
     _parallel(lambda lo, hi: seen.extend(range(lo, hi)), 37)

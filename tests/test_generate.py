@@ -11,8 +11,7 @@ from mlx_lm.generate import generate_step as mlx_lm_generate_step
 from mlx_lm.models import openelm as mlx_lm_openelm
 from mlx_lm.sample_utils import make_repetition_penalty as mlx_lm_repetition_penalty
 
-from elm_mlx.cache import ContextLengthError, KVCache
-from elm_mlx.generate import (
+from elm_mlx.generation.generate import (
     ChatSession,
     GenerationSettings,
     StopFilter,
@@ -20,8 +19,9 @@ from elm_mlx.generate import (
     generate_step,
     stream_generate,
 )
-from elm_mlx.model import OpenELM
-from elm_mlx.sample import make_repetition_penalty
+from elm_mlx.generation.sample import make_repetition_penalty
+from elm_mlx.model.cache import ContextLengthError, KVCache
+from elm_mlx.model.openelm import OpenELM
 from elm_mlx.testing import random_weights, tiny_args
 
 PROMPT = [1, 5, 17, 3, 99, 42, 8, 61, 7, 127, 33, 12]
@@ -334,8 +334,8 @@ def test_ids_past_the_tokenizer_vocabulary_are_never_sampled(tokenizer):
     ids the tokenizer cannot decode, whatever the sampler draws."""
     import mlx.core as mx
 
-    from elm_mlx.generate import generate
-    from elm_mlx.model import OpenELM
+    from elm_mlx.generation.generate import generate
+    from elm_mlx.model.openelm import OpenELM
     from elm_mlx.testing import random_weights, tiny_args
 
     args = tiny_args(vocab_size=tokenizer.vocab_size + 64)

@@ -12,10 +12,11 @@ import numpy as np
 import pytest
 from mlx.utils import tree_flatten
 
-from elm_mlx import hub, load
-from elm_mlx import io as mio
-from elm_mlx.config import ConfigError, ModelArgs
-from elm_mlx.model import OpenELM
+from elm_mlx import load
+from elm_mlx.formats import hub
+from elm_mlx.formats import modeldir as mio
+from elm_mlx.model.config import ConfigError, ModelArgs
+from elm_mlx.model.openelm import OpenELM
 from elm_mlx.testing import random_weights, tiny_args, write_hf_checkpoint
 
 IDS = mx.array([[1, 5, 17, 3, 99, 42, 8, 61, 127]])

@@ -11,8 +11,10 @@ import numpy as np
 import pytest
 from mlx.utils import tree_flatten
 
-from elm_mlx.config import make_divisible, preset
-from elm_mlx.lora import (
+from elm_mlx.model.config import make_divisible, preset
+from elm_mlx.model.openelm import OpenELM
+from elm_mlx.testing import hf_config, random_weights, tiny_args
+from elm_mlx.training.lora import (
     ADAPTER_FILE,
     CONFIG_FILE,
     TARGETS,
@@ -26,8 +28,6 @@ from elm_mlx.lora import (
     num_trainable,
     save_adapters,
 )
-from elm_mlx.model import OpenELM
-from elm_mlx.testing import hf_config, random_weights, tiny_args
 
 IDS = mx.array(
     [[1, 5, 17, 3, 99, 42, 8, 61, 0, 127, 33, 12], [7, 7, 2, 90, 14, 3, 3, 5, 6, 1, 0, 9]]
@@ -252,7 +252,7 @@ def write_data(path, n_train=8):
 
 def test_cli_lora_resume_fuse(tmp_path, model_dir, capsys):
     from elm_mlx.cli import main
-    from elm_mlx.io import load
+    from elm_mlx.formats.modeldir import load
 
     data = write_data(tmp_path / "data")
     adapters = tmp_path / "adapters"

@@ -6,7 +6,7 @@ import pytest
 from mlx_lm.models import openelm as mlx_lm_openelm
 from reference import forward as numpy_forward
 
-from elm_mlx.model import OpenELM
+from elm_mlx.model.openelm import OpenELM
 from elm_mlx.testing import random_weights, tiny_args
 
 VARIANTS = [

@@ -117,7 +117,7 @@ def test_recipe_runs_end_to_end(tmp_path):
     assert run.returncode == 0, run.stderr[-2000:]
     for name in ("config.json", "model.safetensors", "tokenizer.model", "REPORT.md", "loss.png"):
         assert (out / name).is_file(), name
-    from elm_mlx.io import load
+    from elm_mlx.formats.modeldir import load
 
     model, tokenizer = load(out)
     assert tokenizer.vocab_size == model.args.vocab_size == 400
@@ -141,7 +141,7 @@ UNSEEN = (
 
 @pytest.fixture(scope="module")
 def nano():
-    from elm_mlx.io import load
+    from elm_mlx.formats.modeldir import load
 
     return load(ASSETS)
 

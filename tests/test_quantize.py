@@ -9,12 +9,13 @@ import pytest
 from mlx.utils import tree_flatten
 from mlx_lm import utils as mlx_lm_utils
 
-from elm_mlx import cli, qlayers
-from elm_mlx import io as mio
-from elm_mlx import quant_quality as qq
-from elm_mlx import quantize as q
-from elm_mlx.config import ModelArgs
-from elm_mlx.model import OpenELM
+from elm_mlx import cli
+from elm_mlx.formats import modeldir as mio
+from elm_mlx.model.config import ModelArgs
+from elm_mlx.model.openelm import OpenELM
+from elm_mlx.quant import qlayers
+from elm_mlx.quant import quality as qq
+from elm_mlx.quant import quantize as q
 from elm_mlx.testing import random_weights, tiny_args, write_hf_checkpoint
 
 
@@ -210,7 +211,7 @@ def test_group_size_that_does_not_divide_is_an_error_naming_the_layers():
         q.make_plan(args, q.QuantizeSpec(4, 64))
     assert "\n" not in str(e.value) and "keep them in float with a recipe file" in str(e.value)
     # When a smaller supported group size fits every such matrix, the error names it.
-    from elm_mlx.io import default_model_path
+    from elm_mlx.formats.modeldir import default_model_path
 
     nano = mio.read_config(default_model_path())  # model_dim 160
     with pytest.raises(q.QuantizeError, match=r"use group size 32 \(--group-size 32\)$"):
@@ -421,7 +422,7 @@ def test_outputs_never_replace_their_input_and_keep_sampling_defaults(cli_dirs, 
     --force), and pass its generation_config.json on."""
     import json
 
-    from elm_mlx.lora import LoRAConfig, apply_lora, save_adapters
+    from elm_mlx.training.lora import LoRAConfig, apply_lora, save_adapters
 
     tmp, weights = cli_dirs
     src = tmp / "float"

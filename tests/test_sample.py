@@ -8,7 +8,7 @@ import mlx.core as mx
 import numpy as np
 import pytest
 
-from elm_mlx.sample import (
+from elm_mlx.generation.sample import (
     apply_min_p,
     apply_top_k,
     apply_top_p,

@@ -12,12 +12,12 @@ import numpy as np
 import pytest
 from mlx.utils import tree_flatten
 
-from elm_mlx.checkpoint import CheckpointError
-from elm_mlx.data import Dataset, Example
-from elm_mlx.lora import LoRAConfig, LoRALinear, apply_lora
-from elm_mlx.model import OpenELM
+from elm_mlx.model.openelm import OpenELM
 from elm_mlx.testing import random_weights, tiny_args
-from elm_mlx.trainer import (
+from elm_mlx.training.checkpoint import CheckpointError
+from elm_mlx.training.data import Dataset, Example
+from elm_mlx.training.lora import LoRAConfig, LoRALinear, apply_lora
+from elm_mlx.training.trainer import (
     CHECKPOINT_DIR,
     METRICS_FILE,
     PLOT_FILE,
@@ -205,8 +205,8 @@ def test_evaluate_is_the_mean_token_cross_entropy():
 
 @pytest.mark.parametrize("kind", ["lora", "dora", "full"])
 def test_training_layers_give_the_same_gradients(kind):
-    from elm_mlx.train_ops import training_layers
-    from elm_mlx.trainer import loss_sums
+    from elm_mlx.training.train_ops import training_layers
+    from elm_mlx.training.trainer import loss_sums
 
     model = base_model()
     apply_lora(model, LoRAConfig(rank=4, fine_tune_type=kind))
@@ -244,7 +244,7 @@ def test_training_layers_give_the_same_gradients(kind):
 
 @pytest.mark.parametrize("shape", [(2, 8, 2, 300, 16), (1, 4, 4, 37, 8), (2, 6, 3, 64, 16)])
 def test_causal_attention_by_blocks_matches_the_fused_kernel(shape):
-    from elm_mlx.train_ops import causal_attention
+    from elm_mlx.training.train_ops import causal_attention
 
     B, n_q, n_kv, L, D = shape
     keys = mx.random.split(mx.random.key(0), 4)
@@ -267,7 +267,7 @@ def test_causal_attention_by_blocks_matches_the_fused_kernel(shape):
 
 
 def test_swiglu_matches_silu_times_up():
-    from elm_mlx.train_ops import swiglu
+    from elm_mlx.training.train_ops import swiglu
 
     keys = mx.random.split(mx.random.key(1), 3)
     gate = 4 * mx.random.normal((3, 5, 40), key=keys[0])
@@ -327,8 +327,8 @@ def test_quantized_base_trains_with_lora(tmp_path):
 @pytest.mark.parametrize("kind", ["lora", "dora", "full"])
 def test_chunked_head_loss_has_autograd_gradients(tied, kind, monkeypatch):
     """The chunked output-head loss (train_ops.py) against plain autograd through full logits."""
-    import elm_mlx.train_ops as losses
-    from elm_mlx.trainer import head_weight_name, loss_sums, training_loss_sum
+    import elm_mlx.training.train_ops as losses
+    from elm_mlx.training.trainer import head_weight_name, loss_sums, training_loss_sum
 
     monkeypatch.setattr(losses, "CHUNK_ELEMENTS", 7 * 128)  # 7 rows a chunk: several chunks
     args = tiny_args(tied=tied)

@@ -7,7 +7,7 @@
    trains a 4096-piece SentencePiece tokenizer (into `--work`, default runs/nano).
 2. A real OpenELM with layer-wise scaling (query heads, KV heads and FFN widths
    growing with depth, grouped-query attention, QK-norm), about 2M parameters,
-   is trained from a random initialisation with `elm_mlx.trainer` (AdamW,
+   is trained from a random initialisation with `elm_mlx.training.trainer` (AdamW,
    warmup + cosine decay, best-validation weights kept).
 3. The best weights, config.json and tokenizer.model are written to `--out`
    (default elm_mlx/assets/nano, the model `elm-mlx generate` uses by default)
@@ -47,7 +47,7 @@ PROMPTS = ("ROMEO:", "JULIET:", "HAMLET:\nTo be, or not to be", "KING HENRY V:")
 
 def nano_config(vocab_size: int) -> dict:
     """The nano OpenELM: 6 layers, model_dim 160, head_dim 32, 2 query heads per KV head."""
-    from elm_mlx.config import scaling_config
+    from elm_mlx.model.config import scaling_config
 
     config = scaling_config(
         6, 160, 32, num_gqa_groups=2, ffn_dim_divisor=32, vocab_size=vocab_size
@@ -57,7 +57,7 @@ def nano_config(vocab_size: int) -> dict:
 
 
 def train_args(a: argparse.Namespace, work: Path):
-    from elm_mlx.trainer import TrainArgs
+    from elm_mlx.training.trainer import TrainArgs
 
     return TrainArgs(
         iters=a.iters,
@@ -81,8 +81,8 @@ def build(vocab_size: int, seed: int):
     """A freshly initialised nano OpenELM (seeded) and its ModelArgs."""
     import mlx.core as mx
 
-    from elm_mlx.config import ModelArgs
-    from elm_mlx.model import OpenELM
+    from elm_mlx.model.config import ModelArgs
+    from elm_mlx.model.openelm import OpenELM
 
     args = ModelArgs.from_dict(nano_config(vocab_size))
     mx.random.seed(seed)
@@ -95,8 +95,8 @@ def train_model(a: argparse.Namespace, work: Path, tokenizer):
     """Train from scratch (or resume); returns (model with the best weights, args, results)."""
     import mlx.core as mx
 
-    from elm_mlx.data import load_datasets
-    from elm_mlx.trainer import evaluate, train
+    from elm_mlx.training.data import load_datasets
+    from elm_mlx.training.trainer import evaluate, train
 
     data = load_datasets(work, tokenizer, max_seq_length=CONTEXT)
     data = {split: without_eos(data[split], tokenizer.eos_id) for split in ("train", "valid")}
@@ -129,7 +129,7 @@ def without_eos(dataset, eos_id: int):
     A record is a window onto a play that goes on, not a finished document:
     trained to expect EOS there, the model would stop after a speech or two.
     """
-    from elm_mlx.data import Example
+    from elm_mlx.training.data import Example
 
     examples = [
         Example(e.tokens[:-1], e.offset) if e.tokens[-1] == eos_id else e for e in dataset.examples
@@ -139,7 +139,7 @@ def without_eos(dataset, eos_id: int):
 
 def write_assets(model, args, work: Path, out: Path) -> None:
     """The model files (MODEL_FILES) into `out`, each replaced whole."""
-    from elm_mlx.io import save_model
+    from elm_mlx.formats.modeldir import save_model
 
     ids = {"bos_token_id": args.bos_token_id, "eos_token_id": args.eos_token_id}
     staged = save_model(
@@ -159,8 +159,8 @@ def write_assets(model, args, work: Path, out: Path) -> None:
 
 def samples(out: Path, seed: int, max_tokens: int) -> list[tuple[str, str, str]]:
     """(prompt, settings, completion) from the written model, loaded as a user would."""
-    from elm_mlx.generate import generate
-    from elm_mlx.io import load
+    from elm_mlx.formats.modeldir import load
+    from elm_mlx.generation.generate import generate
 
     model, tokenizer = load(out)
     runs = []
@@ -182,10 +182,10 @@ def _settings(settings: dict) -> str:
 def main() -> None:
     a = parse_args()
     work, out = Path(a.work), Path(a.out)
-    from elm_mlx.blas import preload_blas
+    from elm_mlx.runtime.blas import preload_blas
 
     preload_blas()  # before MLX loads
-    from elm_mlx.tokenizer import Tokenizer
+    from elm_mlx.generation.tokenizer import Tokenizer
 
     tic = time.perf_counter()
     if a.resume and (work / "corpus.json").is_file():
@@ -209,7 +209,7 @@ def main() -> None:
 def machine() -> str:
     import mlx.core as mx
 
-    from elm_mlx.blas import blas_description
+    from elm_mlx.runtime.blas import blas_description
 
     return f"{platform.machine()} {os.cpu_count()} CPUs, mlx {mx.__version__}, {blas_description()}"
 

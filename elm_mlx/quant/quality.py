@@ -19,8 +19,8 @@ import mlx.core as mx
 import mlx.nn as nn
 from mlx.utils import tree_unflatten
 
-from . import io as mio
-from .config import ModelArgs
+from ..formats import modeldir as mio
+from ..model.config import ModelArgs
 from .quantize import (
     QuantizeError,
     QuantizeSpec,

@@ -13,8 +13,8 @@ from dataclasses import dataclass
 
 import mlx.core as mx
 
-from .cache import ContextLengthError
-from .fastpath import fast_decoder
+from ..model.cache import ContextLengthError
+from ..runtime.fastpath import fast_decoder
 from .sample import (
     LogitsProcessor,
     Sampler,

@@ -31,8 +31,8 @@ import mlx.core as mx
 import mlx.nn as nn
 import numpy as np
 
-from .cache import KVCache
-from .model import OpenELM
+from ..model.cache import KVCache
+from ..model.openelm import OpenELM
 
 
 def on_cpu(device: mx.Device | None = None) -> bool:

@@ -24,9 +24,9 @@ import mlx.core as mx
 import mlx.nn as nn
 from mlx.utils import tree_flatten
 
-from .config import ConfigError, ModelArgs
-from .model import OpenELM
-from .qlayers import use_cpu_layers
+from ..model.config import ConfigError, ModelArgs
+from ..model.openelm import OpenELM
+from ..quant.qlayers import use_cpu_layers
 
 INDEX_FILE = "model.safetensors.index.json"
 TOKENIZER_FILE = "tokenizer.model"
@@ -38,7 +38,7 @@ UNUSED_KEYS = frozenset({"transformer.classifier.weight"})
 DTYPES = {"float32": mx.float32, "float16": mx.float16, "bfloat16": mx.bfloat16}
 # The nano OpenELM shipped in the package (examples/nano/train_nano.py makes it): what
 # `elm-mlx generate` runs when no --model is given. A base model, trained on Shakespeare.
-DEFAULT_MODEL = Path(__file__).resolve().parent / "assets" / "nano"
+DEFAULT_MODEL = Path(__file__).resolve().parents[1] / "assets" / "nano"
 DEFAULT_MODEL_FILES = ("config.json", "model.safetensors", TOKENIZER_FILE)
 
 # (bytes, produce): the tensors of one or more keys, produced only when their shard is written.
@@ -245,7 +245,7 @@ def load_tokenizer(path: Path):
     """The Tokenizer of a model directory, or None when it has no tokenizer.model."""
     if not (Path(path) / TOKENIZER_FILE).is_file():
         return None
-    from .tokenizer import Tokenizer
+    from ..generation.tokenizer import Tokenizer
 
     return Tokenizer(Path(path) / TOKENIZER_FILE)
 

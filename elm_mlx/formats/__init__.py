@@ -1,0 +1,1 @@
+"""Model formats: MLX model directories, the hub, HF conversion."""

@@ -1,0 +1,1 @@
+"""Generation: tokenizer, sampling, generate_step / stream_generate, chat."""

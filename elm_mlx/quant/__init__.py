@@ -1,0 +1,1 @@
+"""Quantization: recipes and quantize, the CPU quantized layers, the quality report."""

@@ -1,0 +1,1 @@
+"""The CPU runtime: device and dtype rules, the BLAS preload, the numpy decoding path."""

@@ -1,0 +1,1 @@
+"""Training: the trainer, training ops, LoRA/DoRA, data, checkpoints and loss plots."""
