@@ -299,40 +299,18 @@ def _generation_settings(args, **extra):
 
 
 def _load_for_generation(args):
-    import time
+    from .generation.loading import load_for_generation
 
-    from .formats.modeldir import as_dtype, dtype_name, load, require_tokenizer
-    from .runtime.blas import blas_description
-    from .runtime.fastpath import default_dtype, fast_decoder, fast_path_description
-
-    start = time.perf_counter()
-    path = _model_path(args.model)
-    model, tokenizer = load(path)
-    tokenizer = require_tokenizer(tokenizer, path)
-    stored = model.transformer.norm.weight.dtype
-    if model.args.quantization is None:  # quantized models keep their scales' dtype
-        want = default_dtype() if args.dtype == "auto" else as_dtype(args.dtype)
-        if want != stored:
-            model.set_dtype(want)
-    compute = model.transformer.norm.weight.dtype
-    if args.adapter_path is not None:
-        from .training.lora import apply_adapters
-
-        apply_adapters(model, args.adapter_path)
-    decoder = fast_decoder(model, enabled=not args.no_fast_path)
+    model, tokenizer, report = load_for_generation(
+        args.model,
+        adapter_path=args.adapter_path,
+        dtype=args.dtype,
+        fast_path=False if args.no_fast_path else None,
+    )
     if args.verbose:
-        millions = model.args.num_parameters() / 1e6
-        print(
-            f"loaded {path}: {millions:.1f}M parameters, {time.perf_counter() - start:.2f}s",
-            file=sys.stderr,
-        )
-        how = "as stored" if compute == stored else f"stored {dtype_name(stored)}"
-        if args.dtype == "auto" and model.args.quantization is None:
-            how += "; --dtype auto: float32 on the CPU, bfloat16 on a GPU"
-        print(f"compute dtype: {dtype_name(compute)} ({how})", file=sys.stderr)
-        print(f"BLAS: {blas_description()}", file=sys.stderr)
-        print(f"CPU fast path: {fast_path_description(decoder)}", file=sys.stderr)
-    return decoder, tokenizer
+        for line in report.lines():
+            print(line, file=sys.stderr)
+    return model, tokenizer
 
 
 def _suggested_sampling(path: str) -> dict:

@@ -13,7 +13,8 @@ from elm_mlx.generation.generate import generate_step
 from elm_mlx.model.cache import RotatingKVCache
 from elm_mlx.model.openelm import OpenELM
 from elm_mlx.runtime.blas import find_openblas
-from elm_mlx.runtime.fastpath import CpuDecoder, default_dtype, fast_decoder
+from elm_mlx.runtime.device import default_dtype
+from elm_mlx.runtime.fastpath import CpuDecoder, fast_decoder
 from elm_mlx.testing import random_weights, tiny_args
 
 VARIANTS = [

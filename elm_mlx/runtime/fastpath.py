@@ -33,23 +33,7 @@ import numpy as np
 
 from ..model.cache import KVCache
 from ..model.openelm import OpenELM
-
-
-def on_cpu(device: mx.Device | None = None) -> bool:
-    """Whether `device` (default: MLX's default device) is the CPU."""
-    device = device or mx.default_device()
-    return device.type == mx.DeviceType.cpu
-
-
-def default_dtype(device: mx.Device | None = None) -> mx.Dtype:
-    """Compute dtype when the user picks none: float32 on the CPU, bfloat16 on a GPU.
-
-    MLX's CPU kernels for half precision are several times slower than its
-    float32 BLAS path; GPUs are faster in half precision, and bfloat16 (unlike
-    float16) does not overflow in OpenELM-3B.
-    """
-    return mx.float32 if on_cpu(device) else mx.bfloat16
-
+from .device import on_cpu
 
 _PLAIN = (nn.Linear, nn.RMSNorm, nn.Embedding)
 
