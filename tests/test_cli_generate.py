@@ -191,7 +191,8 @@ def test_sampling_defaults_come_from_generation_config(tmp_path):
     """Flags the user leaves out take the model's generation_config.json; given flags win."""
     import json
 
-    from elm_mlx.cli import _generation_settings, build_parser
+    from elm_mlx.cli.app import build_parser
+    from elm_mlx.cli.generate import _generation_settings
 
     (tmp_path / "generation_config.json").write_text(
         json.dumps({"do_sample": True, "temperature": 0.7, "top_p": 0.9})

@@ -1,0 +1,148 @@
+"""`elm-mlx convert` and `elm-mlx quantize`."""
+
+from __future__ import annotations
+
+import sys
+from pathlib import Path
+
+from ..formats.convert import convert
+from ..quant import quality as qq
+from ..quant.quantize import RECIPES, QuantizeSpec, bits_per_weight, dir_size, quantize_dir
+from .common import CliError
+
+
+def _add_convert(sub) -> None:
+    p = sub.add_parser(
+        "convert",
+        help="convert an OpenELM checkpoint (HF layout) into an MLX model directory",
+        description="Convert apple/OpenELM-* (a hub id or a local directory with config.json and "
+        "model.safetensors, sharded safetensors or pytorch_model.bin) into an MLX model "
+        "directory that elm_mlx and mlx-lm load. Apple's repos ship no tokenizer: pass the "
+        "Llama-2 SentencePiece tokenizer.model with --tokenizer.",
+    )
+    p.add_argument("--hf-path", required=True, help="hub id (apple/OpenELM-270M) or local dir")
+    p.add_argument("--mlx-path", required=True, help="output directory (written atomically)")
+    p.add_argument(
+        "--dtype",
+        choices=["float32", "float16", "bfloat16"],
+        help="output dtype (default: the source's; float16 overflows for 3B)",
+    )
+    p.add_argument(
+        "--tokenizer",
+        metavar="PATH|HUB_ID",
+        help="Llama-2 tokenizer.model file, a directory holding it, or a hub id "
+        "(default: tokenizer.model in the source)",
+    )
+    p.add_argument("--revision", help="hub branch, tag or commit of --hf-path")
+    p.add_argument("--force", action="store_true", help="replace an existing --mlx-path")
+    p.add_argument(
+        "-q", "--quantize", action="store_true", help="quantize tensor by tensor while converting"
+    )
+    p.add_argument("--q-bits", type=int, help="bits per weight: 4 (default) or 8")
+    p.add_argument("--q-group-size", type=int, help="32, 64 (default) or 128")
+    p.add_argument(
+        "--q-recipe", metavar="NAME|FILE", help="mixed-precision recipe (see elm-mlx quantize)"
+    )
+    p.add_argument(
+        "--q-scales-dtype",
+        choices=["float32", "bfloat16", "float16"],
+        help="dtype of scales and biases (default: float32 on CPU, the model's dtype on GPU)",
+    )
+
+
+def _run_convert(args) -> None:
+    convert(
+        args.hf_path,
+        args.mlx_path,
+        dtype=args.dtype,
+        tokenizer=args.tokenizer,
+        force=args.force,
+        revision=args.revision,
+        quantize=_convert_quant_spec(args),
+        log=lambda line: print(line, file=sys.stderr, flush=True),
+    )
+
+
+def _convert_quant_spec(args):
+    flags = ("q_bits", "q_group_size", "q_recipe", "q_scales_dtype")
+    given = [f for f in flags if getattr(args, f) is not None]
+    if not args.quantize:
+        if given:
+            flags = ", ".join("--" + f.replace("_", "-") for f in given)
+            raise CliError(f"{flags} only work with -q/--quantize")
+        return None
+    return _quant_spec(args.q_bits, args.q_group_size, args.q_recipe, args.q_scales_dtype)
+
+
+def _add_quantize(sub) -> None:
+    p = sub.add_parser(
+        "quantize",
+        help="quantize a float model directory (4/8-bit, mixed recipes, sensitivity scan)",
+        description="Affine group quantization recorded in config.json as mlx-lm records it. "
+        "Recipes: mixed-4-8, embed-8, or a JSON file (module path or pattern -> "
+        "{bits, group_size} or false). --scan measures each matrix's damage on --eval-text "
+        "and writes the least-damage recipe for --target-bpw.",
+    )
+    p.add_argument("--model", required=True, help="float model directory")
+    p.add_argument("--out", required=True, help="output directory (written atomically)")
+    p.add_argument("--bits", type=int, help="4 (default) or 8")
+    p.add_argument("--group-size", type=int, help="32, 64 (default) or 128")
+    p.add_argument("--recipe", metavar="NAME|FILE", help="mixed-precision recipe")
+    p.add_argument(
+        "--scales-dtype",
+        choices=["float32", "bfloat16", "float16"],
+        help="dtype of scales and biases (default: float32 on CPU, the model's dtype on GPU)",
+    )
+    p.add_argument("--scan", action="store_true", help="build a recipe from a sensitivity scan")
+    p.add_argument("--target-bpw", type=float, help="bits per weight the scanned recipe meets")
+    p.add_argument("--report", action="store_true", help="print quality against the float model")
+    p.add_argument("--eval-text", metavar="FILE", help="held-out text for --scan and --report")
+    p.add_argument("--eval-tokens", type=int, default=4096, help="tokens of it to use")
+    p.add_argument("--force", action="store_true", help="replace an existing --out")
+
+
+def _run_quantize(args) -> None:
+    _check_quantize_flags(args)
+    log = lambda line: print(line, file=sys.stderr, flush=True)  # noqa: E731
+    spec = _quant_spec(args.bits, args.group_size, args.recipe, args.scales_dtype)
+    windows = None
+    if args.eval_text:
+        windows = qq.text_windows(args.model, args.eval_text, max_tokens=args.eval_tokens)
+    extra = {}
+    if args.scan:
+        spec.recipe = qq.scan_recipe(args.model, windows, spec, args.target_bpw, log)
+        extra["quantize_recipe.json"] = spec.recipe.to_json()
+    model = quantize_dir(args.model, args.out, spec, force=args.force, extra_files=extra, log=log)
+    print(f"{args.out}: {bits_per_weight(model):.3f} bits per weight, "
+          f"{dir_size(args.out) / 1e6:.1f} MB")  # fmt: skip
+    if args.report:
+        print(qq.report(args.model, args.out, model, windows))
+
+
+def _check_quantize_flags(args) -> None:
+    if args.scan and args.recipe:
+        raise CliError("--scan builds its own recipe; drop --recipe")
+    if args.scan != (args.target_bpw is not None):
+        raise CliError("--scan and --target-bpw go together")
+    if (args.scan or args.report) and not args.eval_text:
+        raise CliError("--scan and --report need --eval-text FILE (held-out text)")
+
+
+def _quant_spec(bits, group_size, recipe, scales_dtype):
+    if recipe is not None and bits is not None:
+        raise CliError("a bits flag conflicts with a recipe: the recipe sets the bits")
+    is_file = recipe is not None and recipe not in RECIPES and Path(recipe).is_file()
+    if is_file and group_size is not None:  # (a bad recipe name gets its own error)
+        raise CliError("a group size flag conflicts with a recipe file: the file sets them")
+    return QuantizeSpec(
+        bits=4 if bits is None else bits,
+        group_size=64 if group_size is None else group_size,
+        recipe=recipe,
+        scales_dtype=scales_dtype,
+    )
+
+
+COMMANDS = {
+    "convert": (_add_convert, _run_convert),
+    "quantize": (_add_quantize, _run_quantize),
+}
