@@ -1,0 +1,245 @@
+"""Atomic outputs: every directory and file elm_mlx writes appears complete or not at all.
+
+A directory is written into a temporary sibling `.NAME.partial-PID-XXXX` and renamed
+into place when complete (`atomic_dir`); a single file goes through a temporary sibling
+and `os.replace` (`atomic_path`, `write_bytes`, `write_text`, `write_json`). Outputs get
+the permissions the user's umask gives, as any file the user makes.
+
+The temporary name carries the owning process id, and an `.owner` file inside a
+partial directory records it with the process start time and host, so a later run can
+tell a leftover of a killed process from the work of a live one: `clean_stale_partials`
+removes the leftovers, and `atomic_dir` calls it before it starts.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import socket
+import tempfile
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
+from pathlib import Path
+
+OWNER_FILE = ".owner"
+Log = Callable[[str], None]
+
+
+class OutputExistsError(FileExistsError):
+    """An existing output: `replaceable` when passing `force` would replace it."""
+
+    def __init__(self, message: str, *, replaceable: bool = False) -> None:
+        super().__init__(message)
+        self.replaceable = replaceable
+
+
+# ---- permissions ------------------------------------------------------------------
+
+
+def umask() -> int:
+    """The process umask, read without changing it where the system allows."""
+    try:
+        for line in Path("/proc/self/status").read_text().splitlines():
+            if line.startswith("Umask:"):
+                return int(line.split()[1], 8)
+    except (OSError, ValueError):
+        pass
+    mask = os.umask(0o022)
+    os.umask(mask)
+    return mask
+
+
+def _user_mode(path: Path, *, directory: bool) -> None:
+    os.chmod(path, (0o777 if directory else 0o666) & ~umask())
+
+
+# ---- owners -----------------------------------------------------------------------
+
+
+def _start_time(pid: int) -> str | None:
+    """When process `pid` started (clock ticks since boot on Linux), or None if unknown."""
+    try:
+        stat = Path(f"/proc/{pid}/stat").read_text()
+    except OSError:
+        return None
+    return stat.rsplit(")", 1)[1].split()[19]  # field 22; the name before ")" may hold spaces
+
+
+def _alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True  # another user's process
+    try:  # a killed process its parent has not reaped yet (a zombie) is gone too
+        return Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0] != "Z"
+    except (OSError, IndexError):
+        return True
+
+
+def _owner_gone(partial: Path, suffix: str) -> bool:
+    """True when the process that made `partial` (`suffix`: PID-XXXX after `.partial-`) has
+    ended, or its id now names another process."""
+    try:
+        pid = int(suffix.split("-", 1)[0])
+    except ValueError:
+        return False  # not a name we make
+    owner = {}
+    if partial.is_dir():
+        try:
+            owner = json.loads((partial / OWNER_FILE).read_text())
+        except (OSError, ValueError):
+            owner = {}
+    if owner.get("host", socket.gethostname()) != socket.gethostname():
+        return False  # another machine's process, on a shared file system
+    if not _alive(pid):
+        return True
+    started = owner.get("start")
+    return started is not None and started != _start_time(pid)
+
+
+def _partial_name(name: str) -> str:
+    return f".{name}.partial-{os.getpid()}-"
+
+
+# ---- cleaning ---------------------------------------------------------------------
+
+
+def clean_stale_partials(parent: str | Path, name: str) -> list[Path]:
+    """Remove `.NAME.partial-*` leftovers in `parent` whose owning process is gone.
+
+    Returns what was removed. The work of live processes is left alone."""
+    parent = Path(parent)
+    if not parent.is_dir():
+        return []
+    removed = []
+    prefix = f".{name}.partial-"
+    for leftover in sorted(parent.glob(prefix + "*")):
+        suffix = leftover.name[len(prefix) :]
+        if not _owner_gone(leftover, suffix):
+            continue
+        if "-old-" in suffix and not (parent / name).exists():
+            # killed between the two renames of a replacement: the previous output goes back
+            (leftover / name).rename(parent / name)
+        try:
+            if leftover.is_dir() and not leftover.is_symlink():
+                shutil.rmtree(leftover)
+            else:
+                leftover.unlink()
+        except FileNotFoundError:
+            continue  # another run cleaned it first
+        removed.append(leftover)
+    return removed
+
+
+def stale_message(removed: list[Path]) -> str:
+    """The one line that says what `clean_stale_partials` removed."""
+    names = ", ".join(p.name for p in removed)
+    return f"removed {len(removed)} unfinished output(s) left by a stopped process: {names}"
+
+
+def _clean(path: Path, log: Log | None) -> None:
+    removed = clean_stale_partials(path.parent, path.name)
+    if removed and log:
+        log(stale_message(removed))
+
+
+# ---- directories ------------------------------------------------------------------
+
+
+def check_target(path: str | Path, *, force: bool, marker: str | None = None) -> None:
+    """Refuse an existing `path` unless `force`; never replace a file, a link, or (with
+    `marker`) a non-empty directory without the `marker` file that shows it is one of ours."""
+    path = Path(path)
+    if not path.exists() and not path.is_symlink():
+        return
+    if not path.is_dir() or path.is_symlink():
+        raise OutputExistsError(f"{path} exists and is not a directory; refusing to replace it")
+    if not force:
+        raise OutputExistsError(f"{path} already exists", replaceable=True)
+    if marker and any(path.iterdir()) and not (path / marker).is_file():
+        raise OutputExistsError(f"{path} has no {marker}; refusing to replace it")
+
+
+@contextmanager
+def atomic_dir(
+    path: str | Path, *, force: bool = False, marker: str | None = None, log: Log | None = None
+) -> Iterator[Path]:
+    """A temporary sibling of `path` to write into, renamed to `path` when the block ends.
+
+    An existing `path` is refused unless `force` (see `check_target`), and then replaced
+    only once the new one is complete. On any exception (Ctrl-C included) the temporary
+    directory is removed. Leftovers of killed runs are removed first (`log` says so)."""
+    path = Path(path).absolute()
+    check_target(path, force=force, marker=marker)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    _clean(path, log)
+    tmp = Path(tempfile.mkdtemp(prefix=_partial_name(path.name), dir=path.parent))
+    try:
+        _user_mode(tmp, directory=True)
+        owner = {"pid": os.getpid(), "start": _start_time(os.getpid())}
+        (tmp / OWNER_FILE).write_text(json.dumps({**owner, "host": socket.gethostname()}))
+        yield tmp
+        (tmp / OWNER_FILE).unlink()
+        check_target(path, force=force, marker=marker)  # it may have appeared meanwhile
+        _swap_in(tmp, path)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+
+
+def _swap_in(tmp: Path, path: Path) -> None:
+    """Rename `tmp` to `path`, replacing an existing directory only after the rename."""
+    if not path.exists():
+        tmp.rename(path)
+        return
+    old = Path(tempfile.mkdtemp(prefix=_partial_name(path.name) + "old-", dir=path.parent))
+    path.rename(old / path.name)
+    tmp.rename(path)
+    shutil.rmtree(old, ignore_errors=True)
+
+
+# ---- single files -----------------------------------------------------------------
+
+
+@contextmanager
+def atomic_path(path: str | Path) -> Iterator[Path]:
+    """A temporary sibling path (same suffix) to write `path` through; it replaces `path`
+    when the block ends and is removed on any exception."""
+    path = Path(path)
+    prefix = _partial_name(path.name)
+    fd, name = tempfile.mkstemp(prefix=prefix, suffix=path.suffix, dir=path.parent)
+    os.close(fd)
+    tmp = Path(name)
+    try:
+        yield tmp
+        _user_mode(tmp, directory=False)
+        os.replace(tmp, path)
+    except BaseException:
+        tmp.unlink(missing_ok=True)
+        raise
+
+
+def write_bytes(path: str | Path, data: bytes) -> Path:
+    with atomic_path(path) as tmp:
+        tmp.write_bytes(data)
+    return Path(path)
+
+
+def write_text(path: str | Path, text: str) -> Path:
+    with atomic_path(path) as tmp:
+        tmp.write_text(text)
+    return Path(path)
+
+
+def write_json(path: str | Path, content) -> Path:
+    """`content` as indented JSON with a final newline (config-style files)."""
+    return write_text(path, json.dumps(content, indent=2) + "\n")
+
+
+def copy_file(src: str | Path, path: str | Path) -> Path:
+    with atomic_path(path) as tmp:
+        shutil.copyfile(src, tmp)
+    return Path(path)
