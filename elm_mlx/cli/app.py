@@ -5,10 +5,16 @@ from __future__ import annotations
 import argparse
 import sys
 
-from . import convert, generate, info, train
+from . import convert, export, generate, info, train
 from .common import USER_ERRORS
 
-COMMANDS = {**info.COMMANDS, **generate.COMMANDS, **convert.COMMANDS, **train.COMMANDS}
+COMMANDS = {
+    **info.COMMANDS,
+    **generate.COMMANDS,
+    **convert.COMMANDS,
+    **train.COMMANDS,
+    **export.COMMANDS,
+}
 
 
 def build_parser() -> argparse.ArgumentParser:
