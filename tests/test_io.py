@@ -217,34 +217,6 @@ def test_unrecorded_layer_params_are_read_off_the_shapes(tmp_path):
     same_logits(loaded, model)
 
 
-# ---- writing is atomic -----------------------------------------------------------------
-
-
-def test_output_dir_leaves_nothing_on_failure(tmp_path):
-    with pytest.raises(RuntimeError):
-        with mio.output_dir(tmp_path / "out") as tmp:
-            (tmp / "config.json").write_text("{}")
-            raise RuntimeError("interrupted")
-    assert list(tmp_path.iterdir()) == []
-
-
-def test_output_dir_replaces_with_force_only_when_complete(tmp_path):
-    (tmp_path / "out").mkdir()
-    (tmp_path / "out" / "config.json").write_text("old")
-    with pytest.raises(FileExistsError, match="--force"):
-        with mio.output_dir(tmp_path / "out"):
-            pass
-    with pytest.raises(RuntimeError):
-        with mio.output_dir(tmp_path / "out", force=True) as tmp:
-            (tmp / "config.json").write_text("new")
-            raise RuntimeError("interrupted")
-    assert (tmp_path / "out" / "config.json").read_text() == "old"
-    with mio.output_dir(tmp_path / "out", force=True) as tmp:
-        (tmp / "config.json").write_text("new")
-    assert (tmp_path / "out" / "config.json").read_text() == "new"
-    assert [p.name for p in tmp_path.iterdir()] == ["out"]
-
-
 # ---- hub resolution -----------------------------------------------------------------------
 
 

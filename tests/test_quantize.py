@@ -11,6 +11,7 @@ from mlx_lm import utils as mlx_lm_utils
 
 from elm_mlx import cli
 from elm_mlx.formats import modeldir as mio
+from elm_mlx.formats.convert import quantize_dir
 from elm_mlx.model.config import ModelArgs
 from elm_mlx.model.openelm import OpenELM
 from elm_mlx.quant import qlayers
@@ -69,7 +70,7 @@ def test_layers_carry_requested_bits_and_group_size(tiny, bits, group_size):
     assert {p for p, _ in quantized} == set(q.matrix_shapes(args))
     assert all((m.bits, m.group_size, m.mode) == (bits, group_size, "affine") for _, m in quantized)
     assert config == {"group_size": group_size, "bits": bits, "mode": "affine"}
-    assert model.args.quantization == config == model.args.extra["quantization_config"]
+    assert model.args.quantization == config
     assert model.transformer.norm.weight.dtype == mx.float32  # norms stay float
 
 
@@ -96,19 +97,19 @@ def float_dir(tiny, tmp_path):
 
 def test_save_then_load_gives_identical_logits(float_dir, tmp_path):
     spec = q.QuantizeSpec(recipe="mixed-4-8", group_size=32)
-    ours = q.quantize_dir(float_dir, tmp_path / "q", spec)
+    ours = quantize_dir(float_dir, tmp_path / "q", spec)
     config = json.loads((tmp_path / "q" / "config.json").read_text())
     assert config["quantization"] == config["quantization_config"] == ours.args.quantization
     loaded, _ = mio.load_model(tmp_path / "q")
     assert mx.array_equal(loaded(IDS), ours(IDS))
     assert q.bits_per_weight(loaded) == q.bits_per_weight(ours)
     with pytest.raises(q.QuantizeError, match="already quantized"):
-        q.quantize_dir(tmp_path / "q", tmp_path / "qq", spec)
+        quantize_dir(tmp_path / "q", tmp_path / "qq", spec)
 
 
 @pytest.mark.parametrize("recipe", [None, "mixed-4-8"])
 def test_mlx_lm_loads_our_quantized_dir(float_dir, tmp_path, recipe):
-    ours = q.quantize_dir(float_dir, tmp_path / "q", q.QuantizeSpec(4, 64, recipe=recipe))
+    ours = quantize_dir(float_dir, tmp_path / "q", q.QuantizeSpec(4, 64, recipe=recipe))
     theirs, _ = mlx_lm_utils.load_model(tmp_path / "q")
     emb = theirs.transformer.token_embeddings
     assert isinstance(emb, nn.QuantizedEmbedding)
@@ -214,8 +215,9 @@ def test_group_size_that_does_not_divide_is_an_error_naming_the_layers():
     from elm_mlx.formats.modeldir import default_model_path
 
     nano = mio.read_config(default_model_path())  # model_dim 160
-    with pytest.raises(q.QuantizeError, match=r"use group size 32 \(--group-size 32\)$"):
+    with pytest.raises(q.GroupSizeError, match=r"use group size 32$") as e:
         q.make_plan(nano, q.QuantizeSpec(4, 64))
+    assert e.value.fits == 32 and "--" not in str(e.value)  # the CLI adds its flag name
     # A recipe can keep exactly those matrices in float instead.
     recipe = q.Recipe(4, 32, {"*.out_proj": None, "*.proj_2": None})
     plan = q.make_plan(args, recipe)
@@ -352,7 +354,7 @@ def test_convert_quantizes_while_streaming_like_quantize_dir(cli_dirs, sp_model_
     argv += ["--tokenizer", str(sp_model_file), "-q", "--q-recipe", "mixed-4-8"]
     assert cli.main(argv) == 0
     streamed, streamed_args = mio.load_model(tmp / "cq")
-    in_memory = q.quantize_dir(tmp / "float", tmp / "q", q.QuantizeSpec(recipe="mixed-4-8"))
+    in_memory = quantize_dir(tmp / "float", tmp / "q", q.QuantizeSpec(recipe="mixed-4-8"))
     assert streamed_args.quantization == in_memory.args.quantization
     assert_same_parameters(streamed, in_memory)
     assert cli.main(["convert", "--hf-path", str(tmp / "hf"), "--mlx-path", str(tmp / "x"),
@@ -369,7 +371,7 @@ def test_convert_scales_dtype_flag(cli_dirs, sp_model_file):
     streamed, _ = mio.load_model(tmp / "bf")
     scales = [v for k, v in tree_flatten(streamed.parameters()) if k.endswith(".scales")]
     assert scales and all(v.dtype == mx.bfloat16 for v in scales)
-    in_memory = q.quantize_dir(tmp / "float", tmp / "q", q.QuantizeSpec(scales_dtype="bfloat16"))
+    in_memory = quantize_dir(tmp / "float", tmp / "q", q.QuantizeSpec(scales_dtype="bfloat16"))
     assert_same_parameters(streamed, in_memory)
     assert cli.main([*argv, "--mlx-path", str(tmp / "x"), "--q-scales-dtype", "float16"]) == 1
     assert not (tmp / "x").exists()

@@ -5,8 +5,10 @@ from __future__ import annotations
 import argparse
 import sys
 
+from .. import __version__
+from ..formats.files import OutputExistsError
 from . import convert, export, generate, info, train
-from .common import USER_ERRORS
+from .common import USER_ERRORS, Terminated, os_error_message, terminate_as_interrupt
 
 COMMANDS = {
     **info.COMMANDS,
@@ -22,6 +24,7 @@ def build_parser() -> argparse.ArgumentParser:
         prog="elm-mlx",
         description="Run, quantize and fine-tune Apple's OpenELM models with MLX.",
     )
+    parser.add_argument("--version", action="version", version=f"elm-mlx {__version__}")
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
     for add, _ in COMMANDS.values():
         add(sub)
@@ -29,12 +32,24 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def run(run_fn, args) -> int:
-    """Run one command: a user mistake is one `error: ...` line and status 1, Ctrl-C 130."""
+    """Run one command: a user mistake or an I/O fault is one `error: ...` line and status 1;
+    Ctrl-C gives 130 and SIGTERM 143, both after the command's temporary outputs are gone."""
     try:
-        run_fn(args)
-    except USER_ERRORS as e:
-        print(f"error: {e}", file=sys.stderr)
+        with terminate_as_interrupt():
+            run_fn(args)
+    except OutputExistsError as e:
+        hint = "; pass --force to replace it" if e.replaceable and hasattr(args, "force") else ""
+        print(f"error: {e}{hint}", file=sys.stderr)
         return 1
+    except USER_ERRORS as e:
+        print(f"error: {os_error_message(e) if isinstance(e, OSError) else e}", file=sys.stderr)
+        return 1
+    except OSError as e:
+        print(f"error: {os_error_message(e)}", file=sys.stderr)
+        return 1
+    except Terminated:
+        print("terminated", file=sys.stderr)
+        return 143
     except KeyboardInterrupt:
         print("interrupted", file=sys.stderr)
         return 130

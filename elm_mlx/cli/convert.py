@@ -2,13 +2,14 @@
 
 from __future__ import annotations
 
-import sys
+from contextlib import contextmanager
 from pathlib import Path
 
-from ..formats.convert import convert
+from ..formats.convert import convert, quantize_dir
+from ..formats.corenet import convert_corenet
 from ..quant import quality as qq
-from ..quant.quantize import RECIPES, QuantizeSpec, bits_per_weight, dir_size, quantize_dir
-from .common import CliError
+from ..quant.quantize import RECIPES, GroupSizeError, QuantizeSpec, bits_per_weight, dir_size
+from .common import CliError, log
 
 
 def _add_convert(sub) -> None:
@@ -18,9 +19,14 @@ def _add_convert(sub) -> None:
         description="Convert apple/OpenELM-* (a hub id or a local directory with config.json and "
         "model.safetensors, sharded safetensors or pytorch_model.bin) into an MLX model "
         "directory that elm_mlx and mlx-lm load. Apple's repos ship no tokenizer: pass the "
-        "Llama-2 SentencePiece tokenizer.model with --tokenizer.",
+        "Llama-2 SentencePiece tokenizer.model with --tokenizer. A CoreNet checkpoint comes "
+        "in with --corenet-checkpoint model.pt --corenet-config its_training.yaml.",
     )
-    p.add_argument("--hf-path", required=True, help="hub id (apple/OpenELM-270M) or local dir")
+    p.add_argument("--hf-path", help="hub id (apple/OpenELM-270M) or local dir")
+    p.add_argument("--corenet-checkpoint", metavar="PT", help="CoreNet .pt state dict (instead "
+                   "of --hf-path; read with torch.load(weights_only=True))")  # fmt: skip
+    p.add_argument("--corenet-config", metavar="YAML", help="its CoreNet training config "
+                   "(model.language_modeling.general_gpt)")  # fmt: skip
     p.add_argument("--mlx-path", required=True, help="output directory (written atomically)")
     p.add_argument(
         "--dtype",
@@ -39,7 +45,11 @@ def _add_convert(sub) -> None:
         "-q", "--quantize", action="store_true", help="quantize tensor by tensor while converting"
     )
     p.add_argument("--q-bits", type=int, help="bits per weight: 4 (default) or 8")
-    p.add_argument("--q-group-size", type=int, help="32, 64 (default) or 128")
+    p.add_argument(
+        "--q-group-size",
+        type=int,
+        help="32, 64 or 128 (default: 64, or the largest below it that fits the model)",
+    )
     p.add_argument(
         "--q-recipe", metavar="NAME|FILE", help="mixed-precision recipe (see elm-mlx quantize)"
     )
@@ -51,16 +61,41 @@ def _add_convert(sub) -> None:
 
 
 def _run_convert(args) -> None:
-    convert(
-        args.hf_path,
-        args.mlx_path,
-        dtype=args.dtype,
-        tokenizer=args.tokenizer,
-        force=args.force,
-        revision=args.revision,
-        quantize=_convert_quant_spec(args),
-        log=lambda line: print(line, file=sys.stderr, flush=True),
-    )
+    corenet = args.corenet_checkpoint is not None or args.corenet_config is not None
+    if corenet == (args.hf_path is not None):
+        raise CliError("give either --hf-path or --corenet-checkpoint with --corenet-config")
+    if corenet:
+        _run_convert_corenet(args)
+        return
+    with _group_size_flag("--q-group-size"):
+        convert(
+            args.hf_path,
+            args.mlx_path,
+            dtype=args.dtype,
+            tokenizer=args.tokenizer,
+            force=args.force,
+            revision=args.revision,
+            quantize=_convert_quant_spec(args),
+            log=log,
+        )
+
+
+def _run_convert_corenet(args) -> None:
+    if args.corenet_checkpoint is None or args.corenet_config is None:
+        raise CliError("--corenet-checkpoint and --corenet-config go together")
+    if args.revision is not None:
+        raise CliError("--revision is for --hf-path hub ids")
+    with _group_size_flag("--q-group-size"):
+        convert_corenet(
+            args.corenet_checkpoint,
+            args.corenet_config,
+            args.mlx_path,
+            tokenizer=args.tokenizer,
+            dtype=args.dtype,
+            force=args.force,
+            quantize=_convert_quant_spec(args),
+            log=log,
+        )
 
 
 def _convert_quant_spec(args):
@@ -86,7 +121,11 @@ def _add_quantize(sub) -> None:
     p.add_argument("--model", required=True, help="float model directory")
     p.add_argument("--out", required=True, help="output directory (written atomically)")
     p.add_argument("--bits", type=int, help="4 (default) or 8")
-    p.add_argument("--group-size", type=int, help="32, 64 (default) or 128")
+    p.add_argument(
+        "--group-size",
+        type=int,
+        help="32, 64 or 128 (default: 64, or the largest below it that fits the model)",
+    )
     p.add_argument("--recipe", metavar="NAME|FILE", help="mixed-precision recipe")
     p.add_argument(
         "--scales-dtype",
@@ -103,7 +142,6 @@ def _add_quantize(sub) -> None:
 
 def _run_quantize(args) -> None:
     _check_quantize_flags(args)
-    log = lambda line: print(line, file=sys.stderr, flush=True)  # noqa: E731
     spec = _quant_spec(args.bits, args.group_size, args.recipe, args.scales_dtype)
     windows = None
     if args.eval_text:
@@ -112,7 +150,10 @@ def _run_quantize(args) -> None:
     if args.scan:
         spec.recipe = qq.scan_recipe(args.model, windows, spec, args.target_bpw, log)
         extra["quantize_recipe.json"] = spec.recipe.to_json()
-    model = quantize_dir(args.model, args.out, spec, force=args.force, extra_files=extra, log=log)
+    with _group_size_flag("--group-size"):
+        model = quantize_dir(
+            args.model, args.out, spec, force=args.force, extra_files=extra, log=log
+        )
     print(f"{args.out}: {bits_per_weight(model):.3f} bits per weight, "
           f"{dir_size(args.out) / 1e6:.1f} MB")  # fmt: skip
     if args.report:
@@ -136,10 +177,21 @@ def _quant_spec(bits, group_size, recipe, scales_dtype):
         raise CliError("a group size flag conflicts with a recipe file: the file sets them")
     return QuantizeSpec(
         bits=4 if bits is None else bits,
-        group_size=64 if group_size is None else group_size,
+        group_size=group_size,
         recipe=recipe,
         scales_dtype=scales_dtype,
     )
+
+
+@contextmanager
+def _group_size_flag(flag: str):
+    """Name this command's group size flag in a group size error's fix."""
+    try:
+        yield
+    except GroupSizeError as e:
+        if e.fits is None:
+            raise
+        raise CliError(f"{e} ({flag} {e.fits})") from None
 
 
 COMMANDS = {

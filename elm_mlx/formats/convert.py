@@ -1,4 +1,5 @@
-"""Convert an OpenELM checkpoint in Hugging Face layout into an MLX model directory.
+"""Convert an OpenELM checkpoint in Hugging Face layout into an MLX model directory, and
+quantize an MLX model directory.
 
     python -m elm_mlx.convert --hf-path apple/OpenELM-270M-Instruct \\
         --mlx-path ./openelm-270m-instruct --tokenizer /path/to/llama2/tokenizer.model
@@ -7,15 +8,14 @@ Sources: `model.safetensors`, sharded safetensors with their index, or
 `pytorch_model.bin` (read with `torch.load(weights_only=True)`, only when torch
 is installed). Every key and shape is checked against config.json before
 anything is written. Tensors are read lazily and written shard by shard, so the
-peak memory stays near the size of one output shard; the output directory
-appears only when complete.
+peak memory stays near the size of one output shard. Both write through
+`modeldir.write_model_dir`, so the output directory appears only when complete.
 """
 
 from __future__ import annotations
 
 import hashlib
 import math
-import shutil
 import time
 import warnings
 from collections.abc import Callable
@@ -23,17 +23,15 @@ from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from datetime import datetime, timezone
 from pathlib import Path
-from typing import TYPE_CHECKING
 
 import mlx.core as mx
+import mlx.nn as nn
 
 from .. import __version__
 from ..model.config import ModelArgs
+from ..quant import quantize as q
 from . import hub
 from . import modeldir as mio
-
-if TYPE_CHECKING:
-    from ..quant.quantize import QuantizeSpec
 
 # Above this many parameters float16 overflows (OpenELM-3B needs bfloat16 or float32).
 FLOAT16_MAX_PARAMS = 2_000_000_000
@@ -239,16 +237,23 @@ def _origin(name: str | Path | None, file: Path) -> str:
     return str(file.absolute())
 
 
-def _quantizer(spec: QuantizeSpec | None, args: ModelArgs, dtype: mx.Dtype) -> Transform | None:
+def _quantizer(
+    spec: q.QuantizeSpec | None, args: ModelArgs, dtype: mx.Dtype, log: mio.Log | None
+) -> Transform | None:
     """Per-tensor quantization for streaming conversion; records the block in `args`."""
     if spec is None:
         return None
-    from ..quant import quantize as q
-
+    _say_group_size(spec, args, log)
     plan = q.make_plan(args, spec)
     scales_dtype = q.scales_dtype_for(spec, dtype)
-    q.record(args, q.quantization_config(plan))
+    args.quantization = q.quantization_config(plan)
     return lambda key, w: q.quantize_tensors(key, w, plan, scales_dtype)
+
+
+def _say_group_size(spec: q.QuantizeSpec, args: ModelArgs, log: mio.Log | None) -> None:
+    note = q.group_size_note(spec, args)
+    if log and note:
+        log(note)
 
 
 def _source_dir(hf_path: str | Path, tokenizer: str | Path | None, revision: str | None):
@@ -290,7 +295,7 @@ def convert(
     tokenizer: str | Path | None = None,
     force: bool = False,
     revision: str | None = None,
-    quantize: QuantizeSpec | None = None,
+    quantize: q.QuantizeSpec | None = None,
     max_shard_bytes: int = mio.MAX_SHARD_BYTES,
     log: mio.Log | None = None,
 ) -> Path:
@@ -299,9 +304,9 @@ def convert(
     out = Path(mlx_path).expanduser().absolute()
     mio.check_target(out, force=force)  # before any download
     src, tok_file = _source_dir(hf_path, tokenizer, revision)
-    mio.check_not_source(out, src, "--mlx-path")
+    mio.check_not_source(out, src)
     args, source, out_dtype = _checked(src, tok_file, dtype, log)
-    transform = _quantizer(quantize, args, out_dtype)
+    transform = _quantizer(quantize, args, out_dtype, log)
     fields = dict(
         dtype=mio.dtype_name(out_dtype),
         source_dtypes=sorted(set(source.dtypes.values())),
@@ -311,18 +316,57 @@ def convert(
     pool = ThreadPoolExecutor(1)
     try:
         sums = pool.submit(checksums, [src / "config.json", *source.files, tok_file])
-        with mio.output_dir(out, force=force) as tmp:
-            pending = pending_weights(args, source, out_dtype, transform)
-            mio.write_weights(tmp, pending, max_shard_bytes=max_shard_bytes, log=log)
-            mio.write_config(tmp, args, torch_dtype=fields["dtype"])
-            shutil.copyfile(tok_file, tmp / mio.TOKENIZER_FILE)
-            for name, content in mio.carried_files(src).items():  # sampling defaults
-                mio.write_json(tmp / name, content)
-            origin = (_origin(tokenizer, tok_file), tok_file)
-            record = provenance(str(hf_path), src, sums.result(), origin, **fields)
-            mio.write_json(tmp / "provenance.json", record)
+        origin = (_origin(tokenizer, tok_file), tok_file)
+        mio.write_model_dir(
+            out,
+            pending_weights(args, source, out_dtype, transform),
+            args,
+            dtype=out_dtype,
+            tokenizer=tok_file,
+            extra_files={
+                **mio.carried_files(src),  # sampling defaults
+                "provenance.json": lambda: provenance(
+                    str(hf_path), src, sums.result(), origin, **fields
+                ),
+            },
+            force=force,
+            max_shard_bytes=max_shard_bytes,
+            log=log,
+        )
     finally:
         pool.shutdown(wait=False, cancel_futures=True)
     if log:
         log(f"wrote {out} ({mio.dtype_name(out_dtype)}) in {time.perf_counter() - start:.1f} s")
     return out
+
+
+def quantize_dir(
+    src: str | Path,
+    out: str | Path,
+    spec: q.QuantizeSpec,
+    *,
+    force: bool = False,
+    extra_files: dict[str, dict] | None = None,
+    log: mio.Log | None = None,
+) -> nn.Module:
+    """Quantize the float model directory `src` into the model directory `out` (written
+    atomically, tokenizer.model copied); returns the quantized model."""
+    src = Path(src)
+    mio.check_not_source(out, src)
+    mio.check_target(Path(out).absolute(), force=force)
+    model, args = mio.load_model(src, lazy=True)  # each matrix is read when it is quantized
+    if args.quantization:
+        raise q.QuantizeError(f"{src} is already quantized; quantize its float model instead")
+    _say_group_size(spec, args, log)
+    q.quantize_model(model, spec)
+    tokenizer = src / mio.TOKENIZER_FILE
+    mio.save_model(
+        out,
+        model,
+        model.args,
+        tokenizer=tokenizer if tokenizer.is_file() else None,
+        force=force,
+        extra_files={**mio.carried_files(src), **(extra_files or {})},
+        log=log,
+    )
+    return model

@@ -149,9 +149,11 @@ def _clean(path: Path, log: Log | None) -> None:
 # ---- directories ------------------------------------------------------------------
 
 
-def check_target(path: str | Path, *, force: bool, marker: str | None = None) -> None:
+def check_target(
+    path: str | Path, *, force: bool, marker: str | None = None, kind: str = "an output"
+) -> None:
     """Refuse an existing `path` unless `force`; never replace a file, a link, or (with
-    `marker`) a non-empty directory without the `marker` file that shows it is one of ours."""
+    `marker`) a non-empty directory without the `marker` file that shows it is `kind`."""
     path = Path(path)
     if not path.exists() and not path.is_symlink():
         return
@@ -160,12 +162,17 @@ def check_target(path: str | Path, *, force: bool, marker: str | None = None) ->
     if not force:
         raise OutputExistsError(f"{path} already exists", replaceable=True)
     if marker and any(path.iterdir()) and not (path / marker).is_file():
-        raise OutputExistsError(f"{path} has no {marker}; refusing to replace it")
+        raise OutputExistsError(f"{path} is not {kind} (no {marker}); refusing to replace it")
 
 
 @contextmanager
 def atomic_dir(
-    path: str | Path, *, force: bool = False, marker: str | None = None, log: Log | None = None
+    path: str | Path,
+    *,
+    force: bool = False,
+    marker: str | None = None,
+    kind: str = "an output",
+    log: Log | None = None,
 ) -> Iterator[Path]:
     """A temporary sibling of `path` to write into, renamed to `path` when the block ends.
 
@@ -173,21 +180,42 @@ def atomic_dir(
     only once the new one is complete. On any exception (Ctrl-C included) the temporary
     directory is removed. Leftovers of killed runs are removed first (`log` says so)."""
     path = Path(path).absolute()
-    check_target(path, force=force, marker=marker)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    _clean(path, log)
-    tmp = Path(tempfile.mkdtemp(prefix=_partial_name(path.name), dir=path.parent))
+    check_target(path, force=force, marker=marker, kind=kind)
+    try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        _clean(path, log)
+        tmp = Path(tempfile.mkdtemp(prefix=_partial_name(path.name), dir=path.parent))
+    except OSError as e:
+        raise _naming(e, path) from None
     try:
         _user_mode(tmp, directory=True)
         owner = {"pid": os.getpid(), "start": _start_time(os.getpid())}
         (tmp / OWNER_FILE).write_text(json.dumps({**owner, "host": socket.gethostname()}))
         yield tmp
         (tmp / OWNER_FILE).unlink()
-        check_target(path, force=force, marker=marker)  # it may have appeared meanwhile
+        check_target(path, force=force, marker=marker, kind=kind)  # it may have appeared meanwhile
         _swap_in(tmp, path)
+    except OSError as e:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise _naming(e, path, tmp) from None
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise
+
+
+def _naming(e: OSError, path: Path, tmp: Path | None = None) -> OSError:
+    """`e` naming the output the user asked for: `path` when it names no file, and the
+    file's final place instead of its place in the temporary directory `tmp`."""
+    if e.errno is None or isinstance(e, FileExistsError):
+        return e
+    name = os.fsdecode(e.filename) if e.filename is not None else None
+    if name is None:
+        name = str(path)
+    elif tmp is not None and Path(name).is_relative_to(tmp):
+        name = str(path / Path(name).relative_to(tmp))
+    elif tmp is None and Path(name).parent == path.parent:
+        name = str(path)  # the temporary sibling the user never asked for
+    return type(e)(e.errno, e.strerror, name)
 
 
 def _swap_in(tmp: Path, path: Path) -> None:
@@ -210,13 +238,19 @@ def atomic_path(path: str | Path) -> Iterator[Path]:
     when the block ends and is removed on any exception."""
     path = Path(path)
     prefix = _partial_name(path.name)
-    fd, name = tempfile.mkstemp(prefix=prefix, suffix=path.suffix, dir=path.parent)
+    try:
+        fd, name = tempfile.mkstemp(prefix=prefix, suffix=path.suffix, dir=path.parent)
+    except OSError as e:
+        raise _naming(e, path) from None
     os.close(fd)
     tmp = Path(name)
     try:
         yield tmp
         _user_mode(tmp, directory=False)
         os.replace(tmp, path)
+    except OSError as e:
+        tmp.unlink(missing_ok=True)
+        raise _naming(e, path, tmp) from None
     except BaseException:
         tmp.unlink(missing_ok=True)
         raise

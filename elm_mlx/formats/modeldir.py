@@ -6,16 +6,17 @@ quantized), `model.safetensors` or shards `model-0000i-of-0000n.safetensors`
 with `model.safetensors.index.json`, and `tokenizer.model`. Weight names are
 the HF checkpoint keys, which are also the model's attribute paths.
 
-Writing is atomic: everything goes into a temporary sibling directory that is
-renamed into place only when complete. Weights are written shard by shard from
+Writing is atomic (`files.atomic_dir`): everything goes into a temporary sibling
+directory that is renamed into place only when complete. Weights are written shard by shard from
 callables that produce them, so a converter can stream tensors from disk.
 """
 
 from __future__ import annotations
 
+import errno
 import json
+import os
 import shutil
-import tempfile
 from collections.abc import Callable, Iterator, Mapping
 from contextlib import contextmanager
 from pathlib import Path
@@ -26,7 +27,8 @@ from mlx.utils import tree_flatten
 
 from ..model.config import ConfigError, ModelArgs
 from ..model.openelm import OpenELM
-from ..quant.qlayers import use_cpu_layers
+from ..quant import quantize as q
+from . import files
 
 INDEX_FILE = "model.safetensors.index.json"
 TOKENIZER_FILE = "tokenizer.model"
@@ -44,6 +46,10 @@ DEFAULT_MODEL_FILES = ("config.json", "model.safetensors", TOKENIZER_FILE)
 # (bytes, produce): the tensors of one or more keys, produced only when their shard is written.
 Pending = tuple[int, Callable[[], dict[str, mx.array]]]
 Log = Callable[[str], None]
+Progress = Callable[[int], object]
+GENERATION_CONFIG = "generation_config.json"
+# What shows that an existing directory is a model directory `force` may replace.
+MODEL_DIR = {"marker": "config.json", "kind": "a model directory"}
 
 
 class WeightsError(ValueError):
@@ -89,11 +95,6 @@ def weight_files(path: Path) -> list[Path]:
             hint = f"; convert it first: python -m elm_mlx.convert --hf-path {path} --mlx-path OUT"
         raise FileNotFoundError(f"no model*.safetensors in {path}{hint}")
     return files
-
-
-def write_json(file: Path, content) -> None:
-    """`content` as indented JSON with a final newline (config-style files)."""
-    file.write_text(json.dumps(content, indent=2) + "\n")
 
 
 def read_json(file: Path) -> dict:
@@ -170,42 +171,8 @@ def build_model(args: ModelArgs, weights: Mapping[str, mx.array] | None = None) 
     """An OpenELM for `args`, with quantized layers where config.json (and weights) say so."""
     model = OpenELM(args)
     if args.quantization:
-        quantize_like(model, args.quantization, weights or {})
-        use_cpu_layers(model)  # same layers; many-row products use BLAS on the CPU
+        q.rebuild_quantized(model, q.plan_from_config(args, args.quantization, weights))
     return model
-
-
-def quantize_like(model: nn.Module, quantization: dict, weights: Mapping[str, mx.array]) -> None:
-    """Swap in the quantized modules a saved model has, before its weights are loaded.
-
-    As mlx-lm does: a module named in `quantization` takes those params (or stays
-    float for `false`); any other module is quantized when its `.scales` are in
-    `weights`, with bits and group size read off the stored shapes.
-    """
-
-    def predicate(path: str, module: nn.Module) -> bool | dict:
-        if path in quantization:
-            return quantization[path]
-        if not hasattr(module, "to_quantized") or f"{path}.scales" not in weights:
-            return False
-        in_dim = module.weight.shape[-1]
-        groups = weights[f"{path}.scales"].shape[-1]
-        packed = weights[f"{path}.weight"].shape[-1] if f"{path}.weight" in weights else 0
-        if groups == 0 or in_dim % groups or (packed * 32) % in_dim:
-            raise WeightsError(f"{path}: stored scales/weight shapes fit no quantization")
-        return {"group_size": in_dim // groups, "bits": packed * 32 // in_dim}
-
-    mode = quantization.get("mode", "affine")
-    try:
-        nn.quantize(
-            model,
-            quantization.get("group_size"),
-            quantization.get("bits"),
-            mode=mode,
-            class_predicate=predicate,
-        )
-    except (ValueError, TypeError) as e:
-        raise ConfigError(f"cannot rebuild the quantized model: {e}") from None
 
 
 def load_model(
@@ -275,66 +242,35 @@ def require_tokenizer(tokenizer, path: str | Path):
 # ---- writing ----------------------------------------------------------------------
 
 
-@contextmanager
-def output_dir(path: str | Path, *, force: bool = False) -> Iterator[Path]:
-    """A temporary sibling of `path` to write into; renamed to `path` when the block succeeds.
-
-    An existing `path` is refused unless `force`, and then replaced only at the end.
-    """
-    path = Path(path).absolute()
-    check_target(path, force=force)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{path.name}.partial-", dir=path.parent))
-    try:
-        yield tmp
-        check_target(path, force=force)  # it may have appeared meanwhile
-        old = None
-        if path.exists():
-            old = Path(tempfile.mkdtemp(prefix=f".{path.name}.old-", dir=path.parent))
-            path.rename(old / path.name)
-        tmp.rename(path)
-        if old is not None:
-            shutil.rmtree(old, ignore_errors=True)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
-
-
-def check_target(path: Path, *, force: bool) -> None:
+def check_target(path: str | Path, *, force: bool) -> None:
     """Refuse an existing output unless `force`; never replace what is not a model directory."""
-    if not path.exists() and not path.is_symlink():
-        return
-    if not force:
-        raise FileExistsError(f"{path} already exists; pass --force to replace it")
-    if not path.is_dir() or path.is_symlink():
-        raise FileExistsError(f"{path} exists and is not a directory; refusing to replace it")
-    if any(path.iterdir()) and not (path / "config.json").is_file():
-        raise FileExistsError(
-            f"{path} is not a model directory (no config.json); refusing to replace it"
-        )
+    files.check_target(path, force=force, **MODEL_DIR)
 
 
-def check_not_source(out: str | Path, src: str | Path, flag: str) -> None:
-    """Refuse an output directory that is the input model or holds it."""
+def check_not_source(out: str | Path, src: str | Path, name: str = "the output") -> None:
+    """Refuse an output directory (called `name` in the message) that is the input model or
+    holds it."""
     o, i = Path(out).expanduser().resolve(), Path(src).expanduser().resolve()
     if o == i or o in i.parents:
         raise FileExistsError(
-            f"{flag} {out} would replace the input model {src}; choose another path"
+            f"{name} {out} would replace the input model {src}; choose another path"
         )
 
 
-GENERATION_CONFIG = "generation_config.json"
+def read_generation_config(path: str | Path) -> dict | None:
+    """A model directory's generation_config.json (HF's sampling defaults), or None when it
+    has none; an unreadable one is a one-line ValueError naming the file."""
+    file = Path(path) / GENERATION_CONFIG
+    if not file.is_file():
+        return None
+    return read_json(file)
 
 
 def carried_files(src: str | Path) -> dict[str, dict]:
     """Side files a model directory passes on to the directories made from it (its sampling
     defaults, generation_config.json), as `save_model`'s `extra_files`."""
-    file = Path(src) / GENERATION_CONFIG
-    try:
-        content = json.loads(file.read_text())
-    except (OSError, json.JSONDecodeError):
-        return {}
-    return {GENERATION_CONFIG: content} if isinstance(content, dict) else {}
+    content = read_generation_config(src)
+    return {} if content is None else {GENERATION_CONFIG: content}
 
 
 def plan_shards(sizes: list[int], max_bytes: int) -> list[list[int]]:
@@ -352,13 +288,18 @@ def plan_shards(sizes: list[int], max_bytes: int) -> list[list[int]]:
 
 
 def write_weights(
-    path: Path, pending: list[Pending], *, max_shard_bytes: int = MAX_SHARD_BYTES, log=None
+    path: Path,
+    pending: list[Pending],
+    *,
+    max_shard_bytes: int = MAX_SHARD_BYTES,
+    progress: Progress | None = None,
+    log: Log | None = None,
 ) -> list[str]:
     """Write `pending` tensors into `path` shard by shard; return the file names written.
 
     Each shard's tensors are produced and evaluated one by one, saved, then dropped, so the
-    peak memory is about one shard.
-    """
+    peak memory is about one shard. `progress(nbytes)` is called after each tensor, `log`
+    once per shard."""
     shards = plan_shards([n for n, _ in pending], max_shard_bytes)
     names = shard_names(len(shards))
     weight_map: dict[str, str] = {}
@@ -369,17 +310,33 @@ def write_weights(
             produced = pending[i][1]()
             mx.eval(*produced.values())  # one tensor at a time: no source copies pile up
             tensors.update(produced)
+            if progress:
+                progress(pending[i][0])
         nbytes = sum(t.nbytes for t in tensors.values())
         total += nbytes
         if log:
             log(f"writing {name} ({len(tensors)} tensors, {_gb(nbytes)})")
-        mx.save_safetensors(str(path / name), tensors, {"format": "mlx"})
+        _save_safetensors(path / name, tensors)
         weight_map.update(dict.fromkeys(tensors, name))
         del tensors
     if len(names) > 1:
         index = {"metadata": {"total_size": total}, "weight_map": dict(sorted(weight_map.items()))}
-        write_json(path / INDEX_FILE, index)
+        files.write_json(path / INDEX_FILE, index)
     return names
+
+
+def _save_safetensors(file: Path, tensors: dict[str, mx.array]) -> None:
+    try:
+        mx.save_safetensors(str(file), tensors, {"format": "mlx"})
+    except RuntimeError as e:  # MLX reports a failed write without an errno
+        nbytes = sum(t.nbytes for t in tensors.values())
+        full = shutil.disk_usage(file.parent).free < nbytes
+        reason = os.strerror(errno.ENOSPC) if full else " ".join(str(e).split())
+        raise OSError(errno.ENOSPC if full else errno.EIO, reason, str(file)) from None
+
+
+def _gb(nbytes: int) -> str:
+    return f"{nbytes / 1e9:.2f} GB" if nbytes >= 1e8 else f"{nbytes / 1e6:.1f} MB"
 
 
 def shard_names(n: int) -> list[str]:
@@ -388,18 +345,49 @@ def shard_names(n: int) -> list[str]:
     return [f"model-{i + 1:05d}-of-{n:05d}.safetensors" for i in range(n)]
 
 
-def _gb(nbytes: int) -> str:
-    return f"{nbytes / 1e9:.2f} GB" if nbytes >= 1e8 else f"{nbytes / 1e6:.1f} MB"
-
-
 def write_config(path: Path, args: ModelArgs, **extra) -> None:
-    """config.json with mlx-lm's field names (which are HF's) plus `extra` fields."""
+    """config.json with mlx-lm's field names (which are HF's) plus `extra` fields; the
+    quantization block goes in as `quantization` and, as mlx-lm writes it,
+    `quantization_config`."""
     config = args.to_dict()
     config.pop("auto_map", None)  # it points at modeling code this directory does not carry
+    config.pop("quantization_config", None)
     if args.quantization:
         config["quantization_config"] = args.quantization
     config.update(extra)
-    write_json(path / "config.json", dict(sorted(config.items())))
+    files.write_json(path / "config.json", dict(sorted(config.items())))
+
+
+def write_model_dir(
+    path: str | Path,
+    pending: list[Pending],
+    args: ModelArgs,
+    *,
+    dtype: mx.Dtype | None,
+    tokenizer: str | Path | None = None,
+    extra_files: Mapping[str, dict | Callable[[], dict]] | None = None,
+    force: bool = False,
+    max_shard_bytes: int = MAX_SHARD_BYTES,
+    log: Log | None = None,
+) -> Path:
+    """Write a model directory atomically: weights produced shard by shard from `pending`,
+    config.json (`dtype` recorded as torch_dtype), tokenizer.model copied from the file
+    `tokenizer`, and `extra_files` (name -> JSON content, or a callable that makes it once
+    the weights are written). Returns the directory."""
+    path = Path(path).absolute()
+    with files.atomic_dir(path, force=force, log=log, **MODEL_DIR) as tmp:
+        total = sum(n for n, _ in pending)
+        with progress_bar(total, f"writing {path.name}", log) as progress:
+            lines = None if progress else log  # a line per shard where no bar is shown
+            write_weights(
+                tmp, pending, max_shard_bytes=max_shard_bytes, progress=progress, log=lines
+            )
+        write_config(tmp, args, **({"torch_dtype": dtype_name(dtype)} if dtype else {}))
+        if tokenizer is not None:
+            shutil.copyfile(tokenizer, tmp / TOKENIZER_FILE)
+        for name, content in (extra_files or {}).items():
+            files.write_json(tmp / name, content() if callable(content) else content)
+    return path
 
 
 def save_model(
@@ -413,20 +401,37 @@ def save_model(
     extra_files: Mapping[str, dict] | None = None,
     log: Log | None = None,
 ) -> Path:
-    """Write a model directory atomically: config.json, weights, tokenizer.model (a file path),
-    and `extra_files` (name -> JSON content). Returns the directory."""
+    """Write a model (or its weights) as a model directory; see `write_model_dir`."""
     if isinstance(model_or_weights, nn.Module):
         weights = dict(tree_flatten(model_or_weights.parameters()))
     else:
         weights = dict(model_or_weights)
     pending = [(w.nbytes, lambda k=k, w=w: {k: w}) for k, w in weights.items()]
-    with output_dir(path, force=force) as tmp:
-        write_weights(tmp, pending, max_shard_bytes=max_shard_bytes, log=log)
-        dtypes = {w.dtype for w in weights.values() if mx.issubdtype(w.dtype, mx.floating)}
-        extra = {"torch_dtype": dtype_name(dtypes.pop())} if len(dtypes) == 1 else {}
-        write_config(tmp, args, **extra)
-        if tokenizer is not None:
-            shutil.copyfile(tokenizer, tmp / TOKENIZER_FILE)
-        for name, content in (extra_files or {}).items():
-            write_json(tmp / name, content)
-    return Path(path)
+    dtypes = {w.dtype for w in weights.values() if mx.issubdtype(w.dtype, mx.floating)}
+    return write_model_dir(
+        path,
+        pending,
+        args,
+        dtype=dtypes.pop() if len(dtypes) == 1 else None,
+        tokenizer=tokenizer,
+        extra_files=extra_files,
+        force=force,
+        max_shard_bytes=max_shard_bytes,
+        log=log,
+    )
+
+
+@contextmanager
+def progress_bar(
+    total: int, what: str, log: Log | None, *, unit: str = "B"
+) -> Iterator[Progress | None]:
+    """`update(n)` of a progress bar (rate, time left) on a terminal's stderr when `log` is
+    given; None when there is no bar to show."""
+    if log is None:
+        yield None
+        return
+    from tqdm import tqdm
+
+    bar = tqdm(total=total, desc=what, unit=unit, unit_scale=unit == "B", leave=False, disable=None)
+    with bar:
+        yield None if bar.disable else bar.update

@@ -28,6 +28,8 @@ from .quantize import (
     Recipe,
     bits_per_weight,
     dir_size,
+    group_size_for,
+    group_size_note,
     make_plan,
     matrix_shapes,
     plan_bits_per_weight,
@@ -212,15 +214,23 @@ def scan_recipe(
     float_dtype = model.transformer.token_embeddings.weight.dtype
     scales_dtype = scales_dtype_for(spec, float_dtype)
 
-    def progress(path: str, bits: int, kl: float) -> None:
-        if log:
-            log(f"scan {path} at {bits} bits: mean KL {kl:.3g}")
+    group_size = group_size_for(spec, args)
+    note = group_size_note(spec, args)
+    if log and note:
+        log(note)
+    with mio.progress_bar(len(matrix_shapes(args)), "scan", log, unit="matrix") as bar:
 
-    damage = sensitivity_scan(
-        model, windows, group_size=spec.group_size, scales_dtype=scales_dtype, progress=progress
-    )
+        def progress(path: str, bits: int, kl: float) -> None:
+            if bar:
+                bar(1)
+            elif log:
+                log(f"scan {path} at {bits} bits: mean KL {kl:.3g}")
+
+        damage = sensitivity_scan(
+            model, windows, group_size=group_size, scales_dtype=scales_dtype, progress=progress
+        )
     sizes = {"scales_bytes": scales_dtype.size, "float_bytes": float_dtype.size}
-    recipe = recipe_for_target(args, damage, target_bpw, group_size=spec.group_size, **sizes)
+    recipe = recipe_for_target(args, damage, target_bpw, group_size=group_size, **sizes)
     if log:
         bpw = plan_bits_per_weight(args, make_plan(args, recipe), **sizes)
         log(f"recipe: {len(recipe.layers)} of {len(damage)} matrices at 8 bits, "

@@ -10,17 +10,18 @@ to its `QuantParams`, or to None to keep it in float. Plans come from a
 (`RECIPES`) or a recipe file (`Recipe`). The result goes into config.json in
 mlx-lm's form: `"quantization": {"group_size", "bits", "mode": "affine",
 <path>: {...} | false}` for the matrices that differ from the default,
-duplicated as `"quantization_config"`.
+duplicated as `"quantization_config"` by the model directory writer. The same
+block, read back by `plan_from_config`, rebuilds the quantized layers of a saved
+model (`rebuild_quantized`) before its weights load.
 
-Scales and biases dtype: on the CPU, MLX's quantized matmul runs ~8x slower
-when it computes in bfloat16 (measured 0.12 against 1.0 GFLOP/s on a
-5120 x 1280 4-bit matrix), so the default there is float32 scales, which also
-keeps activations in float32. On a GPU the default is the model's own dtype,
-the format of mlx-community checkpoints. `cast_scales` switches an already
+Scales and biases dtype: the default is `runtime.device.default_scales_dtype`
+(float32 on the CPU, where MLX's quantized matmul is much slower in bfloat16;
+`benchmarks/bench_quantized.py` measures it; the model's own dtype on a GPU,
+the format of mlx-community checkpoints). `cast_scales` switches an already
 quantized model (and `model.set_dtype(mx.float32)` casts scales with the rest).
 Prompts and training batches do not depend on it: on the CPU the quantized
-layers built here and by `io` (elm_mlx.qlayers) multiply many rows through the
-dequantized matrix and BLAS.
+layers built here (`qlayers`) multiply many rows through the dequantized matrix
+and BLAS.
 """
 
 from __future__ import annotations
@@ -29,6 +30,7 @@ import fnmatch
 import json
 import os
 from collections import Counter
+from collections.abc import Mapping
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -36,12 +38,14 @@ import mlx.core as mx
 import mlx.nn as nn
 from mlx.utils import tree_flatten, tree_unflatten
 
-from ..formats import modeldir as mio
+from ..formats.files import write_json
 from ..model.config import ModelArgs
+from ..runtime.device import default_scales_dtype
 from .qlayers import use_cpu_layers
 
 BITS = (4, 8)
 GROUP_SIZES = (32, 64, 128)
+DEFAULT_GROUP_SIZE = 64
 # What MLX's affine kernels read: accepted when loading other tools' quantized dirs.
 LOADABLE_BITS = (2, 3, 4, 5, 6, 8)
 SCALES_DTYPES = ("float32", "bfloat16", "float16")
@@ -49,6 +53,14 @@ SCALES_DTYPES = ("float32", "bfloat16", "float16")
 
 class QuantizeError(ValueError):
     """A quantization request elm_mlx cannot honour (bad bits, group size, recipe)."""
+
+
+class GroupSizeError(QuantizeError):
+    """A group size that does not divide some matrices; `fits` is one that would, or None."""
+
+    def __init__(self, message: str, fits: int | None) -> None:
+        super().__init__(message)
+        self.fits = fits
 
 
 @dataclass(frozen=True)
@@ -76,16 +88,17 @@ def check_params(bits: int, group_size: int, *, loading: bool = False) -> None:
 @dataclass
 class QuantizeSpec:
     """What to quantize: uniform `bits`/`group_size`, or a `recipe` (a name in RECIPES or a
-    recipe JSON file) whose per-matrix choices win over them. `scales_dtype` None means the
-    per-device default (float32 on CPU, the model dtype elsewhere)."""
+    recipe JSON file) whose per-matrix choices win over them. `group_size` None means
+    `auto_group_size`; `scales_dtype` None means the per-device default (float32 on CPU,
+    the model dtype elsewhere)."""
 
     bits: int = 4
-    group_size: int = 64
+    group_size: int | None = None
     recipe: str | Recipe | None = None
     scales_dtype: str | None = None
 
     def __post_init__(self) -> None:
-        check_params(self.bits, self.group_size)
+        check_params(self.bits, self.group_size or DEFAULT_GROUP_SIZE)
         if self.scales_dtype is not None and self.scales_dtype not in SCALES_DTYPES:
             raise QuantizeError(
                 f"scales dtype {self.scales_dtype!r} is not supported; choose from "
@@ -152,7 +165,7 @@ class Recipe:
         return cls(bits, group_size, layers)
 
     def save(self, path: str | Path) -> Path:
-        return _write_text(Path(path), json.dumps(self.to_json(), indent=2) + "\n")
+        return write_json(path, self.to_json())
 
     @classmethod
     def load(cls, path: str | Path) -> Recipe:
@@ -211,14 +224,40 @@ def _embed_8(args: ModelArgs, group_size: int) -> Recipe:
 RECIPES = {"mixed-4-8": _mixed_4_8, "embed-8": _embed_8}
 
 
+def auto_group_size(args: ModelArgs) -> int:
+    """DEFAULT_GROUP_SIZE when it divides the input dimension of every matrix, else the
+    largest supported group size below it that does (DEFAULT_GROUP_SIZE when none does)."""
+    widths = {cols for _, cols in matrix_shapes(args).values()}
+    fits = [g for g in GROUP_SIZES if g <= DEFAULT_GROUP_SIZE and all(w % g == 0 for w in widths)]
+    return max(fits, default=DEFAULT_GROUP_SIZE)
+
+
+def group_size_for(spec: QuantizeSpec, args: ModelArgs) -> int:
+    """The spec's group size, or `auto_group_size` when it gives none."""
+    return auto_group_size(args) if spec.group_size is None else spec.group_size
+
+
+def group_size_note(spec: QuantizeSpec, args: ModelArgs) -> str | None:
+    """One line saying which group size was chosen, when the spec gives none and the
+    default does not fit the model; None otherwise."""
+    chosen = group_size_for(spec, args)
+    named = spec.recipe is None or (isinstance(spec.recipe, str) and spec.recipe in RECIPES)
+    if not named or spec.group_size is not None or chosen == DEFAULT_GROUP_SIZE:
+        return None
+    return (
+        f"group size {chosen}: the default {DEFAULT_GROUP_SIZE} does not divide every matrix "
+        f"of this model and {chosen} is the largest that does"
+    )
+
+
 def resolve_recipe(spec: QuantizeSpec, args: ModelArgs) -> Recipe:
     """The Recipe a spec asks for: uniform, a named recipe, or a recipe file."""
     if spec.recipe is None:
-        return Recipe(spec.bits, spec.group_size, {})
+        return Recipe(spec.bits, group_size_for(spec, args), {})
     if isinstance(spec.recipe, Recipe):
         return spec.recipe
     if spec.recipe in RECIPES:
-        return RECIPES[spec.recipe](args, spec.group_size)
+        return RECIPES[spec.recipe](args, group_size_for(spec, args))
     if spec.recipe.endswith(".json") or os.path.sep in spec.recipe or Path(spec.recipe).exists():
         return Recipe.load(spec.recipe)
     raise QuantizeError(
@@ -255,16 +294,17 @@ def make_plan(args: ModelArgs, spec: QuantizeSpec | Recipe, *, loading: bool = F
         widths = {shapes[path][1] for path in bad}
         fits = [g for g in GROUP_SIZES if all(w % g == 0 for w in widths)]
         fix = (
-            f"use group size {max(fits)} (--group-size {max(fits)})"
+            f"use group size {max(fits)}"
             if fits
             else "no supported group size fits them: keep them in float with a recipe file "
             f'({{"{bad[0]}": false, ...}})'
         )
         shown = ", ".join(f"{path} (in dim {shapes[path][1]})" for path in bad[:3])
         more = f" and {len(bad) - 3} more" if len(bad) > 3 else ""
-        raise QuantizeError(
+        raise GroupSizeError(
             f"group size {plan[bad[0]].group_size} does not divide the input dimension of "
-            f"{len(bad)} matrices: {shown}{more}; {fix}"
+            f"{len(bad)} matrices: {shown}{more}; {fix}",
+            max(fits) if fits else None,
         )
     return plan
 
@@ -282,28 +322,44 @@ def quantization_config(plan: Plan) -> dict:
     return config
 
 
-def plan_from_config(args: ModelArgs, quantization: dict) -> Plan:
-    """The plan a config.json `quantization` block describes, so a quantized model's config
-    serves as a recipe (any bit width MLX reads is accepted)."""
+def plan_from_config(
+    args: ModelArgs, quantization: dict, weights: Mapping[str, mx.array] | None = None
+) -> Plan:
+    """The plan a config.json `quantization` block describes (mlx-lm's rule, so a quantized
+    model's config also serves as a recipe): a matrix named in the block takes its params,
+    or stays float for `false`; any other takes the block's default. With the saved
+    `weights`, such a matrix is quantized only when its `.scales` are stored, with the bits
+    and group size its stored shapes show. Any bit width MLX reads is accepted."""
     recipe = Recipe.from_json(quantization, source="config.json quantization")
+    if weights is not None:
+        for path, (_, cols) in matrix_shapes(args).items():
+            if path not in recipe.layers:
+                recipe.layers[path] = _stored_params(path, cols, weights)
     return make_plan(args, recipe, loading=True)
 
 
-def record(args: ModelArgs, quantization: dict) -> None:
-    """Put the block in args, so config.json carries it as mlx-lm writes it."""
-    args.quantization = dict(quantization)
-    args.extra["quantization_config"] = dict(quantization)
+def _stored_params(path: str, cols: int, weights: Mapping[str, mx.array]) -> QuantParams | None:
+    """The params a saved matrix was quantized with, from its packed weight and scales."""
+    if f"{path}.scales" not in weights:
+        return None
+    groups = weights[f"{path}.scales"].shape[-1]
+    packed = weights[f"{path}.weight"].shape[-1] if f"{path}.weight" in weights else 0
+    if groups == 0 or cols % groups or (packed * 32) % cols:
+        raise QuantizeError(f"{path}: stored scales/weight shapes fit no quantization")
+    return QuantParams(packed * 32 // cols, cols // groups)
+
+
+def rebuild_quantized(model: nn.Module, plan: Plan) -> nn.Module:
+    """Swap in the quantized layers `plan` names (their weights still to be loaded)."""
+    modules = dict(model.named_modules())
+    for path, params in plan.items():
+        if params is not None:
+            layer = modules[path].to_quantized(group_size=params.group_size, bits=params.bits)
+            model.update_modules(tree_unflatten([(path, layer)]))
+    return use_cpu_layers(model)
 
 
 # ---- quantizing ----------------------------------------------------------------
-
-
-def default_scales_dtype(model_dtype: mx.Dtype) -> mx.Dtype:
-    """float32 on the CPU (bfloat16 quantized matmuls are ~8x slower there), else the
-    model's dtype."""
-    if mx.default_device().type == mx.DeviceType.cpu:
-        return mx.float32
-    return model_dtype
 
 
 def scales_dtype_for(spec: QuantizeSpec | None, model_dtype: mx.Dtype) -> mx.Dtype:
@@ -346,9 +402,8 @@ def quantize_model(
         if params is not None:
             quantized = quantize_module(modules.pop(path), params, scales_dtype)
             model.update_modules(tree_unflatten([(path, quantized)]))
-    quantization = quantization_config(plan)
-    record(model.args, quantization)
-    return quantization
+    model.args.quantization = quantization_config(plan)
+    return model.args.quantization
 
 
 def quantize_tensors(
@@ -371,37 +426,6 @@ def cast_scales(model: nn.Module, dtype: mx.Dtype) -> None:
         if isinstance(m, (nn.QuantizedLinear, nn.QuantizedEmbedding)):
             m.scales = m.scales.astype(dtype)
             m.biases = m.biases.astype(dtype)
-
-
-def quantize_dir(
-    src: str | Path,
-    out: str | Path,
-    spec: QuantizeSpec,
-    *,
-    force: bool = False,
-    extra_files: dict[str, dict] | None = None,
-    log: mio.Log | None = None,
-) -> nn.Module:
-    """Quantize the float model directory `src` into the model directory `out` (written
-    atomically, tokenizer.model copied); returns the quantized model."""
-    src = Path(src)
-    mio.check_not_source(out, src, "the output")
-    mio.check_target(Path(out).absolute(), force=force)
-    model, args = mio.load_model(src, lazy=True)  # each matrix is read when it is quantized
-    if args.quantization:
-        raise QuantizeError(f"{src} is already quantized; quantize its float model instead")
-    quantize_model(model, spec)
-    tokenizer = src / mio.TOKENIZER_FILE
-    mio.save_model(
-        out,
-        model,
-        model.args,
-        tokenizer=tokenizer if tokenizer.is_file() else None,
-        force=force,
-        extra_files={**mio.carried_files(src), **(extra_files or {})},
-        log=log,
-    )
-    return model
 
 
 # ---- sizes ---------------------------------------------------------------------
@@ -431,10 +455,3 @@ def plan_bits_per_weight(args: ModelArgs, plan: Plan, scales_bytes: int, float_b
 def dir_size(path: str | Path) -> int:
     """Bytes of the weight files in a model directory."""
     return sum(f.stat().st_size for f in Path(path).glob("*.safetensors"))
-
-
-def _write_text(path: Path, text: str) -> Path:
-    tmp = path.with_name(f".{path.name}.tmp")
-    tmp.write_text(text)
-    tmp.replace(path)
-    return path
