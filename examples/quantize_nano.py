@@ -40,10 +40,10 @@ def held_out_text(given: str | None) -> Path:
 
 
 def run(a: argparse.Namespace) -> None:
+    from elm_mlx.formats.convert import quantize_dir
     from elm_mlx.formats.modeldir import default_model_path, load
     from elm_mlx.generation.generate import generate
     from elm_mlx.quant.quality import report, text_windows
-    from elm_mlx.formats.convert import quantize_dir
     from elm_mlx.quant.quantize import QuantizeSpec
 
     src = Path(a.model) if a.model else default_model_path()
