@@ -58,7 +58,7 @@ def _setup_elm(layers: int, batch: int, seq: int):
     from elm_mlx.model.openelm import OpenELM
     from elm_mlx.training.data import Batch
     from elm_mlx.training.lora import LoRAConfig, apply_lora
-    from elm_mlx.training.train_ops import training_layers
+    from elm_mlx.training.train_ops import chunked_loss, training_layers
     from elm_mlx.training.trainer import TrainArgs, make_step
 
     args, _, weights = _weights(layers)
@@ -67,13 +67,11 @@ def _setup_elm(layers: int, batch: int, seq: int):
     apply_lora(model, LoRAConfig(rank=RANK, scale=SCALE))
     opt = optim.AdamW(learning_rate=LR, weight_decay=0.0)
     opt.init(model.trainable_parameters())
-    targs = TrainArgs(batch_size=batch)  # the trainer's defaults, as `train` applies them
-    layers_ctx = training_layers(
-        model, targs.grad_checkpoint, targs.recompute_attention, targs.fast_ops
-    )
+    targs = TrainArgs(batch_size=batch)  # the defaults, as `finetune` applies them
+    layers_ctx = training_layers(model)
     layers_ctx.__enter__()
     _KEEP.append(layers_ctx)  # entered for the life of this process (exiting would undo it)
-    step = make_step(model, opt, targs, mx.distributed.init())
+    step = make_step(model, opt, targs, mx.distributed.init(), chunked_loss)
     tokens = _batch(args, batch, seq)
     data = Batch(tokens, mx.array([[0, seq]] * batch), mx.array(float(batch * seq)))
     state = [model.state, opt.state, mx.random.state]
@@ -171,8 +169,7 @@ def child_breakdown(a) -> dict:
     from elm_mlx.model.config import make_divisible
     from elm_mlx.model.openelm import OpenELM
     from elm_mlx.training.lora import LoRAConfig, apply_lora
-    from elm_mlx.training.train_ops import training_layers
-    from elm_mlx.training.trainer import TrainArgs, training_loss_sum
+    from elm_mlx.training.train_ops import chunked_loss, training_layers
 
     args, _, weights = _weights(a.layers)
     n, d, hd = a.batch * a.seq, args.model_dim, args.head_dim
@@ -195,11 +192,10 @@ def child_breakdown(a) -> dict:
     mx.eval(model.parameters())
     tokens = _batch(args, a.batch, a.seq)
     spans = mx.array([[0, a.seq]] * a.batch)
-    targs = TrainArgs()
-    grad = nn.value_and_grad(model, training_loss_sum)
-    with training_layers(model, targs.grad_checkpoint, targs.recompute_attention, targs.fast_ops):
+    grad = nn.value_and_grad(model, lambda m, t, s: chunked_loss(m, t, s)[0])
+    with training_layers(model):
         hidden = _best_seconds(lambda: model.transformer(tokens[:, :-1]))
-        loss = _best_seconds(lambda: training_loss_sum(model, tokens, spans))
+        loss = _best_seconds(lambda: chunked_loss(model, tokens, spans)[0])
         step = _best_seconds(lambda: grad(model, tokens, spans))
     return {"floor": floor, "head": head_s, "hidden": hidden, "loss": loss, "step": step}
 

@@ -18,7 +18,7 @@ from elm_mlx.model.openelm import OpenELM
 from elm_mlx.testing import random_weights, tiny_args
 from elm_mlx.training.data import Dataset, Example
 from elm_mlx.training.lora import LoRAConfig, apply_lora
-from elm_mlx.training.trainer import TrainArgs, train
+from elm_mlx.training.trainer import TrainArgs, make_optimizer, train
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -31,7 +31,7 @@ SETUP = textwrap.dedent(
     from elm_mlx.training.lora import LoRAConfig, apply_lora
     from elm_mlx.model.openelm import OpenELM
     from elm_mlx.testing import random_weights, tiny_args
-    from elm_mlx.training.trainer import TrainArgs, train
+    from elm_mlx.training.trainer import TrainArgs, make_optimizer, train
 
     def setup(out_dir):
         args = tiny_args(tied=False)
@@ -45,7 +45,7 @@ SETUP = textwrap.dedent(
         examples = [Example([1] + rng.integers(3, 128, 8 + i % 5).tolist()) for i in range(12)]
         data = Dataset("train.jsonl", examples, max_seq_length=64)
         targs = TrainArgs(iters=4, batch_size=4, learning_rate=1e-3, val_every=0,
-                          save_every=0, report_every=0, out_dir=out_dir, plot=False)
+                          save_every=0, report_every=0, out_dir=out_dir)
         return model, data, targs
     """
 )
@@ -58,7 +58,7 @@ WORKER = SETUP + textwrap.dedent(
     out = sys.argv[1]
     group = mx.distributed.init(strict=True, backend="ring")
     model, data, targs = setup(out)
-    train(model, targs, data, group=group, log=lambda _: None)
+    train(model, make_optimizer(targs), data, None, targs, group=group, log=lambda _: None)
     weights = dict(tree_flatten(model.trainable_parameters()))
     mx.save_safetensors(f"{out}/rank{group.rank()}.safetensors", weights)
     """
@@ -104,7 +104,7 @@ def single_process(tmp_path: Path) -> dict:
     namespace: dict = {}
     exec(SETUP, namespace)
     model, data, targs = namespace["setup"](str(tmp_path))
-    train(model, targs, data, log=lambda _: None)
+    train(model, make_optimizer(targs), data, None, targs, log=lambda _: None)
     from mlx.utils import tree_flatten
 
     return dict(tree_flatten(model.trainable_parameters()))
@@ -143,4 +143,5 @@ def test_batch_must_split_across_processes():
     apply_lora(model, LoRAConfig(rank=2))
     data = Dataset("t", [Example([1, 2, 3, 4])] * 8, max_seq_length=16)
     with pytest.raises(DataError, match="does not split across 3 processes"):
-        train(model, TrainArgs(batch_size=4), data, group=FakeGroup(), log=lambda _: None)
+        targs = TrainArgs(batch_size=4)
+        train(model, make_optimizer(targs), data, None, targs, group=FakeGroup(), log=print)

@@ -188,9 +188,11 @@ def test_missing_files_and_bad_settings():
         load_adapters(build(), "/nonexistent/adapters")
     model = build()
     with pytest.raises(LoRAError) as e:
-        apply_lora(model, LoRAConfig(rank=0, dropout=1.5, targets=("q_proj",), num_layers=9))
-    for part in ("rank must be", "dropout must be", "'q_proj'", "num_layers 9 > the model's 4"):
+        LoRAConfig(rank=0, dropout=1.5, targets=("q_proj",), num_layers=-2)
+    for part in ("rank must be", "dropout must be", "'q_proj'", "num_layers must be"):
         assert part in str(e.value)
+    with pytest.raises(LoRAError, match="num_layers 9 > the model's 4"):
+        apply_lora(model, LoRAConfig(num_layers=9))
     with pytest.raises(LoRAError, match="rank 99 exceeds"):
         apply_lora(model, LoRAConfig(rank=99, targets=("out_proj",)))
     model = build()
@@ -295,7 +297,7 @@ def test_cli_reports_bad_data_and_resume_mismatch_in_one_line(tmp_path, model_di
     resumed = [*args[:4], str(data), "--iters", "2", "--adapter-path", adapters, "--rank", "4"]
     assert main([*resumed, "--resume"]) == 1
     err = capsys.readouterr().err
-    assert "trained with other adapter settings (--rank was 8, now 4)" in err
+    assert f"cannot resume {adapters}/adapter_config.json exactly: --rank was 8, now 4" in err
     # An existing run is neither replaced without --force nor spoiled by a failing run.
     before = {p.name: p.read_bytes() for p in Path(adapters).iterdir() if p.is_file()}
     assert main([*resumed]) == 1
@@ -309,4 +311,4 @@ def test_cli_reports_bad_data_and_resume_mismatch_in_one_line(tmp_path, model_di
     assert main([*resumed, "--force"]) == 0
     capsys.readouterr()
     assert main([*resumed, "--iters", "1", "--resume"]) == 1  # already at step 2
-    assert "is at step 2 already; raise iters above 2" in capsys.readouterr().err
+    assert "is at step 2 already; raise --iters above 2" in capsys.readouterr().err

@@ -1,7 +1,8 @@
-"""`elm-mlx lora` and `elm-mlx fuse`."""
+"""`elm-mlx lora` and `elm-mlx fuse`: argparse and printing; the library decides."""
 
 from __future__ import annotations
 
+import re
 from pathlib import Path
 
 import mlx.core as mx
@@ -14,21 +15,11 @@ from ..formats.modeldir import (
     require_tokenizer,
     save_model,
 )
-from ..training.checkpoint import CHECKPOINT_DIR, remove_checkpoint
-from ..training.data import check_batch_size, load_datasets
-from ..training.lora import (
-    ADAPTER_FILE,
-    CONFIG_FILE,
-    LoRAConfig,
-    apply_lora,
-    fuse_lora,
-    load_adapters,
-    num_trainable,
-    read_adapter_config,
-    write_adapter_config,
-)
-from ..training.trainer import TrainArgs, evaluate, train
-from .common import CliError
+from ..training.finetune import finetune
+from ..training.lora import LoRAConfig, fuse_lora, load_adapters
+from ..training.train_ops import TrainingOps
+from ..training.trainer import TrainArgs
+from .common import USER_ERRORS, CliError
 
 
 def _add_lora(sub) -> None:
@@ -66,7 +57,7 @@ def _add_lora(sub) -> None:
     )
     p.add_argument("--mask-prompt", action="store_true", help="loss on completions only")
     p.add_argument(
-        "--max-seq-length", type=int, default=2048, help="truncate longer records (2048)"
+        "--max-seq-length", type=int, help="truncate longer records (the model's context)"
     )
     p.add_argument("--iters", type=int, default=1000, help="optimizer steps (1000)")
     p.add_argument("--batch-size", type=int, default=4, help="records per step, all processes (4)")
@@ -92,7 +83,7 @@ def _add_lora(sub) -> None:
     p.add_argument("--seed", type=int, default=0, help="adapter init, data order, dropout (0)")
 
 
-def _lora_config(args):
+def _lora_config(args) -> LoRAConfig:
     targets = tuple(t.strip() for t in args.targets.split(",") if t.strip())
     common = dict(dropout=args.dropout, num_layers=args.num_layers, targets=targets)
     if args.full:
@@ -103,86 +94,54 @@ def _lora_config(args):
     return LoRAConfig(rank=args.rank, scale=20.0 if args.scale is None else args.scale, **common)
 
 
-def _train_args(args):
+def _train_args(args) -> TrainArgs:
     names = (
         "iters", "batch_size", "learning_rate", "warmup", "weight_decay", "grad_accum",
-        "grad_checkpoint", "recompute_attention", "max_grad_norm", "val_every", "val_batches",
-        "save_every", "report_every", "seed",
+        "max_grad_norm", "val_every", "val_batches", "save_every", "report_every", "seed",
     )  # fmt: skip
-    return TrainArgs(out_dir=args.adapter_path, **{n: getattr(args, n) for n in names})
+    return TrainArgs(**{n: getattr(args, n) for n in names})
 
 
-_ADAPTER_FLAGS = {
+# Library names that are not `--name-with-dashes` here.
+_FLAGS = {
     "fine_tune_type": "--dora / --full",
-    "num_layers": "--num-layers",
-    "rank": "--rank",
     "scale": "--scale / --alpha",
-    "dropout": "--dropout",
     "keys": "--targets",
+    "processes": "the process count",
 }
 
 
-def _check_resume_config(adapter_path: str, config, n_layers: int) -> None:
-    saved = read_adapter_config(adapter_path)
-    before, now = saved.to_dict(n_layers), config.to_dict(n_layers)
-    before.update(before.pop("lora_parameters", {}))
-    now.update(now.pop("lora_parameters", {}))
-    diffs = [
-        f"{_ADAPTER_FLAGS.get(k, k)} was {before.get(k)}, now {now.get(k)}"
-        for k in sorted(set(before) | set(now))
-        if before.get(k) != now.get(k)
-    ]
-    if diffs:
-        raise CliError(
-            f"--resume: {adapter_path} was trained with other adapter settings "
-            f"({'; '.join(diffs)}); repeat the original flags"
-        )
+def flags(message: str) -> str:
+    """A library message with its `argument` names (backticks) worded as this command's flags."""
 
+    def flag(m: re.Match) -> str:
+        name, value = m[1], m[2]
+        text = _FLAGS.get(name, "--" + name.replace("_", "-"))
+        return text if value in (None, "True") else f"{text} {value}"
 
-def _check_fresh_adapter_path(adapter_path: str) -> None:
-    path = Path(adapter_path)
-    held = [n for n in (ADAPTER_FILE, CONFIG_FILE, CHECKPOINT_DIR) if (path / n).exists()]
-    if held:
-        raise CliError(
-            f"{adapter_path} already holds {', '.join(held)}; --resume continues that run, "
-            "--force replaces it, or choose another --adapter-path"
-        )
+    return re.sub(r"`([a-z_]+)(?:=([^`]*))?`", flag, message)
 
 
 def _run_lora(args) -> None:
     group = mx.distributed.init()
     say = print if group.rank() == 0 else (lambda *_: None)
-    config, targs = _lora_config(args), _train_args(args)
-    config.validate()
-    targs.validate()
-    model, tokenizer = load(args.model)
-    tokenizer = require_tokenizer(tokenizer, args.model)
-    sets = load_datasets(
-        args.data, tokenizer, max_seq_length=args.max_seq_length,
-        mask_prompt=args.mask_prompt, require_valid=args.val_every > 0,
-    )  # fmt: skip
-    for dataset in sets.values():
-        say(dataset.summary())
-    check_batch_size(sets["train"], targs.batch_size, group.size())  # before anything is written
-    n_layers = len(model.layers)
-    if args.resume:
-        _check_resume_config(args.adapter_path, config, n_layers)
-    elif not args.force:
-        _check_fresh_adapter_path(args.adapter_path)
-    apply_lora(model, config, seed=args.seed)
-    total = model.args.num_parameters()
-    say(f"trainable parameters: {num_trainable(model):,} of {total:,} "
-        f"({100 * num_trainable(model) / total:.3f}%), {group.size()} process(es)")  # fmt: skip
-    if group.rank() == 0:
-        if args.force and not args.resume:
-            remove_checkpoint(Path(args.adapter_path))  # a later --resume must not pick it up
-        write_adapter_config(args.adapter_path, config, n_layers)
-    state = train(model, targs, sets["train"], sets.get("valid"), resume=args.resume, group=group)
+    try:
+        config, targs = _lora_config(args), _train_args(args)
+        ops = TrainingOps(args.grad_checkpoint, args.recompute_attention)
+        model, tokenizer = load(args.model)
+        result = finetune(
+            model, require_tokenizer(tokenizer, args.model), args.data, args.adapter_path,
+            config, targs, ops=ops, resume=args.resume, force=args.force,
+            max_seq_length=args.max_seq_length, mask_prompt=args.mask_prompt, group=group,
+            log=lambda line: say(flags(line)),
+        )  # fmt: skip
+    except USER_ERRORS as e:
+        raise CliError(flags(str(e))) from None
+    state = result.state
     if state.best_val is not None:
         say(f"best validation loss {state.best_val:.4f} at step {state.best_step}")
-    if "test" in sets:
-        loss = evaluate(model, sets["test"], targs.batch_size, 0, group)
-        say(f"test loss {loss:.4f} (final weights)")
+    if result.test_loss is not None:
+        say(f"test loss {result.test_loss:.4f} (final weights)")
 
 
 def _add_fuse(sub) -> None:

@@ -3,6 +3,17 @@
 `transformer.layers.3.attn.qkv_proj.weight` in a checkpoint is
 `model.transformer.layers[3].attn.qkv_proj.weight` here, so loading is
 `model.load_weights(list(weights.items()))` with no rename table.
+
+Training hooks: a training run may set these attributes on the instances (they
+are None otherwise; elm_mlx/training/train_ops.py sets and clears them). Each
+applies to uncached calls only, so generation never goes through them.
+
+- `Attention.kernel(q, k, v, scale) -> out`: causal attention in place of the
+  fused kernel, (B, n_q, L, D) x (B, n_kv, L, D) -> (B, n_q, L, D).
+- `Attention.attend_wrapper(attn, attend, qkv, mask) -> out`: runs `attend`
+  (everything between the projections), e.g. to recompute it in the backward pass.
+- `FeedForward.kernel(gate, up) -> silu(gate) * up`, e.g. with its own gradient.
+- `Block.wrapper(block, forward, x, mask) -> out`: runs the whole block.
 """
 
 from __future__ import annotations
@@ -15,6 +26,9 @@ from .config import ModelArgs
 
 
 class Attention(nn.Module):
+    kernel = None  # training hook (module docstring)
+    attend_wrapper = None  # training hook
+
     def __init__(self, args: ModelArgs, layer: int):
         super().__init__()
         self.n_heads = args.num_query_heads[layer]
@@ -29,7 +43,10 @@ class Attention(nn.Module):
             self.k_norm = nn.RMSNorm(hd, eps=args.rms_norm_eps)
 
     def __call__(self, x: mx.array, mask=None, cache: KVCache | None = None) -> mx.array:
-        return self.out_proj(self.attend(self.qkv_proj(x), mask, cache))
+        qkv = self.qkv_proj(x)
+        if self.attend_wrapper is not None and cache is None:
+            return self.out_proj(self.attend_wrapper(self, self.attend, qkv, mask))
+        return self.out_proj(self.attend(qkv, mask, cache))
 
     def attend(self, qkv: mx.array, mask=None, cache: KVCache | None = None) -> mx.array:
         """Everything between the two projections: (B, L, qkv_out_dim) -> (B, L, q * head_dim)."""
@@ -53,12 +70,16 @@ class Attention(nn.Module):
         return out.transpose(0, 2, 1, 3).reshape(B, L, n_q * self.head_dim)
 
     def sdpa(self, q: mx.array, k: mx.array, v: mx.array, mask=None) -> mx.array:
-        """Softmax attention; the trainer swaps in a CPU-friendly causal version for training."""
+        """Softmax attention (the `kernel` hook, when set, computes the causal case)."""
+        if self.kernel is not None and isinstance(mask, str) and mask == "causal":
+            return self.kernel(q, k, v, self.scale)
         # Native GQA: query head h reads KV head h // (n_q / n_kv); K/V are not repeated.
         return mx.fast.scaled_dot_product_attention(q, k, v, scale=self.scale, mask=mask)
 
 
 class FeedForward(nn.Module):
+    kernel = None  # training hook (module docstring)
+
     def __init__(self, args: ModelArgs, layer: int):
         super().__init__()
         ffn_dim = args.ffn_dim(layer)
@@ -70,11 +91,15 @@ class FeedForward(nn.Module):
         return self.proj_2(self.activation(gate, up))
 
     def activation(self, gate: mx.array, up: mx.array) -> mx.array:
-        """SwiGLU; the trainer swaps in a version with a cheaper gradient for training."""
+        """SwiGLU (the `kernel` hook, when set, computes it)."""
+        if self.kernel is not None:
+            return self.kernel(gate, up)
         return nn.silu(gate) * up
 
 
 class Block(nn.Module):
+    wrapper = None  # training hook (module docstring)
+
     def __init__(self, args: ModelArgs, layer: int):
         super().__init__()
         self.attn_norm = nn.RMSNorm(args.model_dim, eps=args.rms_norm_eps)
@@ -83,6 +108,11 @@ class Block(nn.Module):
         self.ffn = FeedForward(args, layer)
 
     def __call__(self, x: mx.array, mask=None, cache: KVCache | None = None) -> mx.array:
+        if self.wrapper is not None and cache is None:
+            return self.wrapper(self, self.forward, x, mask)
+        return self.forward(x, mask, cache)
+
+    def forward(self, x: mx.array, mask=None, cache: KVCache | None = None) -> mx.array:
         h = x + self.attn(self.attn_norm(x), mask, cache)
         return h + self.ffn(self.ffn_norm(h))
 

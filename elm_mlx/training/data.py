@@ -98,6 +98,12 @@ class Batch(NamedTuple):
     ntokens: mx.array
 
 
+def target_mask(spans: mx.array, length: int) -> mx.array:
+    """(B, length) bool: the input positions of `spans` (B, 2) whose next token is a target."""
+    pos = mx.arange(length)[None]  # (1, L)
+    return (pos >= spans[:, :1]) & (pos < spans[:, 1:])  # (B, L)
+
+
 # ---- loading ----------------------------------------------------------------
 
 
@@ -120,7 +126,7 @@ def load_datasets(
     required = ["train", "valid"] if require_valid else ["train"]
     missing = [f"{s}.jsonl" for s in required if not (data_dir / f"{s}.jsonl").is_file()]
     if missing:
-        hint = " (or turn validation off: --val-every 0)" if "valid.jsonl" in missing else ""
+        hint = " (or turn validation off: `val_every=0`)" if "valid.jsonl" in missing else ""
         what = " and ".join(missing)
         raise FileNotFoundError(
             f"{data_dir} has no {what}; add {'them' if len(missing) > 1 else 'it'}{hint}"
@@ -317,8 +323,10 @@ def iterate_batches(
     world_size: int = 1,
     pad_to: int = 32,
 ) -> Iterator[Batch]:
-    """Endless training batches from batch number `start` on; this rank's rows only."""
-    check_batch_size(dataset, batch_size, world_size)
+    """Endless training batches from batch number `start` on; this rank's rows only.
+
+    `dataset` must fill a batch that splits across the ranks (`check_batch_size`).
+    """
     per_epoch = len(dataset) // batch_size
     epoch, index = divmod(start, per_epoch)
     while True:

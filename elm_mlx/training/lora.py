@@ -18,13 +18,15 @@ from __future__ import annotations
 
 import json
 import math
-import os
 from dataclasses import dataclass
 from pathlib import Path
 
 import mlx.core as mx
 import mlx.nn as nn
 from mlx.utils import tree_flatten, tree_unflatten
+
+from ..formats.files import write_json
+from .checkpoint import load_arrays, save_arrays, writing
 
 TARGETS = ("qkv_proj", "out_proj", "proj_1", "proj_2")
 # Target name -> module path inside a block.
@@ -59,8 +61,9 @@ class LoRAConfig:
         """The config whose scale is alpha / rank (the convention of most LoRA papers)."""
         return cls(rank=rank, scale=alpha / rank, **kwargs)
 
-    def validate(self, model_layers: int | None = None) -> None:
+    def __post_init__(self) -> None:
         """Raise LoRAError naming every bad setting at once."""
+        self.targets = tuple(self.targets)
         problems = []
         if self.fine_tune_type not in FINE_TUNE_TYPES:
             problems.append(
@@ -77,14 +80,20 @@ class LoRAConfig:
             problems.append(f"targets {list(bad or self.targets)} invalid; choose from {TARGETS}")
         if self.num_layers == 0 or self.num_layers < -1:
             problems.append(f"num_layers must be -1 (all) or positive, got {self.num_layers}")
-        elif model_layers is not None and self.num_layers > model_layers:
-            problems.append(f"num_layers {self.num_layers} > the model's {model_layers} layers")
         if problems:
             raise LoRAError("invalid adapter settings: " + "; ".join(problems))
 
     def layer_indices(self, model_layers: int) -> range:
+        """The blocks to adapt; LoRAError if the model has fewer than `num_layers`."""
+        if self.num_layers > model_layers:
+            raise LoRAError(f"num_layers {self.num_layers} > the model's {model_layers} layers")
         n = model_layers if self.num_layers == -1 else self.num_layers
         return range(model_layers - n, model_layers)
+
+    def settings(self, model_layers: int) -> dict:
+        """Every setting by name, flat (a resume compares them)."""
+        d = self.to_dict(model_layers)
+        return {**d.pop("lora_parameters", {}), **d}
 
     def to_dict(self, model_layers: int) -> dict:
         """adapter_config.json content (mlx-lm's layout)."""
@@ -106,7 +115,7 @@ class LoRAConfig:
         unknown = [k for k in keys if k not in by_path]
         if unknown:
             raise LoRAError(f"adapter keys {unknown} are not OpenELM projections")
-        config = cls(
+        return cls(
             rank=p.get("rank", 8),
             scale=p.get("scale", 20.0),
             dropout=p.get("dropout", 0.0),
@@ -114,8 +123,6 @@ class LoRAConfig:
             targets=tuple(by_path[k] for k in keys),
             fine_tune_type=kind,
         )
-        config.validate()
-        return config
 
 
 def linear_dims(linear: nn.Module) -> tuple[int, int]:
@@ -261,7 +268,7 @@ def apply_lora(model: nn.Module, config: LoRAConfig, seed: int = 0) -> list[str]
     `fine_tune_type="dora"` swaps DoRA layers; `"full"` unfreezes the whole model instead.
     """
     layers = model.layers
-    config.validate(len(layers))
+    indices = config.layer_indices(len(layers))
     if any(isinstance(m, LoRALinear) for _, m in model.named_modules()):
         raise LoRAError("the model already has LoRA layers; load a fresh model")
     if config.fine_tune_type == "full":
@@ -272,7 +279,7 @@ def apply_lora(model: nn.Module, config: LoRAConfig, seed: int = 0) -> list[str]
     model.freeze()
     keys = mx.random.split(mx.random.key(seed), len(layers) * len(TARGETS))
     adapted = []
-    for i in config.layer_indices(len(layers)):
+    for i in indices:
         swaps = []
         for t in config.targets:
             j = i * len(TARGETS) + TARGETS.index(t)
@@ -332,21 +339,16 @@ def dequantize_model(model: nn.Module) -> nn.Module:
 def write_adapter_config(path: str | Path, config: LoRAConfig, model_layers: int) -> Path:
     """Write `adapter_config.json` into the adapter directory (created if needed)."""
     path = Path(path)
-    path.mkdir(parents=True, exist_ok=True)
-    out = path / CONFIG_FILE
-    tmp = path / f".{CONFIG_FILE}.tmp"
-    tmp.write_text(json.dumps(config.to_dict(model_layers), indent=2) + "\n")
-    os.replace(tmp, out)
-    return out
+    with writing(path / CONFIG_FILE):
+        path.mkdir(parents=True, exist_ok=True)
+        return write_json(path / CONFIG_FILE, config.to_dict(model_layers))
 
 
 def save_adapters(model: nn.Module, path: str | Path, config: LoRAConfig) -> Path:
     """Write the trainable weights and the config into an adapter directory."""
     path = Path(path)
     write_adapter_config(path, config, len(model.layers))
-    tmp = path / f".{ADAPTER_FILE}.tmp.safetensors"
-    mx.save_safetensors(str(tmp), dict(tree_flatten(model.trainable_parameters())))
-    os.replace(tmp, path / ADAPTER_FILE)
+    save_arrays(path / ADAPTER_FILE, dict(tree_flatten(model.trainable_parameters())))
     return path
 
 
@@ -402,6 +404,15 @@ def check_adapter_weights(weights: dict, expected: dict[str, tuple], source: str
         raise LoRAError(f"{source} does not fit this model: " + "; ".join(shown))
 
 
+def check_rank(weights: dict, config: LoRAConfig, file: Path) -> None:
+    """Raise LoRAError in one line when the file's LoRA rank is not the config's."""
+    ranks = {v.shape[-1] for k, v in weights.items() if k.endswith(".lora_a") and v.ndim == 2}
+    if config.fine_tune_type != "full" and len(ranks) == 1 and ranks != {config.rank}:
+        raise LoRAError(
+            f"{file}: adapters have rank {ranks.pop()} but {CONFIG_FILE} says {config.rank}"
+        )
+
+
 def load_adapters(model: nn.Module, path: str | Path) -> nn.Module:
     """Swap in the adapter layers described by `path` and load their weights.
 
@@ -410,11 +421,11 @@ def load_adapters(model: nn.Module, path: str | Path) -> nn.Module:
     """
     path = Path(path)
     config = read_adapter_config(path)
-    config.validate(len(model.layers))
     file = path / ADAPTER_FILE
     if not file.is_file():
         raise FileNotFoundError(f"{file} not found; train adapters into {path} first")
-    weights = mx.load(str(file))
+    weights = load_arrays(file, f"train the adapters in {path} again", LoRAError)
+    check_rank(weights, config, file)
     check_adapter_weights(weights, expected_adapter_shapes(model, config), str(file))
     apply_lora(model, config)
     model.load_weights(list(weights.items()), strict=False)

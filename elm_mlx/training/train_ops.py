@@ -1,4 +1,4 @@
-"""Training versions of three costly pieces of the step: same math, less memory or time.
+"""Training versions of costly pieces of the step (same math, less memory), and the losses.
 
 - `head_cross_entropy`: a 32000-word vocabulary makes the logits of a 4 x 256
   batch 131 MB in float32, and autograd keeps that tensor, its softmax and its
@@ -7,26 +7,32 @@
   states (and the head weight when that is trained) right away, and are freed
   before the next chunk; the backward pass only scales the stored gradients.
 - `causal_attention`: causal softmax attention in query blocks that skip the
-  keys they cannot see (about 40% of the scores at 256 tokens).
+  keys they cannot see.
 - `swiglu`: silu(gate) * up with a hand-written gradient that keeps the
   sigmoid instead of recomputing it.
 
-`training_layers(model)` swaps the last two into an OpenELM for the length of
-a training run (through `Attention.sdpa` and `FeedForward.activation`), with
-optional recomputation of the attention core or of whole blocks.
+`training_layers(model, TrainingOps(...))` sets the last two into an OpenELM
+for the length of a training run through the model's training hooks (see
+model/openelm.py), with optional recomputation of the attention core or of
+whole blocks. `chunked_loss` is the trainer's `loss` for an OpenELM with a
+float output head: `loss_sums` (the trainer's default) with the head chunked.
 
-On the CPU, MLX's transcendental functions run at a few tens of millions of
-values a second, while `pow` runs about twice as fast as `exp` at the same
-precision, so exponentials here are computed as powers of two there.
+On the CPU, exponentials here are computed as powers of two (`pow`) at the same
+precision; benchmarks/bench_lora.py --breakdown is where the choice is measured.
 """
 
 from __future__ import annotations
 
 import contextlib
+from dataclasses import dataclass
 from functools import cache
 
 import mlx.core as mx
 import mlx.nn as nn
+from mlx.utils import tree_flatten
+
+from .data import target_mask
+from .trainer import loss_sums
 
 CHUNK_ELEMENTS = 1 << 23  # logits per chunk: 32 MB in float32
 LOG2E = 1.4426950408889634
@@ -187,94 +193,97 @@ def swiglu(gate: mx.array, up: mx.array) -> mx.array:
     return _swiglu(gate, up)[0]
 
 
-# ---- training versions of the model's layers ----------------------------------------------
+# ---- the chunked loss ------------------------------------------------------------------
 
 
-@cache
-def _checkpointed_class(cls: type) -> type:
-    """A subclass of a block class whose forward pass is recomputed in the backward pass."""
-
-    def __call__(self, x, *args, **kwargs):
-        def inner(params, x):
-            self.update(params)
-            return cls.__call__(self, x, *args, **kwargs)
-
-        return mx.checkpoint(inner)(self.trainable_parameters(), x)
-
-    return type(f"Checkpointed{cls.__name__}", (cls,), {"__call__": __call__})
+def float_head(model: nn.Module) -> tuple[str, mx.array] | None:
+    """(parameter name, weight) of the model's float output head; None if it has none."""
+    output_head = getattr(model, "output_head", None)
+    if output_head is None:
+        return None
+    path, layer = output_head()
+    if "scales" in layer or not isinstance(layer, (nn.Embedding, nn.Linear)):
+        return None
+    return f"{path}.weight", layer.weight
 
 
-@cache
-def _training_attention_class(cls: type, recompute: bool, causal_blocks: bool) -> type:
-    """A subclass of OpenELM's Attention for training.
-
-    `recompute`: `attend` (QK-norm, RoPE, softmax) runs again in the backward pass
-    instead of keeping its activations. `causal_blocks`: causal attention by query
-    blocks (train_ops.causal_attention) instead of the fused kernel's CPU fallback.
-    """
-
-    def sdpa(self, q, k, v, mask=None):
-        if isinstance(mask, str) and mask == "causal":
-            return causal_attention(q, k, v, self.scale)
-        return cls.sdpa(self, q, k, v, mask)
-
-    def attend(self, qkv, mask=None, cache=None):
-        if cache is not None:
-            return base.attend(self, qkv, mask, cache)
-        # Only the QK-norm weights are used in here: the projections stay outside.
-        params = {k: v for k, v in self.trainable_parameters().items() if k.endswith("_norm")}
-
-        def inner(params, qkv):
-            self.update(params)
-            return base.attend(self, qkv, mask)
-
-        return mx.checkpoint(inner)(params, qkv)
-
-    base = type(f"Blocked{cls.__name__}", (cls,), {"sdpa": sdpa}) if causal_blocks else cls
-    return type(f"Training{cls.__name__}", (base,), {"attend": attend}) if recompute else base
+def chunked_loss(model: nn.Module, tokens: mx.array, spans: mx.array) -> tuple[mx.array, mx.array]:
+    """`loss_sums` with the output head chunked (`head_cross_entropy`) where the model allows."""
+    head = float_head(model)
+    if head is None:
+        return loss_sums(model, tokens, spans)
+    name, weight = head
+    inputs, targets = tokens[:, :-1], tokens[:, 1:]  # (B, L) each
+    h = model.transformer(inputs)  # (B, L, D)
+    B, L, D = h.shape
+    trained = name in dict(tree_flatten(model.trainable_parameters()))
+    mask = target_mask(spans, L).reshape(B * L)
+    total = head_cross_entropy(h.reshape(B * L, D), weight, targets.reshape(B * L), mask, trained)
+    return total, mask.sum()
 
 
-@cache
-def _training_ffn_class(cls: type) -> type:
-    def activation(self, gate, up):
-        return swiglu(gate, up)
-
-    return type(f"Training{cls.__name__}", (cls,), {"activation": activation})
+# ---- the model's training hooks --------------------------------------------------------------
 
 
-def _training_swaps(model: nn.Module, blocks: bool, recompute_attention: bool, fast_ops: bool):
-    swaps = []
+@dataclass
+class TrainingOps:
+    """Which training versions of the model's layers a run uses; none changes the math."""
+
+    grad_checkpoint: bool = False  # recompute whole blocks in the backward pass
+    recompute_attention: bool = False  # recompute the attention core only
+    fast_ops: bool = True  # train_ops' SwiGLU and, on the CPU, block-causal attention
+
+
+def _recompute(module: nn.Module, fn, x: mx.array, mask, params: dict) -> mx.array:
+    """`fn(x, mask)` recomputed in the backward pass; `params` are the weights `fn` reads."""
+
+    def inner(params, x):
+        module.update(params)
+        return fn(x, mask)
+
+    return mx.checkpoint(inner)(params, x)
+
+
+def _recompute_block(block: nn.Module, forward, x: mx.array, mask) -> mx.array:
+    return _recompute(block, forward, x, mask, block.trainable_parameters())
+
+
+def _recompute_attend(attn: nn.Module, attend, qkv: mx.array, mask) -> mx.array:
+    # Only the QK-norm weights are read in here: the projections stay outside.
+    params = {k: v for k, v in attn.trainable_parameters().items() if k.endswith("_norm")}
+    return _recompute(attn, attend, qkv, mask, params)
+
+
+def _hooks(model: nn.Module, ops: TrainingOps) -> list[tuple[nn.Module, str, object]]:
+    """(module, hook name, value) for every hook of the model's layers that `ops` sets."""
+    hooks = []
+    blocked = ops.fast_ops and mx.default_device() == mx.cpu
     for layer in model.layers:
-        attn, ffn = getattr(layer, "attn", None), getattr(layer, "ffn", None)
-        recompute = recompute_attention and not blocks
-        blocked = fast_ops and mx.default_device() == mx.cpu
-        if hasattr(attn, "sdpa") and (recompute or blocked):
-            swaps.append((attn, _training_attention_class(type(attn), recompute, blocked)))
-        if fast_ops and hasattr(ffn, "activation"):
-            swaps.append((ffn, _training_ffn_class(type(ffn))))
-        if blocks:
-            swaps.append((layer, _checkpointed_class(type(layer))))
-    return swaps
+        if ops.grad_checkpoint:
+            hooks.append((layer, "wrapper", _recompute_block))
+        elif ops.recompute_attention:
+            hooks.append((layer.attn, "attend_wrapper", _recompute_attend))
+        if blocked:
+            hooks.append((layer.attn, "kernel", causal_attention))
+        if ops.fast_ops:
+            hooks.append((layer.ffn, "kernel", swiglu))
+    return hooks
 
 
 @contextlib.contextmanager
-def training_layers(
-    model: nn.Module, blocks: bool = False, recompute_attention: bool = False, fast_ops: bool = True
-):
-    """Swap in the training versions of the model's layers; undone on exit.
+def training_layers(model: nn.Module, ops: TrainingOps | None = None):
+    """Set the model's training hooks (model/openelm.py) for the block; cleared on exit.
 
-    `blocks`: recompute every block in the backward pass (gradient checkpointing:
-    least memory, about a third more time). `recompute_attention`: recompute only
-    what lies between qkv_proj and out_proj, a few percent of the compute for a
-    large share of the saved activations. `fast_ops`: train_ops' SwiGLU and, on
-    the CPU, causal attention by query blocks. All of them leave the math unchanged.
+    `grad_checkpoint`: recompute every block in the backward pass (least memory,
+    more time). `recompute_attention`: recompute only what lies between qkv_proj
+    and out_proj (much of the saved activations for little of the compute).
+    `fast_ops`: train_ops' SwiGLU and, on the CPU, causal attention by query blocks.
     """
-    swaps = _training_swaps(model, blocks, recompute_attention, fast_ops)
-    originals = [(o, type(o)) for o, _ in swaps]
-    for o, cls in swaps:
-        o.__class__ = cls
+    hooks = _hooks(model, ops or TrainingOps())
+    for module, name, fn in hooks:
+        setattr(module, name, fn)
     try:
         yield
     finally:
-        for o, cls in originals:
-            o.__class__ = cls
+        for module, name, _ in hooks:
+            setattr(module, name, None)

@@ -1,18 +1,22 @@
-"""The training loop: AdamW with warmup and cosine decay, compiled steps, exact resume.
+"""The training loop: a given optimizer and loss, compiled steps, exact resume.
 
-`train(model, args, train_set, valid_set)` trains whatever
+`train(model, optimizer, train_set, val_set, args, loss=...)` trains whatever
 `model.trainable_parameters()` returns: LoRA adapters (the caller swapped them
-in), every weight of a pretrained model, or a freshly initialised one. It
-knows nothing about LoRA.
+in), every weight of a pretrained model, or a freshly initialised one. It knows
+nothing about LoRA or OpenELM: the model maps token ids to logits, and `loss`
+(default `loss_sums`) is `loss(model, tokens, spans) -> (loss sum, target count)`
+over a `data.Batch`'s rows.
 
 Files under `args.out_dir`: `args.weights_file` (the best-validation weights,
 or the latest when there is no validation set), `checkpoint/` (everything a
 resume needs: trainable weights, optimizer state, RNG key, step; the data
-position follows from the step), `metrics.jsonl` and `loss.png`.
+position follows from the step) and `metrics.jsonl`.
 
 Data parallel: run one process per device under `mlx.launch`; each takes its
 slice of every global batch and gradients are summed over processes. Only
 rank 0 writes files or prints.
+
+Errors quote argument names in backticks (`iters`); the CLI words them as its flags.
 """
 
 from __future__ import annotations
@@ -40,27 +44,66 @@ from .checkpoint import (
     restore_checkpoint,
     save_arrays,
     save_checkpoint,
+    writing,
 )
-from .data import Batch, Dataset, check_batch_size, iterate_batches, iterate_eval_batches
-from .train_ops import head_cross_entropy, training_layers
+from .data import (
+    Batch,
+    Dataset,
+    check_batch_size,
+    iterate_batches,
+    iterate_eval_batches,
+    target_mask,
+)
 
 METRICS_FILE = "metrics.jsonl"
-PLOT_FILE = "loss.png"
 # Settings a resumed run must share with the run it continues.
 _RESUME_FIXED = ("batch_size", "grad_accum", "seed", "learning_rate", "warmup", "min_lr_ratio")
+Loss = Callable[[nn.Module, mx.array, mx.array], tuple[mx.array, mx.array]]
 
 
 class TrainError(ValueError):
     """Bad training settings, or a checkpoint that cannot be resumed."""
 
 
+class ResumeMismatch(TrainError):
+    """A resume whose settings differ from the checkpoint's: `diffs` is (name, then, now)."""
+
+    def __init__(self, where: Path, diffs: list[tuple[str, object, object]]):
+        self.where, self.diffs = where, diffs
+        parts = [
+            "`{}`{} was {}, now {}".format(*_split(name), _shown(then), _shown(now))
+            for name, then, now in diffs
+        ]
+        super().__init__(f"cannot resume {where} exactly: " + "; ".join(parts))
+
+
+def _split(name: str) -> tuple[str, str]:
+    head, _, rest = name.partition(" ")
+    return head, f" {rest}" if rest else ""
+
+
+def _shown(value) -> str:
+    return "absent" if value is None else str(value)
+
+
 class TrainingDiverged(TrainError):
-    """The loss became NaN or infinite."""
+    """The loss became NaN or infinite; `saved_step` is the last checkpoint's step (0: none)."""
+
+    def __init__(self, what: str, step: int, saved_step: int, where: Path, remedy: str = ""):
+        self.what, self.step, self.saved_step, self.where = what, step, saved_step, where
+        remedy = remedy or (
+            f"the last good checkpoint (step {saved_step}) is in {where}: resume with gradient "
+            "clipping (`max_grad_norm`), or start over with a lower `learning_rate`"
+            if saved_step
+            else "no checkpoint was saved yet: start over with a lower `learning_rate` "
+            "(or `warmup` / `max_grad_norm`)"
+        )
+        super().__init__(f"{what} at step {step}; stopped without saving. {remedy}")
 
 
 @dataclass
 class TrainArgs:
-    """Every setting of a training run."""
+    """Every setting of a training run; checked when built (TrainError names each bad one)."""
 
     iters: int = 1000
     batch_size: int = 4
@@ -69,35 +112,30 @@ class TrainArgs:
     min_lr_ratio: float = 0.0  # cosine decay ends at learning_rate * min_lr_ratio
     weight_decay: float = 0.0
     grad_accum: int = 1
-    grad_checkpoint: bool = False  # recompute whole blocks in the backward pass
-    recompute_attention: bool = False  # recompute the attention core: less memory, ~4% slower
-    fast_ops: bool = True  # train_ops' SwiGLU and (CPU) block-causal attention
     max_grad_norm: float = 0.0  # 0 = no clipping
     val_every: int = 100  # 0 = no validation
     val_batches: int = 25  # 0 = the whole validation set
     save_every: int = 100
     report_every: int = 10
     seed: int = 0
-    out_dir: str = "adapters"
-    weights_file: str = "adapters.safetensors"
-    plot: bool = True
+    out_dir: str = "run"
+    weights_file: str = "weights.safetensors"
 
-    def validate(self) -> None:
-        """Raise TrainError naming every bad setting."""
+    def __post_init__(self) -> None:
         problems = [
-            f"{name} must be at least {low}, got {getattr(self, name)}"
+            f"`{name}` must be at least {low}, got {getattr(self, name)}"
             for name, low in (("iters", 1), ("batch_size", 1), ("grad_accum", 1), ("warmup", 0))
             if getattr(self, name) < low
         ]
         problems += [
-            f"{name} must be >= 0, got {getattr(self, name)}"
-            for name in ("val_every", "val_batches", "save_every", "report_every")
+            f"`{name}` must be >= 0, got {getattr(self, name)}"
+            for name in ("val_every", "val_batches", "save_every", "report_every", "max_grad_norm")
             if getattr(self, name) < 0
         ]
         if not (self.learning_rate > 0 and math.isfinite(self.learning_rate)):
-            problems.append(f"learning_rate must be a positive number, got {self.learning_rate}")
+            problems.append(f"`learning_rate` must be a positive number, got {self.learning_rate}")
         if self.warmup >= self.iters and self.warmup > 0:
-            problems.append(f"warmup ({self.warmup}) must be shorter than iters ({self.iters})")
+            problems.append(f"`warmup` ({self.warmup}) must be shorter than `iters` ({self.iters})")
         if problems:
             raise TrainError("invalid training settings: " + "; ".join(problems))
 
@@ -131,6 +169,7 @@ def lr_schedule(args: TrainArgs) -> Callable:
 
 
 def make_optimizer(args: TrainArgs) -> optim.Optimizer:
+    """AdamW on `lr_schedule(args)` with `args.weight_decay`."""
     return optim.AdamW(learning_rate=lr_schedule(args), weight_decay=args.weight_decay)
 
 
@@ -138,48 +177,15 @@ def loss_sums(model: nn.Module, tokens: mx.array, spans: mx.array) -> tuple[mx.a
     """(sum of next-token cross-entropies over the target positions, their count)."""
     inputs, targets = tokens[:, :-1], tokens[:, 1:]  # (B, L) each
     logits = model(inputs)  # (B, L, vocab)
-    mask = _target_mask(spans, inputs.shape[1])  # (B, L)
+    mask = target_mask(spans, inputs.shape[1])  # (B, L)
     ce = nn.losses.cross_entropy(logits, targets).astype(mx.float32)  # (B, L)
     return (ce * mask).sum(), mask.sum()
 
 
-def _target_mask(spans: mx.array, length: int) -> mx.array:
-    pos = mx.arange(length)[None]  # (1, L)
-    return (pos >= spans[:, :1]) & (pos < spans[:, 1:])  # (B, L)
-
-
-def head_weight_name(model: nn.Module) -> str | None:
-    """The parameter name of an OpenELM's float output head; None if quantized or not OpenELM."""
-    args, transformer = getattr(model, "args", None), getattr(model, "transformer", None)
-    if args is None or transformer is None:
-        return None
-    tied = args.share_input_output_layers
-    layer = transformer.token_embeddings if tied else model.get("lm_head")
-    if layer is None or "scales" in layer or not isinstance(layer, (nn.Embedding, nn.Linear)):
-        return None
-    return "transformer.token_embeddings.weight" if tied else "lm_head.weight"
-
-
-def training_loss_sum(model: nn.Module, tokens: mx.array, spans: mx.array) -> mx.array:
-    """`loss_sums(...)[0]` with a chunked output head (train_ops.py) where the model allows it."""
-    name = head_weight_name(model)
-    if name is None:
-        return loss_sums(model, tokens, spans)[0]
-    inputs, targets = tokens[:, :-1], tokens[:, 1:]  # (B, L) each
-    h = model.transformer(inputs)  # (B, L, D)
-    B, L, D = h.shape
-    weight = (
-        model.transformer.token_embeddings.weight if name.startswith("t") else model.lm_head.weight
-    )
-    trained = name in dict(tree_flatten(model.trainable_parameters()))
-    mask = _target_mask(spans, L).reshape(B * L)
-    return head_cross_entropy(h.reshape(B * L, D), weight, targets.reshape(B * L), mask, trained)
-
-
-def _train_loss(model, tokens, spans, ntokens, world_size: int) -> mx.array:
+def _train_loss(model, tokens, spans, ntokens, loss: Loss, world_size: int) -> mx.array:
     # This rank's share of the global mean, times the world size so that the
     # gradients' average over ranks is the gradient of the global mean.
-    return training_loss_sum(model, tokens, spans) * world_size / ntokens
+    return loss(model, tokens, spans)[0] * world_size / ntokens
 
 
 def evaluate(
@@ -188,6 +194,7 @@ def evaluate(
     batch_size: int,
     max_batches: int = 0,
     group: mx.distributed.Group | None = None,
+    loss: Loss = loss_sums,
 ) -> float:
     """Mean next-token loss over (the first `max_batches` batches of) `dataset`, all ranks."""
     group = group or mx.distributed.init()
@@ -197,7 +204,7 @@ def evaluate(
     for b in iterate_eval_batches(
         dataset, batch_size, max_batches=max_batches, rank=group.rank(), world_size=group.size()
     ):
-        s, n = loss_sums(model, b.tokens, b.spans)
+        s, n = loss(model, b.tokens, b.spans)
         total, count = total + s, count + n
         mx.eval(total, count)
     if group.size() > 1:
@@ -210,10 +217,12 @@ def evaluate(
 # ---- the compiled step ----------------------------------------------------------
 
 
-def make_step(model: nn.Module, optimizer: optim.Optimizer, args: TrainArgs, group) -> Callable:
+def make_step(
+    model: nn.Module, optimizer: optim.Optimizer, args: TrainArgs, group, loss: Loss = loss_sums
+) -> Callable:
     """`step(batch, acc, update)` -> (loss, acc): one micro-batch; `update` applies the sum."""
     world = group.size()
-    loss_and_grad = nn.value_and_grad(model, partial(_train_loss, world_size=world))
+    loss_and_grad = nn.value_and_grad(model, partial(_train_loss, loss=loss, world_size=world))
     state = [model.state, optimizer.state, mx.random.state]
 
     @partial(mx.compile, inputs=state, outputs=state)
@@ -278,24 +287,38 @@ def _deferred_interrupt():
 # ---- resuming ------------------------------------------------------------------------------
 
 
-def _check_resumable(saved: dict, args: TrainArgs, world: int, where: Path) -> None:
-    diffs = [
-        f"{k} was {saved['args'][k]}, now {getattr(args, k)}"
-        for k in _RESUME_FIXED
-        if saved["args"].get(k) != getattr(args, k)
-    ]
-    if saved.get("world", 1) != world:
-        diffs.append(f"process count was {saved.get('world', 1)}, now {world}")
+def _check_resumable(saved: dict, now: dict, where: Path) -> None:
+    """Raise ResumeMismatch naming every setting, and every fingerprint entry, that differs."""
+    diffs = [(k, saved["args"].get(k), now["args"][k]) for k in _RESUME_FIXED]
+    diffs.append(("processes", saved.get("world", 1), now["world"]))
+    if saved.get("fingerprint") is not None:  # checkpoints before fingerprints have none
+        diffs += _entries(saved["fingerprint"], now["fingerprint"] or {})
+    diffs = [d for d in diffs if d[1] != d[2]]
     if diffs:
-        raise TrainError(f"cannot resume {where} exactly: " + "; ".join(diffs))
+        raise ResumeMismatch(where, diffs)
 
 
-def _restore(out_dir: Path, model, optimizer, args: TrainArgs, world: int) -> TrainState:
-    where = checkpoint_dir(out_dir)
+def _entries(then: dict, now: dict, prefix: str = "") -> list[tuple[str, object, object]]:
+    """(name, then, now) for every key of two fingerprints; nested dicts give "key sub"."""
+    out = []
+    for k in sorted(set(then) | set(now), key=str):
+        a, b = then.get(k), now.get(k)
+        if isinstance(a, dict) and isinstance(b, dict):
+            out += _entries(a, b, f"{prefix}{k} ")
+        else:
+            out.append((prefix + str(k), a, b))
+    return out
+
+
+def _restore(run: _Run) -> TrainState:
+    where = checkpoint_dir(run.out)
     meta = read_meta(where)
-    _check_resumable(meta, args, world, where)
-    restore_checkpoint(where, model, optimizer)
-    return TrainState(**meta["state"])
+    _check_resumable(meta, run.meta(), where)
+    restore_checkpoint(where, run.model, run.optimizer)
+    try:
+        return TrainState(**meta["state"])
+    except TypeError:
+        raise TrainError(f"{where / 'state.json'} is damaged; start the run over") from None
 
 
 # ---- the loop ----------------------------------------------------------------------------
@@ -304,34 +327,46 @@ def _restore(out_dir: Path, model, optimizer, args: TrainArgs, world: int) -> Tr
 class _Run:
     """One training run's moving parts, so that each phase is a short method."""
 
-    def __init__(self, model, args, train_set, valid_set, group, log):
-        self.model, self.args, self.group, self.log = model, args, group, log
-        self.train_set, self.valid_set = train_set, valid_set
+    def __init__(self, model, optimizer, args, train_set, valid_set, group, log):
+        self.model, self.optimizer, self.args, self.group = model, optimizer, args, group
+        self.train_set, self.valid_set, self.log = train_set, valid_set, log
         self.rank, self.world = group.rank(), group.size()
         self.out = Path(args.out_dir)
-        self.optimizer = make_optimizer(args)
         self.state = TrainState()
         self.writer = self.rank == 0
+        self.fingerprint: dict | None = None
+
+    def meta(self) -> dict:
+        """What a checkpoint records besides the arrays."""
+        return {
+            "state": asdict(self.state),
+            "args": asdict(self.args),
+            "world": self.world,
+            "fingerprint": self.fingerprint,
+        }
 
     def say(self, message: str) -> None:
         if self.writer:
             self.log(message)
 
-    def start(self, resume: bool) -> None:
-        if self.writer:
-            self.out.mkdir(parents=True, exist_ok=True)
+    def start(self, resume: bool, on_start) -> None:
         self.optimizer.init(self.model.trainable_parameters())
         if resume:
-            self.state = _restore(self.out, self.model, self.optimizer, self.args, self.world)
+            self.state = _restore(self)
             self.state.interrupted = False
             if self.state.step >= self.args.iters:
                 raise TrainError(
                     f"{self.out / CHECKPOINT_DIR} is at step {self.state.step} already; "
-                    f"raise iters above {self.state.step} to train more"
+                    f"raise `iters` above {self.state.step} to train more"
                 )
             self.say(f"resuming at step {self.state.step} from {self.out / CHECKPOINT_DIR}")
         else:
             mx.random.seed(self.args.seed)
+        if on_start is not None:
+            on_start()
+        if self.writer:
+            with writing(self.out):
+                self.out.mkdir(parents=True, exist_ok=True)
         keep = self.state.step if resume else None
         self.metrics = MetricsLog(self.out / METRICS_FILE, keep, self.writer)
 
@@ -341,8 +376,7 @@ class _Run:
             _diverged(self, "the weights are no longer finite")
         if self.writer:
             self.state.saved_step = self.state.step
-            meta = {"state": asdict(self.state), "args": asdict(self.args), "world": self.world}
-            save_checkpoint(self.out, self.model, self.optimizer, meta)
+            save_checkpoint(self.out, self.model, self.optimizer, self.meta())
             if not self.validating:
                 self.save_weights()
         self.state.saved_step = self.state.step
@@ -421,21 +455,12 @@ def _check_finite(run: _Run, loss: float) -> None:
 
 
 def _diverged(run: _Run, what: str) -> None:
-    where = run.out / CHECKPOINT_DIR
-    kept = (
-        f"the last good checkpoint (step {run.state.saved_step}) is in {where}"
-        if run.state.saved_step
-        else "no checkpoint was saved yet"
-    )
-    raise TrainingDiverged(
-        f"{what} at step {run.state.step}; stopped without saving. {kept}; "
-        "lower the learning rate (or add warmup / gradient clipping) and resume"
-    )
+    raise TrainingDiverged(what, run.state.step, run.state.saved_step, run.out / CHECKPOINT_DIR)
 
 
-def _train_loop(run: _Run, stop: _StopFlag, callback) -> None:
+def _train_loop(run: _Run, stop: _StopFlag, loss: Loss, callback) -> None:
     a, s = run.args, run.state
-    step = make_step(run.model, run.optimizer, a, run.group)
+    step = make_step(run.model, run.optimizer, a, run.group, loss)
     batches = iterate_batches(
         run.train_set, a.batch_size, seed=a.seed, start=s.step * a.grad_accum,
         rank=run.rank, world_size=run.world,
@@ -472,39 +497,41 @@ def _train_loop(run: _Run, stop: _StopFlag, callback) -> None:
 
 def train(
     model: nn.Module,
-    args: TrainArgs,
+    optimizer: optim.Optimizer,
     train_set: Dataset,
-    valid_set: Dataset | None = None,
+    val_set: Dataset | None = None,
+    args: TrainArgs | None = None,
+    loss: Loss = loss_sums,
     *,
     resume: bool = False,
+    fingerprint: dict | None = None,
     group: mx.distributed.Group | None = None,
+    on_start: Callable[[], None] | None = None,
     callback: Callable[[int, float], None] | None = None,
     log: Callable[[str], None] = print,
 ) -> TrainState:
-    """Train `model`'s trainable parameters; returns the final TrainState.
+    """Train `model`'s trainable parameters with `optimizer`; returns the final TrainState.
 
     Ctrl-C (SIGINT) finishes the current step, saves a checkpoint and raises
     KeyboardInterrupt; `resume=True` continues from that checkpoint and ends
-    at the same weights as an uninterrupted run. `callback(step, loss)` runs
-    after every optimizer step.
+    at the same weights as an uninterrupted run. `fingerprint` (JSON values, e.g.
+    hashes of the data files) is saved in every checkpoint and must match on
+    resume. `on_start()` runs once everything is checked, before the first file
+    is written; `callback(step, loss)` after every optimizer step.
     """
-    args.validate()
+    args = args or TrainArgs()
     group = group or mx.distributed.init()
     check_batch_size(train_set, args.batch_size, group.size())
-    run = _Run(model, args, train_set, valid_set, group, log)
-    run.start(resume)
-    layers = training_layers(model, args.grad_checkpoint, args.recompute_attention, args.fast_ops)
-    with layers, _deferred_interrupt() as stop:
-        _train_loop(run, stop, callback)
+    run = _Run(model, optimizer, args, train_set, val_set, group, log)
+    run.fingerprint = fingerprint
+    run.start(resume, on_start)
+    with _deferred_interrupt() as stop:
+        _train_loop(run, stop, loss, callback)
         run.save()
     if run.state.interrupted:
         run.say(
             f"interrupted: checkpoint at step {run.state.step} saved in "
-            f"{run.out / CHECKPOINT_DIR}; run the same command with --resume to continue"
+            f"{run.out / CHECKPOINT_DIR}; resume (`resume=True`) to continue"
         )
         raise KeyboardInterrupt
-    if args.plot and run.writer:
-        from .plot import plot_losses
-
-        run.say(plot_losses(run.out / METRICS_FILE, run.out / PLOT_FILE))
     return run.state

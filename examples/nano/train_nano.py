@@ -96,7 +96,8 @@ def train_model(a: argparse.Namespace, work: Path, tokenizer):
     import mlx.core as mx
 
     from elm_mlx.training.data import load_datasets
-    from elm_mlx.training.trainer import evaluate, train
+    from elm_mlx.training.train_ops import chunked_loss, training_layers
+    from elm_mlx.training.trainer import evaluate, make_optimizer, train
 
     data = load_datasets(work, tokenizer, max_seq_length=CONTEXT)
     data = {split: without_eos(data[split], tokenizer.eos_id) for split in ("train", "valid")}
@@ -105,7 +106,11 @@ def train_model(a: argparse.Namespace, work: Path, tokenizer):
     model, args = build(tokenizer.vocab_size, a.seed)
     targs = train_args(a, work)
     tic = time.perf_counter()
-    state = train(model, targs, data["train"], data["valid"], resume=a.resume)
+    with training_layers(model):
+        state = train(
+            model, make_optimizer(targs), data["train"], data["valid"], targs, chunked_loss,
+            resume=a.resume,
+        )  # fmt: skip
     wall = time.perf_counter() - tic
     model.load_weights(str(Path(targs.out_dir) / targs.weights_file))
     mx.eval(model.parameters())
