@@ -8,6 +8,7 @@ import sys
 from .. import __version__
 from ..formats.files import OutputExistsError
 from . import convert, export, generate, info, train
+from . import eval as eval_cmd
 from .common import USER_ERRORS, Terminated, os_error_message, terminate_as_interrupt
 
 COMMANDS = {
@@ -16,6 +17,7 @@ COMMANDS = {
     **convert.COMMANDS,
     **train.COMMANDS,
     **export.COMMANDS,
+    **eval_cmd.COMMANDS,
 }
 
 

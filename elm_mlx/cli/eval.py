@@ -1,0 +1,216 @@
+"""`elm-mlx eval` (lm-evaluation-harness tasks) and `elm-mlx perplexity`."""
+
+from __future__ import annotations
+
+import json
+import sys
+
+from tqdm import tqdm
+
+from ..evaluation.perplexity import perplexity, read_documents
+from ..evaluation.published import PAPER_TASKS
+from ..evaluation.run import EVAL_HINT, EvalSettings, require_lm_eval, task_names
+from ..evaluation.scoring import process_group
+from ..formats.files import write_json
+from ..generation.loading import load_for_generation
+from ..runtime.fastpath import CpuDecoder
+from .common import CliError
+
+
+def _add_model_flags(p) -> None:
+    p.add_argument(
+        "--model", help="model directory or hub id, float or quantized (default: the nano model)"
+    )
+    p.add_argument("--adapter-path", help="LoRA adapters trained by `elm-mlx lora` to apply")
+    p.add_argument(
+        "--dtype",
+        choices=["auto", "float32", "bfloat16", "float16"],
+        default="auto",
+        help="compute dtype of a float model (auto: float32 on the CPU, bfloat16 on a GPU)",
+    )
+    p.add_argument(
+        "--batch-size", type=int, default=16, help="most sequences in one forward pass (16)"
+    )
+    p.add_argument(
+        "--no-bos",
+        action="store_true",
+        help="do not put BOS before each text (the model cards' numbers use BOS)",
+    )
+
+
+def _add_eval(sub) -> None:
+    p = sub.add_parser(
+        "eval",
+        help="score a model on lm-evaluation-harness tasks",
+        description="Run lm-evaluation-harness tasks on a model and print a results table. "
+        f"--tasks paper runs {', '.join(PAPER_TASKS)} (zero-shot) and puts the numbers "
+        "published on the OpenELM model cards beside ours. Tasks that need a download "
+        "fail offline with one line. Under `mlx.launch -n N` the requests are split between "
+        f"the processes. Needs lm-eval ({EVAL_HINT.split(': ', 1)[1]}).",
+    )
+    _add_model_flags(p)
+    p.add_argument(
+        "--tasks",
+        required=True,
+        help="comma list of lm-eval task names; paper = the seven zero-shot tasks; "
+        "nano_next_line = a local task for the shipped nano model",
+    )
+    p.add_argument("--num-fewshot", type=int, help="few-shot examples (default: each task's own)")
+    p.add_argument(
+        "--limit", type=float, help="at most this many documents per task (< 1: a fraction)"
+    )
+    p.add_argument(
+        "--include-path",
+        action="append",
+        default=[],
+        metavar="DIR",
+        help="directory of your own lm-eval YAML tasks (repeatable)",
+    )
+    p.add_argument("--output", help="write the results as JSON to this file")
+    p.add_argument("--seed", type=int, default=0, help="seed of lm-eval's sampling (0)")
+    p.add_argument(
+        "--max-gen-toks", type=int, default=256, help="generation cap of tasks that set none"
+    )
+    p.add_argument("--no-progress", action="store_true", help="no progress bar")
+
+
+def _limit(value: float | None):
+    if value is None:
+        return None
+    if value <= 0:
+        raise CliError(f"--limit must be > 0, got {value:g}")
+    return int(value) if value >= 1 else value
+
+
+def _run_eval(args) -> None:
+    try:
+        require_lm_eval()
+    except ImportError as e:
+        raise CliError(str(e)) from None
+    from ..evaluation.harness import ElmLM
+    from ..evaluation.run import evaluate, format_table, table_rows
+
+    settings = EvalSettings(
+        tasks=task_names(args.tasks),
+        num_fewshot=args.num_fewshot,
+        limit=_limit(args.limit),
+        seed=args.seed,
+        include_paths=tuple(args.include_path),
+    )
+    _check_output(args.output)
+    lm = ElmLM(
+        args.model,
+        adapter_path=args.adapter_path,
+        batch_size=_batch_size(args.batch_size),
+        add_bos_token=not args.no_bos,
+        dtype=args.dtype,
+        max_gen_toks=args.max_gen_toks,
+        progress=not args.no_progress,
+    )
+    results = evaluate(lm, settings)
+    if lm.group is not None and lm.group.rank() != 0:
+        return
+    name = args.model or "nano"
+    rows, card = table_rows(results, lm.model.args, name)
+    print(format_table(rows, card))
+    if card:
+        print(f"published: {card} model card (lm-eval, zero-shot, add_bos_token=True)")
+    if args.output:
+        write_json(args.output, _json_ready(_report(args, settings, results, rows, card)))
+        print(f"wrote {args.output}", file=sys.stderr)
+
+
+def _report(args, settings, results, rows, card) -> dict:
+    return {
+        "model": args.model or "nano",
+        "adapter_path": args.adapter_path,
+        "tasks": settings.tasks,
+        "num_fewshot": settings.num_fewshot,
+        "limit": settings.limit,
+        "seed": settings.seed,
+        "add_bos_token": not args.no_bos,
+        "results": results.get("results", {}),
+        "n-samples": results.get("n-samples", {}),
+        "versions": results.get("versions", {}),
+        "table": [
+            {
+                "task": r.task,
+                "metric": r.metric,
+                "value": r.value,
+                "stderr": r.stderr,
+                "published": r.published,
+                "diff": r.diff,
+            }
+            for r in rows
+        ],  # fmt: skip
+        "published_card": card,
+    }
+
+
+def _json_ready(content):
+    return json.loads(json.dumps(content, default=str))
+
+
+def _check_output(path: str | None) -> None:
+    from pathlib import Path
+
+    if path is not None and not Path(path).resolve().parent.is_dir():
+        raise CliError(f"--output {path}: directory {Path(path).parent} does not exist")
+
+
+def _batch_size(n: int) -> int:
+    if n < 1:
+        raise CliError(f"--batch-size must be >= 1, got {n}")
+    return n
+
+
+def _add_perplexity(sub) -> None:
+    p = sub.add_parser(
+        "perplexity",
+        help="perplexity of a model on a text or jsonl file",
+        description="Score every token of a .txt file (one document) or a .jsonl file "
+        '({"text": ...} per line, each a document) over windows of the model\'s context; '
+        "print tokens scored, mean negative log-likelihood, perplexity and tokens/s.",
+    )
+    _add_model_flags(p)
+    p.add_argument("--data", required=True, help="a .txt or .jsonl file")
+    p.add_argument(
+        "--stride",
+        type=int,
+        help="new tokens scored per window after the first (default: half the context; "
+        "the context length gives disjoint windows)",
+    )
+
+
+def _run_perplexity(args) -> None:
+    documents = read_documents(args.data)
+    model, tokenizer, _ = load_for_generation(
+        args.model, adapter_path=args.adapter_path, dtype=args.dtype
+    )
+    if isinstance(model, CpuDecoder):  # batched scoring: MLX's kernels, not the one-row path
+        model = model.model
+    group = process_group()
+    show = group is None or group.rank() == 0
+    with tqdm(unit="window", disable=not show, dynamic_ncols=True) as bar:
+        result = perplexity(
+            model,
+            tokenizer,
+            documents,
+            stride=args.stride,
+            batch_size=_batch_size(args.batch_size),
+            add_bos=not args.no_bos,
+            group=group,
+            progress=bar.update,
+        )
+    if show:
+        print(f"documents:     {result.documents}")
+        print(f"tokens scored: {result.tokens}")
+        print(f"mean NLL:      {result.nll:.4f} nats/token")
+        print(f"perplexity:    {result.perplexity:.3f}")
+        print(f"tokens/s:      {result.tokens_per_second:.1f}")
+
+
+COMMANDS = {
+    "eval": (_add_eval, _run_eval),
+    "perplexity": (_add_perplexity, _run_perplexity),
+}
