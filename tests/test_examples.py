@@ -87,7 +87,7 @@ def test_generate_example_defaults_to_the_nano_model(tmp_path):
 
 def _dictd_files(root: Path, entries: list[str]) -> Path:
     """devil.index and devil.dict.dz in dictd's layout (base-64 offsets, gzip data)."""
-    digits = _module("finetune_nano").DICTD_DIGITS
+    digits = _module("data/make_devil").DICTD_DIGITS
 
     def b64(n: int) -> str:
         out = ""
@@ -110,7 +110,7 @@ def _dictd_files(root: Path, entries: list[str]) -> Path:
 
 
 def test_devil_dictionary_parsing(tmp_path):
-    ft = _module("finetune_nano")
+    ft = _module("data/make_devil")
     entries = [
         ("abatis", "ABATIS, n.  Rubbish in front of a fort, to prevent the\nrubbish inside.\n\n"),
         ("exhort", "EXHORT, v.t. In religious affairs, to put the _conscience_ of\nanother "
@@ -129,18 +129,20 @@ def test_devil_dictionary_parsing(tmp_path):
     ]  # fmt: skip
 
 
-def test_shipped_sample_has_the_example_format():
-    lines = (EXAMPLES / "data" / "devil_sample.jsonl").read_text().splitlines()
+@pytest.mark.parametrize("name,count", [("devil_sample.jsonl", 30), ("devil.jsonl", 970)])
+def test_shipped_definitions_have_the_example_format(name, count):
+    lines = (EXAMPLES / "data" / name).read_text().splitlines()
     records = [json.loads(line) for line in lines]
-    assert len(records) == 30
+    assert len(records) == count
     assert all(set(r) == {"prompt", "completion"} for r in records)
     assert all(re.fullmatch(r"[A-Z][A-Z' .-]*:\n", r["prompt"]) for r in records)
 
 
-def test_finetune_without_the_dictionary_says_how_to_install_it(tmp_path):
-    run = run_example("finetune_nano.py", "--dict-dir", tmp_path / "none", cwd=tmp_path)
-    assert run.returncode == 1
-    assert run.stderr.count("\n") == 1 and "apt-get install dict-devil" in run.stderr
+def test_finetune_example_reads_the_shipped_dictionary_by_default():
+    """Offline with nothing else installed: the default --data is the file in examples/data."""
+    ft = _module("finetune_nano")
+    assert Path(ft.parse_args([]).data) == EXAMPLES / "data" / "devil.jsonl"
+    assert len(ft.read_jsonl(Path(ft.parse_args([]).data))) == 970
 
 
 @nano
