@@ -450,3 +450,41 @@ def test_outputs_never_replace_their_input_and_keep_sampling_defaults(cli_dirs, 
     (tmp / "hf" / "generation_config.json").write_text(json.dumps(sampling))
     assert cli.main([*convert, "--mlx-path", str(tmp / "converted")]) == 0
     assert json.loads((tmp / "converted" / "generation_config.json").read_text()) == sampling
+
+
+def test_quantize_the_shipped_model_with_no_group_size_picks_one_that_fits(tmp_path, capsys):
+    """The nano model (model_dim 160) does not take the default group size 64: with no group
+    size given, the largest that fits (32) is used and named in one line."""
+    from elm_mlx.formats.modeldir import DEFAULT_MODEL
+
+    assert cli.main(["quantize", "--model", str(DEFAULT_MODEL), "--out", str(tmp_path / "q")]) == 0
+    notes = [line for line in capsys.readouterr().err.splitlines() if "group size" in line]
+    assert notes == [
+        "group size 32: the default 64 does not divide every matrix of this model and 32 is "
+        "the largest that does"
+    ]
+    assert mio.read_config(tmp_path / "q").quantization["group_size"] == 32
+    argv = ["convert", "--hf-path", str(DEFAULT_MODEL), "--mlx-path", str(tmp_path / "c"), "-q"]
+    assert cli.main(argv) == 0
+    assert mio.read_config(tmp_path / "c").quantization["group_size"] == 32
+
+
+@pytest.mark.parametrize(
+    "argv, flag",
+    [
+        (["quantize", "--model", "{nano}", "--out", "{out}", "--group-size", "64"], "--group-size"),
+        (["convert", "--hf-path", "{nano}", "--mlx-path", "{out}", "-q", "--q-group-size", "64"],
+         "--q-group-size"),
+    ],
+)  # fmt: skip
+def test_a_group_size_the_user_asked_for_that_does_not_fit_names_the_commands_flag(
+    tmp_path, capsys, argv, flag
+):
+    from elm_mlx.formats.modeldir import DEFAULT_MODEL
+
+    argv = [a.format(nano=DEFAULT_MODEL, out=tmp_path / "out") for a in argv]
+    assert cli.main(argv) == 1
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and err.startswith("error: group size 64 does not divide")
+    assert err.endswith(f"; use group size 32 ({flag} 32)\n")
+    assert not (tmp_path / "out").exists()

@@ -50,7 +50,8 @@ def umask() -> int:
     return mask
 
 
-def _user_mode(path: Path, *, directory: bool) -> None:
+def user_mode(path: Path, *, directory: bool = False) -> None:
+    """Give `path` the permissions the umask gives a new file or directory."""
     os.chmod(path, (0o777 if directory else 0o666) & ~umask())
 
 
@@ -188,7 +189,7 @@ def atomic_dir(
     except OSError as e:
         raise _naming(e, path) from None
     try:
-        _user_mode(tmp, directory=True)
+        user_mode(tmp, directory=True)
         owner = {"pid": os.getpid(), "start": _start_time(os.getpid())}
         (tmp / OWNER_FILE).write_text(json.dumps({**owner, "host": socket.gethostname()}))
         yield tmp
@@ -246,7 +247,7 @@ def atomic_path(path: str | Path) -> Iterator[Path]:
     tmp = Path(name)
     try:
         yield tmp
-        _user_mode(tmp, directory=False)
+        user_mode(tmp, directory=False)
         os.replace(tmp, path)
     except OSError as e:
         tmp.unlink(missing_ok=True)

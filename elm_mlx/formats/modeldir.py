@@ -328,6 +328,7 @@ def write_weights(
 def _save_safetensors(file: Path, tensors: dict[str, mx.array]) -> None:
     try:
         mx.save_safetensors(str(file), tensors, {"format": "mlx"})
+        files.user_mode(file)  # MLX creates it 0644 whatever the umask
     except RuntimeError as e:  # MLX reports a failed write without an errno
         nbytes = sum(t.nbytes for t in tensors.values())
         full = shutil.disk_usage(file.parent).free < nbytes
