@@ -1,0 +1,515 @@
+"""The HTTP side: an ASGI app (Starlette, pydantic) speaking OpenAI's API over an `Engine`.
+
+Routes: POST /v1/chat/completions, POST /v1/completions, GET /v1/models,
+GET /v1/models/{id}, GET /health. Every failure is an OpenAI-style error body
+with its status (400 bad request, 401 key, 404 model or path, 413 body too
+large, 503 queue full or shutting down, with Retry-After); a client that goes
+away has its row cancelled. One access-log line per request goes to stderr.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import hmac
+import json
+import sys
+import time
+import traceback
+import uuid
+from dataclasses import dataclass, field
+
+from pydantic import ValidationError
+from starlette.applications import Starlette
+from starlette.exceptions import HTTPException
+from starlette.requests import ClientDisconnect, Request
+from starlette.responses import JSONResponse, Response, StreamingResponse
+from starlette.routing import Route
+
+from ..generation.tokenizer import Tokenizer
+from .engine import Closed, Failed, Finished, Job, QueueFull, RowSettings, Token
+from .protocol import ApiError, ChatRequest, CompletionRequest, validation_error
+
+
+@dataclass(frozen=True)
+class ServerConfig:
+    """What the server was started with (the CLI builds it)."""
+
+    model_id: str  # reported in responses and /v1/models
+    aliases: frozenset[str] = frozenset()  # other names a request may use (the --model value)
+    chat_template: bool = False  # Instruct models: the Zephyr template; else plain concatenation
+    defaults: dict = field(default_factory=dict)  # generation_config.json: temp, top_p, top_k
+    api_key: str | None = None
+    max_body_bytes: int = 4 * 2**20
+    context_length: int = 2048
+    created: int = field(default_factory=lambda: int(time.time()))
+
+    def knows(self, name: str) -> bool:
+        return name == self.model_id or name in self.aliases
+
+
+def create_app(engine, tokenizer: Tokenizer, config: ServerConfig) -> Starlette:
+    """The ASGI app; starting and closing the engine is the caller's."""
+    api = _Api(engine, tokenizer, config)
+    routes = [
+        Route("/health", api.health, methods=["GET"]),
+        Route("/v1/models", api.models, methods=["GET"]),
+        Route("/v1/models/{model_id:path}", api.model, methods=["GET"]),
+        Route("/v1/chat/completions", api.chat, methods=["POST"]),
+        Route("/v1/completions", api.completions, methods=["POST"]),
+    ]
+    app = Starlette(
+        routes=routes,
+        exception_handlers={
+            ApiError: _api_error,
+            HTTPException: _http_error,
+            Exception: _internal_error,
+        },
+    )
+    return _AccessLog(app)
+
+
+# ---- errors ---------------------------------------------------------------------
+
+
+async def _api_error(request: Request, e: ApiError) -> Response:
+    return JSONResponse(e.body(), status_code=e.status, headers=e.headers)
+
+
+async def _http_error(request: Request, e: HTTPException) -> Response:
+    if e.status_code == 404:
+        message = f"no route {request.url.path}; this server has /v1/chat/completions, "
+        message += "/v1/completions, /v1/models and /health"
+    elif e.status_code == 405:
+        message = f"{request.method} is not allowed on {request.url.path}"
+    else:
+        message = str(e.detail)
+    return await _api_error(request, ApiError(e.status_code, message, headers=e.headers))
+
+
+async def _internal_error(request: Request, e: Exception) -> Response:
+    traceback.print_exception(e, file=sys.stderr)
+    error = ApiError(500, "internal error; see the server log", type="server_error")
+    return await _api_error(request, error)
+
+
+def _busy(message: str) -> ApiError:
+    return ApiError(
+        503, message, type="server_error", code="overloaded", headers={"Retry-After": "1"}
+    )
+
+
+# ---- the access log -------------------------------------------------------------
+
+
+class _AccessLog:
+    """ASGI middleware: one stderr line per request, after its last byte is sent."""
+
+    def __init__(self, app):
+        self.app = app
+
+    async def __call__(self, scope, receive, send):
+        if scope["type"] != "http":
+            return await self.app(scope, receive, send)
+        start, status = time.perf_counter(), [0]
+        scope.setdefault("state", {})
+
+        async def send_status(message):
+            if message["type"] == "http.response.start":
+                status[0] = message["status"]
+            await send(message)
+
+        try:
+            await self.app(scope, receive, send_status)
+        finally:
+            usage = scope["state"].get("usage", (0, 0))
+            client = scope.get("client") or ("-", 0)
+            print(
+                f'{client[0]} "{scope["method"]} {scope["path"]}" {status[0] or "-"} '
+                f"prompt={usage[0]} completion={usage[1]} {time.perf_counter() - start:.3f}s",
+                file=sys.stderr,
+                flush=True,
+            )
+
+
+# ---- the endpoints --------------------------------------------------------------
+
+
+class _Channel:
+    """Engine events into an asyncio queue (emit is called on the engine thread)."""
+
+    def __init__(self):
+        self.loop = asyncio.get_running_loop()
+        self.queue: asyncio.Queue = asyncio.Queue()
+
+    def emit(self, event) -> None:
+        try:
+            self.loop.call_soon_threadsafe(self.queue.put_nowait, event)
+        except RuntimeError:  # the loop is closed: nobody is listening any more
+            pass
+
+
+@dataclass
+class _Result:
+    text: list[str] = field(default_factory=list)
+    tokens: list[Token] = field(default_factory=list)
+    finished: Finished | None = None
+
+
+class _Api:
+    def __init__(self, engine, tokenizer: Tokenizer, config: ServerConfig):
+        self.engine, self.tokenizer, self.config = engine, tokenizer, config
+
+    async def health(self, request: Request) -> Response:
+        if self.engine.closing:
+            return JSONResponse({"status": "shutting down"}, status_code=503)
+        return JSONResponse({"status": "ok", "model": self.config.model_id, **self.engine.stats()})
+
+    async def models(self, request: Request) -> Response:
+        self._authorize(request)
+        return JSONResponse({"object": "list", "data": [self._model_card()]})
+
+    async def model(self, request: Request) -> Response:
+        self._authorize(request)
+        self._check_model(request.path_params["model_id"], param=None)
+        return JSONResponse(self._model_card())
+
+    def _model_card(self) -> dict:
+        c = self.config
+        return {"id": c.model_id, "object": "model", "created": c.created, "owned_by": "elm-mlx"}
+
+    async def chat(self, request: Request) -> Response:
+        self._authorize(request)
+        req = self._parse(ChatRequest, await self._body(request))
+        self._check_common(req)
+        if req.top_logprobs is not None and not req.logprobs:
+            raise ApiError(400, "top_logprobs needs logprobs: true", param="top_logprobs")
+        prompt = self._chat_prompt(req)
+        top = (req.top_logprobs or 0) if req.logprobs else None
+        settings = self._settings(req, prompt, req.max_completion_tokens or req.max_tokens, top)
+        return await self._respond(request, req, prompt, settings, _ChatFormat(self.config))
+
+    async def completions(self, request: Request) -> Response:
+        self._authorize(request)
+        req = self._parse(CompletionRequest, await self._body(request))
+        self._check_common(req)
+        if req.echo:
+            raise ApiError(400, "echo is not supported; the prompt is yours already", param="echo")
+        prompt = self._completion_prompt(req)
+        settings = self._settings(req, prompt, req.max_tokens, req.logprobs)
+        return await self._respond(request, req, prompt, settings, _TextFormat(self.config))
+
+    # ---- checks ------------------------------------------------------------
+
+    def _authorize(self, request: Request) -> None:
+        key = self.config.api_key
+        if key is None:
+            return
+        given = request.headers.get("authorization", "")
+        if not hmac.compare_digest(given.encode(), f"Bearer {key}".encode()):
+            what = "wrong API key" if given else "no API key"
+            raise ApiError(
+                401,
+                f"{what}; send the header Authorization: Bearer <key>",
+                type="authentication_error",
+                code="invalid_api_key",
+            )
+
+    async def _body(self, request: Request) -> bytes:
+        limit = self.config.max_body_bytes
+        declared = request.headers.get("content-length", "")
+        if declared.isdigit() and int(declared) > limit:
+            raise _too_large(int(declared), limit)
+        body = bytearray()
+        try:
+            async for chunk in request.stream():
+                body += chunk
+                if len(body) > limit:
+                    raise _too_large(len(body), limit)
+        except ClientDisconnect:
+            raise ApiError(400, "the client went away while sending the body") from None
+        return bytes(body)
+
+    def _parse(self, model, body: bytes):
+        try:
+            data = json.loads(body)
+        except ValueError as e:  # UnicodeDecodeError is one too
+            raise ApiError(400, f"the body is not valid JSON ({e})", code="invalid_json") from None
+        try:
+            return model.model_validate(data)
+        except ValidationError as e:
+            raise validation_error(e) from None
+
+    def _check_common(self, req) -> None:
+        self._check_model(req.model, param="model")
+        if req.n != 1:
+            raise ApiError(400, f"n must be 1 (one choice per request), got {req.n}", param="n")
+        vocab = self.tokenizer.vocab_size
+        bad = [k for k in req.logit_bias or {} if int(k) >= vocab]
+        if bad:
+            raise ApiError(
+                400,
+                f"logit_bias: token id {bad[0]} is outside the vocabulary (0-{vocab - 1})",
+                param="logit_bias",
+            )
+
+    def _check_model(self, name: str, param: str | None) -> None:
+        if not self.config.knows(name):
+            raise ApiError(
+                404,
+                f"model {name!r} is not served here; this server serves {self.config.model_id!r}",
+                param=param,
+                code="model_not_found",
+            )
+
+    def _chat_prompt(self, req: ChatRequest) -> list[int]:
+        if self.config.chat_template:
+            messages = [
+                {"role": "system" if m.role == "developer" else m.role, "content": m.text()}
+                for m in req.messages
+            ]
+            text = self.tokenizer.apply_chat_template(messages)
+        else:  # a base model: the contents one after another, no roles
+            text = "\n".join(m.text() for m in req.messages)
+        return self._encode(text, "messages")
+
+    def _completion_prompt(self, req: CompletionRequest) -> list[int]:
+        if isinstance(req.prompt, str):
+            return self._encode(req.prompt, "prompt")
+        vocab = self.tokenizer.vocab_size
+        bad = [i for i in req.prompt if i >= vocab]
+        if bad:
+            raise ApiError(
+                400, f"prompt: token id {bad[0]} is outside the vocabulary (0-{vocab - 1})",
+                param="prompt",
+            )  # fmt: skip
+        return list(req.prompt)
+
+    def _encode(self, text: str, param: str) -> list[int]:
+        try:
+            return self.tokenizer.encode(text)
+        except ValueError as e:
+            raise ApiError(400, f"{param}: {e}", param=param) from None
+
+    def _settings(self, req, prompt: list[int], max_tokens: int | None, top) -> RowSettings:
+        context, n = self.config.context_length, len(prompt)
+        if max_tokens is None:
+            max_tokens = context - n
+            if max_tokens < 1:
+                raise ApiError(
+                    400,
+                    f"the prompt has {n} tokens but the model's context is {context} tokens; "
+                    "shorten the prompt",
+                    param="messages" if isinstance(req, ChatRequest) else "prompt",
+                    code="context_length_exceeded",
+                )
+        elif n + max_tokens > context:
+            raise ApiError(
+                400,
+                f"the prompt has {n} tokens and max_tokens asks for {max_tokens} more "
+                f"({n + max_tokens} in all), beyond the model's {context}-token context; "
+                "shorten the prompt or lower max_tokens",
+                param="max_tokens",
+                code="context_length_exceeded",
+            )
+        d = self.config.defaults
+        return RowSettings(
+            max_tokens=max_tokens,
+            temp=_first(req.temperature, d.get("temp"), 0.0),
+            top_p=_first(req.top_p, d.get("top_p"), 1.0),
+            top_k=_first(req.top_k, d.get("top_k"), 0),
+            min_p=req.min_p or 0.0,
+            seed=req.seed,
+            stop=req.stops(),
+            repetition_penalty=_first(req.repetition_penalty, 1.0),
+            presence_penalty=req.presence_penalty,
+            frequency_penalty=req.frequency_penalty,
+            logit_bias={int(k): v for k, v in (req.logit_bias or {}).items()},
+            top_logprobs=top,
+        )
+
+    # ---- running a request -------------------------------------------------
+
+    async def _respond(self, request: Request, req, prompt, settings, fmt) -> Response:
+        channel = _Channel()
+        job = Job(prompt, settings, channel.emit)
+        try:
+            self.engine.submit(job)
+        except QueueFull as e:
+            raise _busy(f"the server is busy ({e}); retry shortly") from None
+        except Closed as e:
+            raise _busy(str(e)) from None
+        state = request.scope["state"]
+        if req.stream:
+            include_usage = bool(req.stream_options and req.stream_options.include_usage)
+            stream = self._stream(job, channel, fmt, include_usage, state)
+            return StreamingResponse(stream, media_type="text/event-stream")
+        result = await self._collect(request, job, channel)
+        f = result.finished
+        state["usage"] = (f.prompt_tokens, f.completion_tokens)
+        return JSONResponse(fmt.response(result, settings.top_logprobs is not None))
+
+    async def _collect(self, request: Request, job: Job, channel: _Channel) -> _Result:
+        result = _Result()
+        try:
+            while True:
+                try:
+                    event = await asyncio.wait_for(channel.queue.get(), 0.5)
+                except asyncio.TimeoutError:
+                    if await request.is_disconnected():
+                        raise ApiError(499, "client closed the request") from None
+                    continue
+                if isinstance(event, Failed):
+                    raise (
+                        _busy(event.message)
+                        if "shutting down" in event.message
+                        else ApiError(500, event.message, type="server_error")
+                    )
+                if isinstance(event, Token):
+                    result.text.append(event.text)
+                    result.tokens.append(event)
+                else:
+                    result.finished = event
+                    return result
+        finally:
+            job.cancel()  # no-op once finished; frees the row when the client left
+
+    async def _stream(self, job: Job, channel: _Channel, fmt, include_usage: bool, state):
+        stream_id = fmt.new_id()
+        try:
+            yield _sse(fmt.chunk(stream_id, first=True))
+            while True:
+                event = await channel.queue.get()
+                if isinstance(event, Failed):
+                    yield _sse(ApiError(503, event.message, type="server_error").body())
+                    break
+                if isinstance(event, Token):
+                    if event.text or event.logprob is not None:
+                        yield _sse(fmt.chunk(stream_id, token=event))
+                    continue
+                state["usage"] = (event.prompt_tokens, event.completion_tokens)
+                yield _sse(fmt.chunk(stream_id, reason=event.reason))
+                if include_usage:
+                    yield _sse(fmt.usage_chunk(stream_id, event))
+                break
+            yield "data: [DONE]\n\n"
+        finally:
+            job.cancel()
+
+
+def _too_large(size: int, limit: int) -> ApiError:
+    return ApiError(
+        413, f"the body has {size} bytes, more than the server's limit of {limit}",
+        code="request_too_large",
+    )  # fmt: skip
+
+
+def _first(*values):
+    return next(v for v in values if v is not None)
+
+
+def _sse(data: dict) -> str:
+    return f"data: {json.dumps(data, ensure_ascii=False)}\n\n"
+
+
+def _usage(f: Finished) -> dict:
+    return {
+        "prompt_tokens": f.prompt_tokens,
+        "completion_tokens": f.completion_tokens,
+        "total_tokens": f.prompt_tokens + f.completion_tokens,
+        "prompt_tokens_details": {"cached_tokens": f.cached_tokens},
+    }
+
+
+# ---- response bodies ------------------------------------------------------------
+
+
+class _ChatFormat:
+    """chat.completion and chat.completion.chunk objects."""
+
+    prefix, kind = "chatcmpl", "chat.completion"
+
+    def __init__(self, config: ServerConfig):
+        self.config = config
+
+    def new_id(self) -> str:
+        return f"{self.prefix}-{uuid.uuid4().hex[:24]}"
+
+    def _envelope(self, id_: str, kind: str, choices: list) -> dict:
+        return {
+            "id": id_, "object": kind, "created": int(time.time()),
+            "model": self.config.model_id, "system_fingerprint": None, "choices": choices,
+        }  # fmt: skip
+
+    def response(self, r: _Result, logprobs: bool) -> dict:
+        message = {"role": "assistant", "content": "".join(r.text), "refusal": None}
+        choice = {
+            "index": 0,
+            "message": message,
+            "logprobs": {"content": [_chat_logprob(t) for t in r.tokens]} if logprobs else None,
+            "finish_reason": r.finished.reason,
+        }
+        body = self._envelope(self.new_id(), self.kind, [choice])
+        body["usage"] = _usage(r.finished)
+        return body
+
+    def chunk(self, id_: str, *, first=False, token: Token | None = None, reason=None) -> dict:
+        delta = {"role": "assistant", "content": ""} if first else {}
+        logprobs = None
+        if token is not None:
+            delta = {"content": token.text}
+            if token.logprob is not None:
+                logprobs = {"content": [_chat_logprob(token)]}
+        choice = {"index": 0, "delta": delta, "logprobs": logprobs, "finish_reason": reason}
+        return self._envelope(id_, self.kind + ".chunk", [choice])
+
+    def usage_chunk(self, id_: str, f: Finished) -> dict:
+        body = self._envelope(id_, self.kind + ".chunk", [])
+        body["usage"] = _usage(f)
+        return body
+
+
+def _chat_logprob(t: Token) -> dict:
+    entry = {"token": t.logprob.token, "logprob": t.logprob.logprob, "bytes": t.logprob.bytes}
+    top = [{"token": x.token, "logprob": x.logprob, "bytes": x.bytes} for x in t.top or []]
+    return {**entry, "top_logprobs": top}
+
+
+class _TextFormat(_ChatFormat):
+    """text_completion objects (streamed chunks have the same shape)."""
+
+    prefix, kind = "cmpl", "text_completion"
+
+    def response(self, r: _Result, logprobs: bool) -> dict:
+        choice = {
+            "index": 0,
+            "text": "".join(r.text),
+            "logprobs": _text_logprobs(r.tokens) if logprobs else None,
+            "finish_reason": r.finished.reason,
+        }
+        body = self._envelope(self.new_id(), self.kind, [choice])
+        body["usage"] = _usage(r.finished)
+        return body
+
+    def chunk(self, id_: str, *, first=False, token: Token | None = None, reason=None) -> dict:
+        text = "" if token is None else token.text
+        logprobs = _text_logprobs([token]) if token and token.logprob is not None else None
+        choice = {"index": 0, "text": text, "logprobs": logprobs, "finish_reason": reason}
+        return self._envelope(id_, self.kind, [choice])
+
+    def usage_chunk(self, id_: str, f: Finished) -> dict:
+        body = self._envelope(id_, self.kind, [])
+        body["usage"] = _usage(f)
+        return body
+
+
+def _text_logprobs(tokens: list[Token]) -> dict:
+    offsets, at = [], 0
+    for t in tokens:
+        offsets.append(at)
+        at += len(t.text)
+    return {
+        "tokens": [t.logprob.token for t in tokens],
+        "token_logprobs": [t.logprob.logprob for t in tokens],
+        "top_logprobs": [{x.token: x.logprob for x in t.top or []} for t in tokens],
+        "text_offset": offsets,
+    }

@@ -1,0 +1,364 @@
+"""The continuous-batching engine: one thread owns the model and every MLX call.
+
+Each step: forget cancelled requests, prefill at most one chunk's worth of prompt
+tokens (`prefill_step`; whole chunks, cut where `generate` cuts them, so a long
+prompt never stalls the running rows for more than one chunk), then one batched
+forward pass (`batch.decode_step`) for every running row, each with its own
+sampler, logits processors, stop strings, length limit and logprobs. A row's
+last prompt token goes through that batched pass, so a batch of one computes
+what `generate` computes. Finished rows hand their KV cache to the prompt cache.
+
+Requests come in through `submit` (any thread) and results go out through the
+job's `emit` callback, called on the engine thread.
+"""
+
+from __future__ import annotations
+
+import math
+import sys
+import threading
+import time
+import traceback
+from collections import deque
+from collections.abc import Callable
+from dataclasses import dataclass, field
+
+import mlx.core as mx
+import numpy as np
+
+from ..generation.generate import StopFilter
+from ..generation.sample import make_logits_processors, make_sampler, make_vocab_limit
+from ..generation.tokenizer import StreamingDetokenizer, Tokenizer
+from .batch import decode_step
+from .prompt_cache import PromptCache
+
+
+class QueueFull(Exception):
+    """More requests wait than the queue holds."""
+
+
+class Closed(Exception):
+    """The engine is shutting down and takes no new requests."""
+
+
+@dataclass(frozen=True)
+class RowSettings:
+    """How one request samples and stops (already validated by the API layer)."""
+
+    max_tokens: int
+    temp: float = 0.0
+    top_p: float = 1.0
+    top_k: int = 0
+    min_p: float = 0.0
+    seed: int | None = None
+    stop: tuple[str, ...] = ()
+    repetition_penalty: float = 1.0
+    repetition_context_size: int = 20
+    presence_penalty: float = 0.0
+    frequency_penalty: float = 0.0
+    logit_bias: dict[int, float] = field(default_factory=dict)
+    top_logprobs: int | None = None  # None: no logprobs; 0-20: the chosen token plus that many
+
+
+@dataclass
+class TokenLogprob:
+    token: str
+    bytes: list[int]
+    logprob: float
+
+
+@dataclass
+class Token:
+    """One generated token: the text it made final ('' while held back) and its logprobs."""
+
+    text: str
+    id: int
+    logprob: TokenLogprob | None = None
+    top: list[TokenLogprob] | None = None
+
+
+@dataclass
+class Finished:
+    reason: str  # "stop" (EOS or a stop string), "length", "cancelled"
+    prompt_tokens: int
+    completion_tokens: int
+    cached_tokens: int
+
+
+@dataclass
+class Failed:
+    message: str
+
+
+class Job:
+    """One request: prompt ids, settings, and where its events go."""
+
+    def __init__(self, prompt: list[int], settings: RowSettings, emit: Callable[[object], None]):
+        self.prompt = prompt
+        self.settings = settings
+        self.emit = emit
+        self.cancelled = False  # set by the API layer; the row is dropped at the next step
+
+    def cancel(self) -> None:
+        self.cancelled = True
+
+
+class _Row:
+    """A job being prefilled or decoded, with its caches and text state."""
+
+    def __init__(self, job: Job, engine: Engine):
+        s, tok = job.settings, engine.tokenizer
+        self.job = job
+        self.caches, self.cached = engine.prompt_cache.fetch(job.prompt, engine.model.make_cache)
+        if self.caches is None:
+            self.caches = engine.model.make_cache()
+        self.tokens = list(job.prompt)  # fed and to feed: prompt, then generated tokens
+        self.fed = self.cached  # tokens in the caches
+        self.generated = 0
+        key = None if s.seed is None else mx.random.key(s.seed)
+        self.sampler = make_sampler(s.temp, s.top_p, s.top_k, s.min_p, key=key)
+        self.processors = make_logits_processors(
+            s.repetition_penalty, s.repetition_context_size, s.logit_bias
+        )
+        if s.presence_penalty or s.frequency_penalty:
+            self.processors.append(
+                _penalties(len(job.prompt), s.presence_penalty, s.frequency_penalty)
+            )
+        if engine.model.args.vocab_size > tok.vocab_size:  # padded embeddings: ids with no text
+            self.processors.append(make_vocab_limit(tok.vocab_size))
+        self.detok = StreamingDetokenizer(tok)
+        self.stops = StopFilter(s.stop)
+
+    def chunks(self, step: int) -> list[tuple[int, int]]:
+        """The prefill chunks left: all prompt tokens but the last, `step` at a time."""
+        end = len(self.job.prompt) - 1
+        return [(lo, min(lo + step, end)) for lo in range(self.fed, end, step)]
+
+    def process(self, logits: mx.array) -> mx.array:
+        if not self.processors:
+            return logits
+        history = mx.array(self.tokens, mx.int32)
+        for p in self.processors:
+            logits = p(history, logits)
+        return logits
+
+
+def _penalties(n_prompt: int, presence: float, frequency: float):
+    """OpenAI's presence and frequency penalties over the generated tokens."""
+
+    def process(tokens: mx.array, logits: mx.array) -> mx.array:
+        out = tokens[n_prompt:]
+        if out.size == 0:
+            return logits
+        counts = mx.zeros((logits.shape[-1],), mx.float32).at[out].add(1.0)  # (vocab,)
+        return logits - (presence * (counts > 0) + frequency * counts).astype(logits.dtype)
+
+    return process
+
+
+class Engine:
+    """Owns the model on one thread; `submit` jobs, `close` to drain and stop."""
+
+    def __init__(
+        self,
+        model,
+        tokenizer: Tokenizer,
+        *,
+        max_batch: int = 8,
+        max_queue: int = 64,
+        prefill_step: int = 512,
+        prompt_cache_bytes: int = 0,
+    ):
+        for name, value in (("max_batch", max_batch), ("prefill_step", prefill_step)):
+            if value < 1:
+                raise ValueError(f"{name} must be >= 1, got {value}")
+        if max_queue < 0:
+            raise ValueError(f"max_queue must be >= 0, got {max_queue}")
+        self.model, self.tokenizer = model, tokenizer
+        self.max_batch, self.max_queue, self.prefill_step = max_batch, max_queue, prefill_step
+        self.prompt_cache = PromptCache(prompt_cache_bytes)
+        self._waiting: deque[Job] = deque()
+        self._prefilling: list[_Row] = []
+        self._running: list[_Row] = []
+        self._wake = threading.Condition()
+        self._closing = False
+        self._deadline = math.inf
+        self._thread = threading.Thread(target=self._loop, name="elm-mlx-engine", daemon=True)
+        self._pieces = [self._piece(i) for i in range(tokenizer.vocab_size)]
+
+    # ---- any thread ----------------------------------------------------------
+
+    def start(self) -> None:
+        self._thread.start()
+
+    def submit(self, job: Job) -> None:
+        """Queue `job`; raises QueueFull or Closed."""
+        with self._wake:
+            if self._closing:
+                raise Closed("the server is shutting down")
+            if len(self._waiting) >= self.max_queue:
+                raise QueueFull(f"{len(self._waiting)} requests are already waiting")
+            self._waiting.append(job)
+            self._wake.notify()
+
+    def close(self, grace: float = 10.0) -> None:
+        """Take no new jobs; let running ones finish for `grace` seconds, then end them."""
+        with self._wake:
+            self._closing = True
+            self._deadline = time.monotonic() + grace
+            self._wake.notify()
+
+    def join(self, timeout: float | None = None) -> None:
+        if self._thread.is_alive():
+            self._thread.join(timeout)
+
+    @property
+    def closing(self) -> bool:
+        return self._closing
+
+    def stats(self) -> dict:
+        return {
+            "waiting": len(self._waiting),
+            "running": len(self._running) + len(self._prefilling),
+            "prompt_cache_entries": len(self.prompt_cache),
+            "prompt_cache_bytes": self.prompt_cache.nbytes,
+        }
+
+    # ---- the engine thread ---------------------------------------------------
+
+    def _loop(self) -> None:
+        while True:
+            with self._wake:
+                while not (self._waiting or self._prefilling or self._running or self._closing):
+                    self._wake.wait()
+                if self._closing and time.monotonic() >= self._deadline:
+                    self._end_all()
+                if self._closing and not (self._waiting or self._prefilling or self._running):
+                    return
+                admitted = self._admit()
+            try:
+                self._step(admitted)
+            except Exception:  # a bug, not a bad request: fail these rows, keep serving
+                traceback.print_exc(file=sys.stderr)
+                for row in self._prefilling + self._running:
+                    row.job.emit(Failed("internal error while generating; see the server log"))
+                self._prefilling, self._running = [], []
+                mx.clear_cache()
+
+    def _admit(self) -> list[Job]:
+        """Waiting jobs that fit in the batch (called holding the lock)."""
+        jobs = []
+        while self._waiting and len(self._running) + len(self._prefilling) + len(jobs) < (
+            self.max_batch
+        ):
+            job = self._waiting.popleft()
+            if not job.cancelled:
+                jobs.append(job)
+        return jobs
+
+    def _end_all(self) -> None:
+        """The grace period is over: end every row now, refuse every waiting job."""
+        for job in self._waiting:
+            job.emit(Failed("the server is shutting down"))
+        self._waiting.clear()
+        for row in self._prefilling + self._running:
+            self._finish(row, "length", store=False)
+        self._prefilling, self._running = [], []
+
+    def _step(self, admitted: list[Job]) -> None:
+        self._prefilling += [_Row(job, self) for job in admitted]
+        self._drop_cancelled()
+        self._prefill()
+        if self._running:
+            self._decode()
+
+    def _drop_cancelled(self) -> None:
+        for rows in (self._prefilling, self._running):
+            rows[:] = [r for r in rows if not r.job.cancelled]
+
+    def _prefill(self) -> None:
+        """Whole prefill chunks, `prefill_step` tokens per step in all (at least one chunk)."""
+        budget = self.prefill_step
+        for row in list(self._prefilling):
+            for lo, hi in row.chunks(self.prefill_step):
+                if hi - lo > budget and budget < self.prefill_step:
+                    return
+                ids = mx.array(row.job.prompt[lo:hi], mx.int32)[None]  # (1, n)
+                self.model(ids, cache=row.caches)
+                mx.eval([c.state for c in row.caches])
+                row.fed = hi
+                budget -= hi - lo
+            self._prefilling.remove(row)
+            self._running.append(row)
+            if budget <= 0:
+                return
+
+    def _decode(self) -> None:
+        rows = self._running
+        logits = decode_step(self.model, [r.tokens[r.fed] for r in rows], [r.caches for r in rows])
+        for r in rows:
+            r.fed += 1
+        logprobs = mx.concatenate([r.process(logits[i : i + 1]) for i, r in enumerate(rows)])
+        logprobs = logprobs - mx.logsumexp(logprobs, axis=-1, keepdims=True)  # (B, vocab)
+        ys = mx.concatenate([r.sampler(logprobs[i : i + 1]) for i, r in enumerate(rows)])  # (B,)
+        chosen = mx.take_along_axis(logprobs, ys[:, None], axis=-1)[:, 0]  # (B,)
+        mx.eval(ys, chosen)
+        done = []
+        for i, (r, y, lp) in enumerate(zip(rows, ys.tolist(), chosen.tolist(), strict=True)):
+            if self._emit_token(r, y, lp, logprobs[i]):
+                done.append(r)
+        for r in done:
+            rows.remove(r)
+        if done:
+            mx.clear_cache()
+
+    def _emit_token(self, row: _Row, token: int, logprob: float, logprobs: mx.array) -> bool:
+        """Send one token's text; True when the row is finished (and reported)."""
+        row.tokens.append(token)
+        row.generated += 1
+        s = row.job.settings
+        if token == self.tokenizer.eos_id:
+            text, reason = self._flush(row)[0], "stop"
+        else:
+            text, stopped = row.stops.push(row.detok.add_token(token))
+            reason = "stop" if stopped else None
+            if reason is None and row.generated >= s.max_tokens:
+                reason, text = "length", text + self._flush(row)[0]
+        event = Token(text, token)
+        if s.top_logprobs is not None:
+            event.logprob = self._logprob(token, logprob)
+            event.top = self._top(logprobs, s.top_logprobs)
+        row.job.emit(event)
+        if reason is not None:
+            self._finish(row, reason)
+        return reason is not None
+
+    def _flush(self, row: _Row) -> tuple[str, bool]:
+        text, stopped = row.stops.push(row.detok.finalize())
+        return (text, True) if stopped else (text + row.stops.flush(), False)
+
+    def _finish(self, row: _Row, reason: str, store: bool = True) -> None:
+        prompt = len(row.job.prompt)
+        row.job.emit(Finished(reason, prompt, row.generated, row.cached))
+        if store and row.fed == len(row.tokens) - 1:  # every token but the newest is cached
+            self.prompt_cache.store(row.tokens[: row.fed], row.caches)
+
+    # ---- logprobs ------------------------------------------------------------
+
+    def _piece(self, i: int) -> tuple[str, list[int]]:
+        kind, value = self.tokenizer.piece_table()[i]
+        if kind == 1:  # a byte piece
+            return bytes((value,)).decode("utf-8", errors="replace"), [value]
+        return value, list(value.encode("utf-8"))
+
+    def _logprob(self, token: int, logprob: float) -> TokenLogprob:
+        text, raw = self._pieces[token] if token < len(self._pieces) else ("", [])
+        return TokenLogprob(text, raw, logprob)
+
+    def _top(self, logprobs: mx.array, k: int) -> list[TokenLogprob]:
+        if k == 0:
+            return []
+        lp = np.asarray(logprobs.astype(mx.float32))  # (vocab,)
+        ids = np.argpartition(-lp, k - 1)[:k]
+        ids = ids[np.argsort(-lp[ids], kind="stable")]
+        return [self._logprob(int(i), float(lp[i])) for i in ids]

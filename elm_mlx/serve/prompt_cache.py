@@ -1,0 +1,80 @@
+"""KV states of finished requests, kept in an LRU bounded in bytes, reused by prefix.
+
+A chat client resends the whole conversation every turn, and many requests share
+one long system prompt: a new request whose tokens begin with a kept sequence
+starts from a copy of that sequence's cache and prefills only the rest.
+"""
+
+from __future__ import annotations
+
+from collections import OrderedDict
+
+import mlx.core as mx
+import numpy as np
+
+
+class PromptCache:
+    """Finished sequences' per-layer caches, least recently used evicted beyond `max_bytes`."""
+
+    def __init__(self, max_bytes: int):
+        if max_bytes < 0:
+            raise ValueError(f"max_bytes must be >= 0 (0 turns the cache off), got {max_bytes}")
+        self.max_bytes = max_bytes
+        self._entries: OrderedDict[int, tuple[np.ndarray, list]] = OrderedDict()
+        self._next_key = 0
+        self.nbytes = 0
+
+    def __len__(self) -> int:
+        return len(self._entries)
+
+    def fetch(self, prompt: list[int], make_cache) -> tuple[list | None, int]:
+        """(fresh caches holding the longest kept prefix of `prompt`, its length) or (None, 0).
+
+        At least the last prompt token is always left to compute (its logits are
+        needed). `make_cache()` builds the empty per-layer caches to fill.
+        """
+        best, best_n = None, 0
+        ids = np.asarray(prompt, np.int64)
+        for key, (tokens, _) in self._entries.items():
+            n = _common_prefix(tokens, ids)
+            if n > best_n:
+                best, best_n = key, n
+        best_n = min(best_n, len(prompt) - 1)
+        if best is None or best_n < 1:
+            return None, 0
+        self._entries.move_to_end(best)
+        caches = make_cache()
+        for c, kept in zip(caches, self._entries[best][1], strict=True):
+            # New array objects: the fresh cache's writes never reach the kept buffer.
+            c.state = [kept.keys[..., :best_n, :], kept.values[..., :best_n, :]]
+        mx.eval([c.state for c in caches])
+        return caches, best_n
+
+    def store(self, tokens: list[int], caches: list) -> None:
+        """Keep `caches` (which hold exactly `tokens`); the caller must not write to them again."""
+        if self.max_bytes == 0 or not tokens:
+            return
+        assert caches[0].offset == len(tokens), "cache and token count differ"
+        mx.eval([c.state for c in caches])
+        size = sum(c.nbytes for c in caches)
+        if size > self.max_bytes:
+            return
+        ids = np.asarray(tokens, np.int64)
+        for key, (kept, _) in list(self._entries.items()):  # superseded: a prefix of the new one
+            if len(kept) <= len(ids) and _common_prefix(kept, ids) == len(kept):
+                self._drop(key)
+        self._entries[self._next_key] = (ids, caches)
+        self._next_key += 1
+        self.nbytes += size
+        while self.nbytes > self.max_bytes:
+            self._drop(next(iter(self._entries)))
+
+    def _drop(self, key: int) -> None:
+        _, caches = self._entries.pop(key)
+        self.nbytes -= sum(c.nbytes for c in caches)
+
+
+def _common_prefix(a: np.ndarray, b: np.ndarray) -> int:
+    n = min(len(a), len(b))
+    differ = np.flatnonzero(a[:n] != b[:n])
+    return int(differ[0]) if len(differ) else n
