@@ -7,7 +7,7 @@ import sys
 
 from .. import __version__
 from ..formats.files import OutputExistsError
-from . import convert, export, generate, info, train
+from . import convert, export, generate, info, serve, train
 from . import eval as eval_cmd
 from .common import USER_ERRORS, Terminated, os_error_message, terminate_as_interrupt
 
@@ -18,6 +18,7 @@ COMMANDS = {
     **train.COMMANDS,
     **export.COMMANDS,
     **eval_cmd.COMMANDS,
+    **serve.COMMANDS,
 }
 
 
