@@ -7,6 +7,7 @@ import sys
 
 from .. import __version__
 from ..formats.files import OutputExistsError
+from ..formats.modeldir import DefaultModelMissingError
 from . import convert, export, generate, info, serve, train
 from . import eval as eval_cmd
 from .common import USER_ERRORS, Terminated, os_error_message, terminate_as_interrupt
@@ -40,12 +41,9 @@ def run(run_fn, args) -> int:
     try:
         with terminate_as_interrupt():
             run_fn(args)
-    except OutputExistsError as e:
-        hint = "; pass --force to replace it" if e.replaceable and hasattr(args, "force") else ""
-        print(f"error: {e}{hint}", file=sys.stderr)
-        return 1
     except USER_ERRORS as e:
-        print(f"error: {os_error_message(e) if isinstance(e, OSError) else e}", file=sys.stderr)
+        message = os_error_message(e) if isinstance(e, OSError) else str(e)
+        print(f"error: {message}{_flag_hint(e, args)}", file=sys.stderr)
         return 1
     except OSError as e:
         print(f"error: {os_error_message(e)}", file=sys.stderr)
@@ -57,6 +55,15 @@ def run(run_fn, args) -> int:
         print("interrupted", file=sys.stderr)
         return 130
     return 0
+
+
+def _flag_hint(e: BaseException, args) -> str:
+    """The flag that avoids a library error, where this command has it."""
+    if isinstance(e, OutputExistsError) and e.replaceable and hasattr(args, "force"):
+        return "; pass --force to replace it"
+    if isinstance(e, DefaultModelMissingError) and hasattr(args, "model"):
+        return "; or pass --model DIR"
+    return ""
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -31,6 +31,20 @@ def model_path(model: str | None) -> str:
     return str(default_model_path()) if model is None else model
 
 
+@contextmanager
+def flag_names(**flags: str) -> Iterator[None]:
+    """Library messages name arguments as `name`; say this command's flags instead."""
+    try:
+        yield
+    except USER_ERRORS as e:
+        text = str(e)
+        for name, flag in flags.items():
+            text = text.replace(f"`{name}`", flag)
+        if text == str(e):
+            raise
+        raise CliError(text) from None
+
+
 def log(line: str) -> None:
     """A progress or notice line on stderr (stdout stays for results)."""
     print(line, file=sys.stderr, flush=True)

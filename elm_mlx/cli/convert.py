@@ -9,7 +9,7 @@ from ..formats.convert import convert, quantize_dir
 from ..formats.corenet import convert_corenet
 from ..quant import quality as qq
 from ..quant.quantize import RECIPES, GroupSizeError, QuantizeSpec, bits_per_weight, dir_size
-from .common import CliError, log
+from .common import CliError, flag_names, log
 
 
 def _add_convert(sub) -> None:
@@ -67,7 +67,7 @@ def _run_convert(args) -> None:
     if corenet:
         _run_convert_corenet(args)
         return
-    with _group_size_flag("--q-group-size"):
+    with _group_size_flag("--q-group-size"), flag_names(tokenizer="--tokenizer", dtype="--dtype"):
         convert(
             args.hf_path,
             args.mlx_path,
@@ -148,7 +148,8 @@ def _run_quantize(args) -> None:
         windows = qq.text_windows(args.model, args.eval_text, max_tokens=args.eval_tokens)
     extra = {}
     if args.scan:
-        spec.recipe = qq.scan_recipe(args.model, windows, spec, args.target_bpw, log)
+        with flag_names(target_bpw="--target-bpw"):
+            spec.recipe = qq.scan_recipe(args.model, windows, spec, args.target_bpw, log)
         extra["quantize_recipe.json"] = spec.recipe.to_json()
     with _group_size_flag("--group-size"):
         model = quantize_dir(

@@ -36,7 +36,7 @@ from . import modeldir as mio
 # Above this many parameters float16 overflows (OpenELM-3B needs bfloat16 or float32).
 FLOAT16_MAX_PARAMS = 2_000_000_000
 TOKENIZER_HINT = (
-    "pass --tokenizer with the Llama-2 SentencePiece tokenizer.model: a local path, or a hub id "
+    "give the Llama-2 SentencePiece tokenizer.model as `tokenizer`: a local path, or a hub id "
     "such as meta-llama/Llama-2-7b-hf (gated: accept its license and run `hf auth login`)"
 )
 
@@ -151,7 +151,7 @@ def output_dtype(dtype: str | None, source: Source, args: ModelArgs) -> mx.Dtype
     declared = args.extra.get("torch_dtype")
     if declared in found:
         return mio.DTYPES[declared]
-    raise ValueError(f"the checkpoint mixes dtypes {sorted(found)}; choose one with --dtype")
+    raise ValueError(f"the checkpoint mixes dtypes {sorted(found)}; choose one with `dtype`")
 
 
 def find_tokenizer(tokenizer: str | Path | None, source: Path) -> Path:

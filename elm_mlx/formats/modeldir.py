@@ -56,6 +56,10 @@ class WeightsError(ValueError):
     """Weights that do not match the config: missing, unexpected, wrong shape, unreadable."""
 
 
+class DefaultModelMissingError(FileNotFoundError):
+    """The shipped nano model is incomplete (an argument naming another model avoids it)."""
+
+
 class TokenizerMissingError(FileNotFoundError):
     """A model directory without tokenizer.model, where a tokenizer is needed."""
 
@@ -221,10 +225,10 @@ def default_model_path() -> Path:
     """The shipped nano model directory, or a FileNotFoundError saying how to get it back."""
     missing = [n for n in DEFAULT_MODEL_FILES if not (DEFAULT_MODEL / n).is_file()]
     if missing:
-        raise FileNotFoundError(
+        raise DefaultModelMissingError(
             f"the shipped nano model is incomplete ({', '.join(missing)} missing in "
-            f"{DEFAULT_MODEL}); reinstall elm-mlx, rebuild it with "
-            "`python examples/nano/train_nano.py`, or pass --model DIR"
+            f"{DEFAULT_MODEL}); reinstall elm-mlx or rebuild it with "
+            "`python examples/nano/train_nano.py`"
         )
     return DEFAULT_MODEL
 
@@ -234,7 +238,7 @@ def require_tokenizer(tokenizer, path: str | Path):
     if tokenizer is None:
         raise TokenizerMissingError(
             f"{path} has no tokenizer.model; copy the Llama-2 SentencePiece tokenizer.model "
-            "into it, or convert again with --tokenizer PATH|HUB_ID"
+            "into it, or convert again with `elm-mlx convert ... --tokenizer PATH|HUB_ID`"
         )
     return tokenizer
 

@@ -176,7 +176,7 @@ def recipe_for_target(
     if bpw() > target_bpw:
         raise QuantizeError(
             f"target {target_bpw} bits per weight is below what {low}-bit quantization gives "
-            f"({bpw():.3f}); raise --target-bpw"
+            f"({bpw():.3f}); raise `target_bpw`"
         )
     for path in reversed(lowered):  # the last step may have saved more than needed
         plan[path] = QuantParams(high, group_size)
