@@ -138,10 +138,8 @@ def _progress(args: TrainArgs, enabled: bool | None, log: Log):
         bar.set_postfix(loss=f"{loss:.3f}", refresh=False)
 
     def write(line: str) -> None:
-        if bar.disable:
+        with bar.external_write_mode():
             log(line)
-        else:
-            bar.write(line)
 
     return bar, callback, write
 
