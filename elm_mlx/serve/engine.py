@@ -183,6 +183,7 @@ class Engine:
         self._wake = threading.Condition()
         self._closing = False
         self._deadline = math.inf
+        self._cancelled = 0  # rows dropped because their client went away
         self._thread = threading.Thread(target=self._loop, name="elm-mlx-engine", daemon=True)
         self._pieces = [self._piece(i) for i in range(tokenizer.vocab_size)]
 
@@ -220,6 +221,7 @@ class Engine:
         return {
             "waiting": len(self._waiting),
             "running": len(self._running) + len(self._prefilling),
+            "cancelled": self._cancelled,
             "prompt_cache_entries": len(self.prompt_cache),
             "prompt_cache_bytes": self.prompt_cache.nbytes,
         }
@@ -274,7 +276,9 @@ class Engine:
 
     def _drop_cancelled(self) -> None:
         for rows in (self._prefilling, self._running):
-            rows[:] = [r for r in rows if not r.job.cancelled]
+            kept = [r for r in rows if not r.job.cancelled]
+            self._cancelled += len(rows) - len(kept)
+            rows[:] = kept
 
     def _prefill(self) -> None:
         """Whole prefill chunks, `prefill_step` tokens per step in all (at least one chunk)."""

@@ -1,0 +1,324 @@
+"""elm-mlx serve, live: a server on a free 127.0.0.1 port driven by the official openai client
+and by raw HTTP, checked against `generate` alone and the model's own log-softmax."""
+
+from __future__ import annotations
+
+import json
+import signal
+import socket
+import subprocess
+import sys
+import time
+from concurrent.futures import ThreadPoolExecutor
+
+import pytest
+
+httpx = pytest.importorskip("httpx")
+openai = pytest.importorskip("openai")
+pytest.importorskip("starlette")
+pytest.importorskip("uvicorn")
+
+KEY = "test-key"
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+@pytest.fixture(scope="module")
+def server(tmp_path_factory):
+    """The shipped nano model behind a key; yields (base url, process, stderr log path)."""
+    port = _free_port()
+    log = tmp_path_factory.mktemp("serve") / "stderr.log"
+    cmd = [sys.executable, "-m", "elm_mlx.cli", "serve", "--port", str(port), "--api-key", KEY]
+    cmd += ["--shutdown-grace", "0.3", "--max-body-mb", "0.01"]
+    with open(log, "wb") as err:
+        proc = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=err)
+    url = f"http://127.0.0.1:{port}"
+    deadline = time.monotonic() + 60
+    while True:
+        try:
+            if httpx.get(url + "/health", timeout=1).status_code == 200:
+                break
+        except httpx.TransportError:
+            pass
+        if proc.poll() is not None or time.monotonic() > deadline:
+            proc.kill()
+            pytest.fail(f"the server did not start:\n{log.read_text()}")
+        time.sleep(0.1)
+    yield url, proc, log
+    if proc.poll() is None:
+        proc.send_signal(signal.SIGTERM)
+        try:
+            proc.wait(20)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+
+
+@pytest.fixture(scope="module")
+def client(server):
+    return openai.OpenAI(base_url=server[0] + "/v1", api_key=KEY, max_retries=0, timeout=60)
+
+
+@pytest.fixture(scope="module")
+def nano():
+    from elm_mlx.generation.loading import load_for_generation
+
+    model, tokenizer, _ = load_for_generation(None)
+    return model, tokenizer
+
+
+def _alone(nano, prompt, max_tokens: int, **kw) -> str:
+    from elm_mlx.generation.generate import generate
+
+    return generate(*nano, prompt, max_tokens=max_tokens, temp=0.0, **kw)
+
+
+def _post(server, path: str, body, *, key: str | None = KEY, **kw) -> httpx.Response:
+    headers = {"Authorization": f"Bearer {key}"} if key else {}
+    if isinstance(body, (dict, list)):
+        return httpx.post(server[0] + path, json=body, headers=headers, timeout=60, **kw)
+    return httpx.post(server[0] + path, content=body, headers=headers, timeout=60, **kw)
+
+
+def _error(r: httpx.Response, status: int) -> dict:
+    assert r.status_code == status, r.text
+    error = r.json()["error"]
+    assert set(error) == {"message", "type", "param", "code"}
+    return error
+
+
+# ---- endpoints and bodies ---------------------------------------------------------
+
+
+def test_models_and_health(server, client):
+    assert [m.id for m in client.models.list().data] == ["nano"]
+    assert httpx.get(server[0] + "/health").json()["status"] == "ok"  # no key needed
+
+
+def test_completion_equals_generate_alone(client, nano):
+    r = client.completions.create(model="nano", prompt="ROMEO:", max_tokens=24, temperature=0)
+    assert r.object == "text_completion" and r.id.startswith("cmpl-")
+    assert r.choices[0].text == _alone(nano, "ROMEO:", 24)
+    assert r.choices[0].finish_reason == "length"
+    n_prompt = len(nano[1].encode("ROMEO:"))
+    assert (r.usage.prompt_tokens, r.usage.completion_tokens) == (n_prompt, 24)
+    assert r.usage.total_tokens == n_prompt + 24
+
+
+def test_completion_from_token_ids(client, nano):
+    ids = nano[1].encode("KING HENRY:")
+    r = client.completions.create(model="nano", prompt=ids, max_tokens=12, temperature=0)
+    assert r.choices[0].text == _alone(nano, ids, 12)
+
+
+def test_chat_base_model_is_plain_concatenation(client, nano):
+    messages = [
+        {"role": "system", "content": "A scene."},
+        {"role": "user", "content": "HAMLET:"},
+    ]
+    r = client.chat.completions.create(
+        model="nano", messages=messages, max_tokens=16, temperature=0
+    )
+    assert r.object == "chat.completion" and r.choices[0].message.role == "assistant"
+    assert r.choices[0].message.content == _alone(nano, "A scene.\nHAMLET:", 16)
+
+
+def test_chat_stream(server, client, nano):
+    chunks = list(
+        client.chat.completions.create(
+            model="nano",
+            messages=[{"role": "user", "content": "JULIET:"}],
+            max_tokens=16,
+            temperature=0,
+            stream=True,
+            stream_options={"include_usage": True},
+        )
+    )
+    assert {c.id for c in chunks} == {chunks[0].id} and chunks[0].id.startswith("chatcmpl-")
+    assert {c.object for c in chunks} == {"chat.completion.chunk"}
+    assert chunks[0].choices[0].delta.role == "assistant"
+    text = "".join(c.choices[0].delta.content or "" for c in chunks if c.choices)
+    assert text == _alone(nano, "JULIET:", 16)
+    assert [c.choices[0].finish_reason for c in chunks if c.choices][-1] == "length"
+    assert chunks[-1].choices == [] and chunks[-1].usage.completion_tokens == 16
+    # the wire format ends with [DONE]
+    body = {"model": "nano", "prompt": "A", "max_tokens": 3, "stream": True}
+    lines = _post(server, "/v1/completions", body).text.strip().split("\n\n")
+    assert lines[-1] == "data: [DONE]"
+    objects = {json.loads(x.removeprefix("data: "))["object"] for x in lines[:-1]}
+    assert objects == {"text_completion"}
+
+
+def test_stop_strings(client, nano):
+    full = _alone(nano, "ROMEO:", 30)
+    stop = full[8:11]
+    assert stop.strip(), full
+    r = client.completions.create(
+        model="nano", prompt="ROMEO:", max_tokens=30, temperature=0, stop=[stop, "zzzz"]
+    )
+    assert r.choices[0].text == full[: full.index(stop)]
+    assert r.choices[0].finish_reason == "stop"
+
+
+def test_logprobs_are_the_models_log_softmax(client, nano):
+    import mlx.core as mx
+
+    from elm_mlx.generation.generate import generate_step
+
+    model, tokenizer = nano
+    prompt = tokenizer.encode("MERCUTIO:")
+    ids = [t for t, _ in generate_step(prompt, model, max_tokens=8)]
+    r = client.chat.completions.create(
+        model="nano",
+        messages=[{"role": "user", "content": "MERCUTIO:"}],
+        max_tokens=8,
+        temperature=0,
+        logprobs=True,
+        top_logprobs=3,
+    )
+    content = r.choices[0].logprobs.content
+    raw = getattr(model, "model", model)  # the MLX model, not the numpy decoding path
+    logits = raw(mx.array(prompt + ids)[None])[0, len(prompt) - 1 : -1]  # (8, vocab)
+    ref = (logits - mx.logsumexp(logits, axis=-1, keepdims=True)).tolist()
+    for i, (entry, token) in enumerate(zip(content, ids, strict=True)):
+        assert entry.logprob == pytest.approx(ref[i][token], abs=1e-4)
+        assert len(entry.top_logprobs) == 3
+        assert entry.top_logprobs[0].logprob == pytest.approx(max(ref[i]), abs=1e-4)
+        assert [t.logprob for t in entry.top_logprobs] == sorted(
+            (t.logprob for t in entry.top_logprobs), reverse=True
+        )
+        assert entry.token == entry.top_logprobs[0].token  # greedy picks the top one
+    c = client.completions.create(
+        model="nano", prompt=prompt, max_tokens=8, temperature=0, logprobs=2
+    )
+    assert c.choices[0].logprobs.token_logprobs == pytest.approx(
+        [ref[i][t] for i, t in enumerate(ids)], abs=1e-4
+    )
+
+
+def test_seed_reproducible(client):
+    def draw(seed):
+        r = client.completions.create(
+            model="nano", prompt="ROMEO:", max_tokens=16, temperature=1.0, seed=seed
+        )
+        return r.choices[0].text
+
+    assert draw(7) == draw(7)
+    assert len({draw(s) for s in (1, 2, 3)}) > 1
+
+
+# ---- errors -----------------------------------------------------------------------
+
+
+def test_client_sees_typed_errors(client):
+    user = [{"role": "user", "content": "hi"}]
+    with pytest.raises(openai.NotFoundError, match="gpt-4"):
+        client.chat.completions.create(model="gpt-4", messages=user)
+    with pytest.raises(openai.BadRequestError, match="n must be 1"):
+        client.chat.completions.create(model="nano", messages=user, n=2)
+    with pytest.raises(openai.BadRequestError, match="temperature"):
+        client.chat.completions.create(model="nano", messages=user, temperature=5)
+    with pytest.raises(openai.BadRequestError, match=r"(?s)1000.*256"):
+        client.chat.completions.create(model="nano", messages=user, max_tokens=1000)
+    with pytest.raises(openai.AuthenticationError):
+        openai.OpenAI(base_url=client.base_url, api_key="wrong", max_retries=0).models.list()
+
+
+def test_raw_bad_requests(server):
+    chat = "/v1/chat/completions"
+    assert "JSON" in _error(_post(server, chat, b"{not json"), 400)["message"]
+    assert "object" in _error(_post(server, chat, [1, 2]), 400)["message"]
+    e = _error(_post(server, chat, {"model": "nano", "messages": "hi"}), 400)
+    assert e["param"] == "messages"
+    e = _error(_post(server, chat, {"model": "nano", "messages": [], "max_tokens": 5}), 400)
+    assert e["param"] == "messages"
+    body = {"model": "nano", "messages": [{"role": "user", "content": "x"}], "max_tokens": "9"}
+    assert _error(_post(server, chat, body), 400)["param"] == "max_tokens"
+    body = {"model": "nano", "prompt": "x", "top_p": 0}
+    assert _error(_post(server, "/v1/completions", body), 400)["param"] == "top_p"
+    body = {"model": "nano", "prompt": [1, 99999]}
+    assert "vocabulary" in _error(_post(server, "/v1/completions", body), 400)["message"]
+    body = {"model": "nano", "prompt": "x", "logit_bias": {"abc": 1}}
+    assert _error(_post(server, "/v1/completions", body), 400)["param"] == "logit_bias"
+    big = {"model": "nano", "prompt": "x" * 20000}
+    assert "limit" in _error(_post(server, "/v1/completions", big), 413)["message"]
+    _error(_post(server, "/v1/completions", b"\xff\xfe"), 400)
+    _error(_post(server, chat, {"model": "nano"}, key=None), 401)
+    _error(_post(server, chat, {"model": "nano"}, key="wrong"), 401)
+    _error(httpx.get(server[0] + "/v1/nothing"), 404)
+    auth = {"Authorization": f"Bearer {KEY}"}
+    _error(httpx.get(server[0] + "/v1/completions", headers=auth), 405)
+    assert httpx.get(server[0] + "/health").status_code == 200  # still serving
+
+
+# ---- batching, cancellation, the prompt cache -----------------------------------
+
+
+_PROMPTS = [
+    "ROMEO:", "JULIET:", "HAMLET:", "KING HENRY:", "First Citizen:", "MERCUTIO:", "Nurse:",
+    "To be, or not", "Now is the winter", "O, pardon me", "Good morrow", "What light",
+    "My lord,", "Come, come,", "Alas,", "Farewell,",
+]  # fmt: skip
+
+
+def test_32_requests_8_at_a_time_equal_generate_alone(server, client, nano):
+    prompts = [p + (" I" if i >= 16 else "") for i, p in enumerate(_PROMPTS * 2)]
+    expected = [_alone(nano, p, 20) for p in prompts]
+
+    def ask(prompt: str) -> str:
+        r = client.completions.create(model="nano", prompt=prompt, max_tokens=20, temperature=0)
+        assert r.choices[0].finish_reason in ("length", "stop")
+        return r.choices[0].text
+
+    def quitter() -> None:  # reads two events of a long stream, then goes away
+        body = {"model": "nano", "prompt": "ROMEO:", "max_tokens": 250, "stream": True}
+        headers = {"Authorization": f"Bearer {KEY}"}
+        with httpx.stream("POST", server[0] + "/v1/completions", json=body, headers=headers) as r:
+            lines = r.iter_lines()
+            next(lines), next(lines)
+
+    with ThreadPoolExecutor(8) as pool:
+        gone = pool.submit(quitter)
+        got = list(pool.map(ask, prompts))
+        gone.result()
+    assert got == expected
+    health = httpx.get(server[0] + "/health").json()
+    assert health["cancelled"] == 1 and health["running"] == 0  # the quitter's row is gone
+
+
+def test_prompt_cache_second_turn(client, nano):
+    first = [{"role": "user", "content": "ROMEO:\nWhat says my love?"}]
+    r1 = client.chat.completions.create(model="nano", messages=first, max_tokens=20, temperature=0)
+    reply = r1.choices[0].message.content
+    second = first + [
+        {"role": "assistant", "content": reply},
+        {"role": "user", "content": "JULIET:"},
+    ]
+    r2 = client.chat.completions.create(model="nano", messages=second, max_tokens=20, temperature=0)
+    assert r2.usage.prompt_tokens_details.cached_tokens > 0
+    text = "\n".join(m["content"] for m in second)
+    assert r2.choices[0].message.content == _alone(nano, text, 20)
+
+
+# ---- operations (last: this stops the server) ------------------------------------
+
+
+def test_access_log_and_sigterm_ends_streams_and_exits_0(server):
+    url, proc, log = server
+    body = {"model": "nano", "prompt": "ROMEO:", "max_tokens": 230, "stream": True}
+    headers = {"Authorization": f"Bearer {KEY}"}
+    with httpx.stream("POST", url + "/v1/completions", json=body, headers=headers) as r:
+        lines = r.iter_lines()
+        assert next(lines).startswith("data: ")
+        proc.send_signal(signal.SIGTERM)
+        rest = [x for x in lines if x]
+    assert rest[-1] == "data: [DONE]"
+    assert json.loads(rest[-2].removeprefix("data: "))["choices"][0]["finish_reason"]
+    assert proc.wait(20) == 0
+    text = log.read_text()
+    assert '"POST /v1/completions" 200 prompt=3 completion=24' in text
+    assert '"GET /v1/nothing" 404' in text
+    assert "Traceback" not in text

@@ -1,0 +1,158 @@
+"""The server's parts in-process: batched decoding against a plain forward pass, the prompt
+cache, the Instruct chat template, queue limits and the install hint."""
+
+from __future__ import annotations
+
+import shutil
+
+import mlx.core as mx
+import numpy as np
+import pytest
+
+pytest.importorskip("starlette")
+
+from elm_mlx.serve.batch import decode_step, numpy_batches  # noqa: E402
+from elm_mlx.serve.prompt_cache import PromptCache  # noqa: E402
+
+
+@pytest.fixture(scope="module")
+def instruct_dir(tmp_path_factory, sp_model_file):
+    """A tiny random checkpoint named like an Instruct model (its layers differ in shape)."""
+    from elm_mlx.testing import random_weights, tiny_args, write_hf_checkpoint
+
+    args = tiny_args(vocab_size=384, tied=False)
+    weights = random_weights(args, 3)
+    weights["lm_head.weight"] *= 5  # sharper logits: no near ties for greedy decoding
+    path = write_hf_checkpoint(tmp_path_factory.mktemp("m") / "tiny-Instruct", args, weights)
+    shutil.copyfile(sp_model_file, path / "tokenizer.model")
+    return path
+
+
+@pytest.fixture(scope="module")
+def loaded(instruct_dir):
+    from elm_mlx.generation.loading import load_for_generation
+
+    model, tokenizer, _ = load_for_generation(instruct_dir)
+    return model, tokenizer
+
+
+def _prefilled(model, prompts):
+    caches = []
+    for p in prompts:
+        c = model.make_cache()
+        model(mx.array(p[:-1])[None], cache=c)
+        mx.eval([x.state for x in c])
+        caches.append(c)
+    return caches
+
+
+@pytest.mark.parametrize("fast", [True, False])
+def test_decode_step_rows_of_different_lengths_match_a_plain_forward(loaded, fast):
+    model = loaded[0]
+    raw = getattr(model, "model", model)
+    stepper = model if fast else raw
+    assert numpy_batches(stepper) == (fast and raw is not model)
+    rng = np.random.default_rng(0)
+    prompts = [rng.integers(3, 384, n).tolist() for n in (5, 17, 2, 40)]
+    caches = _prefilled(stepper, prompts)
+    tokens = [p[-1] for p in prompts]
+    for _ in range(3):
+        logits = decode_step(stepper, tokens, caches)  # (B, vocab)
+        for b, p in enumerate(prompts):
+            ref = raw(mx.array(p)[None])[0, -1]  # no cache at all
+            np.testing.assert_allclose(np.asarray(logits[b]), np.asarray(ref), atol=2e-4)
+        tokens = mx.argmax(logits, axis=-1).tolist()
+        for p, t in zip(prompts, tokens, strict=True):
+            p.append(t)
+
+
+def test_prompt_cache_longest_prefix_lru_and_independent_copies(loaded):
+    model = loaded[0]
+    raw = getattr(model, "model", model)
+    a, b = list(range(3, 23)), list(range(3, 13)) + list(range(50, 60))
+    ca, cb = _prefilled(raw, [a + [0], b + [0]])
+    cache = PromptCache(max_bytes=10**9)
+    cache.store(a, ca)
+    cache.store(b, cb)
+    got, n = cache.fetch(a[:15] + [99, 98], raw.make_cache)
+    assert n == 15 and got[0].offset == 15
+    kept = np.asarray(ca[2].state[0][..., :15, :])
+    np.testing.assert_array_equal(np.asarray(got[2].state[0]), kept)
+    raw(mx.array([[7, 8, 9]]), cache=got)  # writing to the copy...
+    mx.eval([c.state for c in got])
+    again, n = cache.fetch(a + [1], raw.make_cache)  # ...leaves the kept entry as it was
+    assert n == 20
+    np.testing.assert_array_equal(np.asarray(again[1].state[1]), np.asarray(ca[1].state[1]))
+    assert cache.fetch(a, raw.make_cache)[1] == 19  # the last token is always computed
+    assert cache.fetch([200, 201], raw.make_cache) == (None, 0)
+    # a longer sequence supersedes its prefix; the byte bound evicts least recently used
+    (cc,) = _prefilled(raw, [a + [5, 6, 0]])
+    cache.store(a + [5, 6], cc)
+    assert len(cache) == 2
+    small = PromptCache(max_bytes=sum(c.nbytes for c in cc) + 1)
+    small.store(a, ca)
+    small.store(b, cb)
+    assert len(small) == 1 and small.fetch(b + [1], raw.make_cache)[1] == len(b)
+    assert PromptCache(0).store(a, ca) is None and len(PromptCache(0)) == 0
+
+
+@pytest.fixture
+def app_client(loaded, instruct_dir):
+    from starlette.testclient import TestClient
+
+    from elm_mlx.serve.app import ServerConfig, create_app
+    from elm_mlx.serve.engine import Engine
+
+    def make(**engine_kw):
+        model, tokenizer = loaded
+        engine = Engine(model, tokenizer, **engine_kw)
+        config = ServerConfig(model_id="tiny-Instruct", chat_template=True, context_length=256)
+        engine.start()
+        engines.append(engine)
+        return TestClient(create_app(engine, tokenizer, config)), engine
+
+    engines = []
+    yield make
+    for e in engines:
+        e.close(0)
+        e.join(10)
+
+
+def test_instruct_chat_template_and_greedy_equal_generate(app_client, loaded):
+    from elm_mlx.generation.generate import generate
+
+    model, tokenizer = loaded
+    client, _ = app_client(max_batch=4, prompt_cache_bytes=2**24)
+    messages = [
+        {"role": "system", "content": "Be brief."},
+        {"role": "user", "content": "Explain unified memory."},
+    ]
+    body = {"model": "tiny-Instruct", "messages": messages, "max_tokens": 12, "temperature": 0}
+    r = client.post("/v1/chat/completions", json=body)
+    assert r.status_code == 200, r.text
+    text = tokenizer.apply_chat_template(messages)
+    assert r.json()["usage"]["prompt_tokens"] == len(tokenizer.encode(text))
+    expected = generate(model, tokenizer, text, max_tokens=12, temp=0.0)
+    assert r.json()["choices"][0]["message"]["content"] == expected
+
+
+def test_queue_full_and_shutting_down_are_503_with_retry_after(app_client):
+    client, engine = app_client(max_queue=0)
+    body = {"model": "tiny-Instruct", "prompt": "hello", "max_tokens": 2}
+    r = client.post("/v1/completions", json=body)
+    assert r.status_code == 503 and r.headers["retry-after"] == "1"
+    assert "busy" in r.json()["error"]["message"]
+    engine.close(0)
+    r = client.post("/v1/completions", json=body)
+    assert r.status_code == 503 and "shutting down" in r.json()["error"]["message"]
+    assert client.get("/health").status_code == 503
+
+
+def test_missing_web_stack_names_the_extra(monkeypatch):
+    from elm_mlx.cli import serve
+    from elm_mlx.cli.common import CliError
+
+    for name in ("elm_mlx.serve.app", "elm_mlx.serve.server", "starlette", "uvicorn"):
+        monkeypatch.setitem(__import__("sys").modules, name, None)
+    with pytest.raises(CliError, match=r"pip install 'elm-mlx\[serve\]'"):
+        serve._server_modules()
