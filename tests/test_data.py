@@ -13,6 +13,7 @@ from elm_mlx.training.data import (
     Dataset,
     Example,
     batch_order,
+    check_batch_size,
     iterate_batches,
     iterate_eval_batches,
     load_datasets,
@@ -161,9 +162,9 @@ def test_empty_missing_and_too_small_datasets(tmp_path):
         load_datasets(tmp_path / "nowhere", TOK)
     small = load(tmp_path, [{"text": "a"}, {"text": "b"}])
     with pytest.raises(DataError, match="2 usable records, fewer than the batch size 4"):
-        next(iterate_batches(small, 4))
+        check_batch_size(small, 4)
     with pytest.raises(DataError, match="does not split across 3 processes"):
-        next(iterate_batches(small, 2, world_size=3))
+        check_batch_size(small, 2, world_size=3)
 
 
 def test_over_long_records_are_truncated_and_counted(tmp_path):

@@ -10,6 +10,7 @@ from __future__ import annotations
 import json
 import os
 import re
+import signal
 import subprocess
 import sys
 from pathlib import Path
@@ -251,3 +252,25 @@ def test_finetune_shows_a_progress_bar_with_rate_and_eta(tmp_path, model_dir, ca
     assert any(line.startswith("step      3/3") for line in lines)  # the log, above the bar
     assert (tmp_path / "adapters" / ADAPTER_FILE).is_file()
     assert mx.load(str(tmp_path / "adapters" / ADAPTER_FILE))
+
+
+def test_sigterm_during_lora_saves_a_checkpoint_and_exits_143(tmp_path, model_dir):
+    data, adapters = write_data(tmp_path / "data"), tmp_path / "adapters"
+    args = lora(model_dir, data, adapters, "--iters", "100000", "--report-every", "1",
+                "--val-every", "0", "--save-every", "0")  # fmt: skip
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "elm_mlx.cli", *args], stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE, text=True, cwd=tmp_path,
+    )  # fmt: skip
+    try:
+        for line in proc.stdout:
+            if line.startswith("step      2/"):
+                break
+        proc.send_signal(signal.SIGTERM)
+        out, err = proc.communicate(timeout=120)
+    finally:
+        proc.kill()
+    assert proc.returncode == 143, err
+    assert "continue it with --resume" in out and "Traceback" not in err
+    state = json.loads((adapters / CHECKPOINT_DIR / "state.json").read_text())
+    assert state["state"]["step"] >= 2

@@ -3,20 +3,14 @@
 from __future__ import annotations
 
 import re
-from pathlib import Path
+from collections.abc import Iterator
+from contextlib import contextmanager
 
 import mlx.core as mx
 
-from ..formats.modeldir import (
-    carried_files,
-    check_not_source,
-    check_target,
-    load,
-    require_tokenizer,
-    save_model,
-)
-from ..training.finetune import finetune
-from ..training.lora import LoRAConfig, fuse_lora, load_adapters
+from ..formats.modeldir import load, require_tokenizer
+from ..training.finetune import finetune, fuse
+from ..training.lora import LoRAConfig
 from ..training.train_ops import TrainingOps
 from ..training.trainer import TrainArgs
 from .common import USER_ERRORS, CliError
@@ -122,10 +116,21 @@ def flags(message: str) -> str:
     return re.sub(r"`([a-z_]+)(?:=([^`]*))?`", flag, message)
 
 
+@contextmanager
+def _as_flags() -> Iterator[None]:
+    """A library error whose message names arguments, reworded with flags (else as it was)."""
+    try:
+        yield
+    except USER_ERRORS as e:
+        if flags(str(e)) == str(e):
+            raise
+        raise CliError(flags(str(e))) from None
+
+
 def _run_lora(args) -> None:
     group = mx.distributed.init()
     say = print if group.rank() == 0 else (lambda *_: None)
-    try:
+    with _as_flags():
         config, targs = _lora_config(args), _train_args(args)
         ops = TrainingOps(args.grad_checkpoint, args.recompute_attention)
         model, tokenizer = load(args.model)
@@ -135,8 +140,6 @@ def _run_lora(args) -> None:
             max_seq_length=args.max_seq_length, mask_prompt=args.mask_prompt, group=group,
             log=lambda line: say(flags(line)),
         )  # fmt: skip
-    except USER_ERRORS as e:
-        raise CliError(flags(str(e))) from None
     state = result.state
     if state.best_val is not None:
         say(f"best validation loss {state.best_val:.4f} at step {state.best_step}")
@@ -159,16 +162,11 @@ def _add_fuse(sub) -> None:
 
 
 def _run_fuse(args) -> None:
-    check_not_source(args.save_path, args.model, "--save-path")
-    check_target(Path(args.save_path).absolute(), force=args.force)  # before the work
-    model, tokenizer = load(args.model)
-    load_adapters(model, args.adapter_path)
-    fuse_lora(model, de_quantize=args.de_quantize)
-    tokenizer_file = tokenizer.model_file if tokenizer is not None else None
-    save_model(
-        args.save_path, model, model.args, tokenizer=tokenizer_file, force=args.force,
-        extra_files=carried_files(args.model),
-    )  # fmt: skip
+    with _as_flags():
+        fuse(
+            args.model, args.adapter_path, args.save_path, de_quantize=args.de_quantize,
+            force=args.force,
+        )  # fmt: skip
     print(f"fused {args.adapter_path} into {args.model}: wrote {args.save_path}")
 
 

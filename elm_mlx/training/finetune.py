@@ -28,6 +28,7 @@ from pathlib import Path
 import mlx.core as mx
 import mlx.nn as nn
 
+from ..formats.modeldir import carried_files, check_not_source, check_target, load, save_model
 from .checkpoint import CHECKPOINT_DIR, writing
 from .data import Dataset, load_datasets
 from .lora import (
@@ -35,6 +36,8 @@ from .lora import (
     CONFIG_FILE,
     LoRAConfig,
     apply_lora,
+    fuse_lora,
+    load_adapters,
     num_trainable,
     read_adapter_config,
     write_adapter_config,
@@ -226,3 +229,26 @@ def _diverged(e: TrainingDiverged, path: Path, resumed: bool) -> TrainingDiverge
             "`learning_rate` (or add `warmup` / `max_grad_norm`)"
         )
     return TrainingDiverged(e.what, e.step, e.saved_step, e.where, remedy)
+
+
+def fuse(
+    model_path: str | Path,
+    adapter_path: str | Path,
+    save_path: str | Path,
+    *,
+    de_quantize: bool = False,
+    force: bool = False,
+) -> Path:
+    """Merge the adapters in `adapter_path` into the model at `model_path`; write `save_path`.
+
+    A quantized base is re-quantized with its own settings unless `de_quantize`.
+    """
+    check_not_source(save_path, model_path, "`save_path`")
+    check_target(Path(save_path).absolute(), force=force)  # before the work
+    model, tokenizer = load(model_path)
+    fuse_lora(load_adapters(model, adapter_path), de_quantize=de_quantize)
+    tokenizer_file = tokenizer.model_file if tokenizer is not None else None
+    return save_model(
+        save_path, model, model.args, tokenizer=tokenizer_file, force=force,
+        extra_files=carried_files(model_path),
+    )  # fmt: skip

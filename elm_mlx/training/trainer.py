@@ -262,11 +262,21 @@ def _one_update(step: Callable, batches: Iterator[Batch], accum: int) -> tuple[m
 
 class _StopFlag:
     requested = False
+    signum: int | None = None
+    previous: dict = {}
+
+    def reraise(self) -> None:
+        """After the checkpoint: what the signal would have done, or KeyboardInterrupt."""
+        previous = self.previous.get(self.signum)
+        if callable(previous):
+            previous(self.signum, None)  # e.g. a CLI's SIGTERM handler (its own exit status)
+        raise KeyboardInterrupt
 
 
 @contextlib.contextmanager
 def _deferred_interrupt():
-    """The first Ctrl-C asks the loop to stop after the current step; a second one kills."""
+    """The first Ctrl-C or SIGTERM asks the loop to stop after the current step and save a
+    checkpoint; a second one stops at once."""
     flag = _StopFlag()
     if threading.current_thread() is not threading.main_thread():
         yield flag
@@ -275,13 +285,14 @@ def _deferred_interrupt():
     def handler(signum, frame):
         if flag.requested:
             raise KeyboardInterrupt
-        flag.requested = True
+        flag.requested, flag.signum = True, signum
 
-    previous = signal.signal(signal.SIGINT, handler)
+    flag.previous = {s: signal.signal(s, handler) for s in (signal.SIGINT, signal.SIGTERM)}
     try:
         yield flag
     finally:
-        signal.signal(signal.SIGINT, previous)
+        for s, previous in flag.previous.items():
+            signal.signal(s, previous)
 
 
 # ---- resuming ------------------------------------------------------------------------------
@@ -512,9 +523,10 @@ def train(
 ) -> TrainState:
     """Train `model`'s trainable parameters with `optimizer`; returns the final TrainState.
 
-    Ctrl-C (SIGINT) finishes the current step, saves a checkpoint and raises
-    KeyboardInterrupt; `resume=True` continues from that checkpoint and ends
-    at the same weights as an uninterrupted run. `fingerprint` (JSON values, e.g.
+    Ctrl-C (SIGINT) or SIGTERM finishes the current step, saves a checkpoint and
+    raises KeyboardInterrupt (or what the signal's previous handler raises);
+    `resume=True` continues from that checkpoint and ends at the same weights as
+    an uninterrupted run. `fingerprint` (JSON values, e.g.
     hashes of the data files) is saved in every checkpoint and must match on
     resume. `on_start()` runs once everything is checked, before the first file
     is written; `callback(step, loss)` after every optimizer step.
@@ -531,7 +543,7 @@ def train(
     if run.state.interrupted:
         run.say(
             f"interrupted: checkpoint at step {run.state.step} saved in "
-            f"{run.out / CHECKPOINT_DIR}; resume (`resume=True`) to continue"
+            f"{run.out / CHECKPOINT_DIR}; continue it with `resume=True`"
         )
-        raise KeyboardInterrupt
+        stop.reraise()
     return run.state
