@@ -287,3 +287,21 @@ def test_written_atomically(tmp_path, monkeypatch):
     monkeypatch.setattr(export, "encode", real)
     export.export_gguf(DEFAULT_MODEL, out, force=True)
     assert gguf.GGUFReader(out).tensors
+
+
+def test_cli(tmp_path, model_dir, capsys):
+    from elm_mlx import cli
+
+    out = tmp_path / "nano-q8_0.gguf"
+    assert cli.main(["export-gguf", "--out", str(out), "--type", "q8_0"]) == 0
+    assert read(out)[1][gguf.Keys.General.FILE_TYPE] == gguf.LlamaFileType.MOSTLY_Q8_0
+    assert "wrote" in capsys.readouterr().err
+    assert cli.main(["export-gguf", "--out", str(out)]) == 1
+    assert capsys.readouterr().err.strip().endswith("already exists; pass --force to replace it")
+    assert cli.main(["export-gguf", "--model", str(model_dir), "--out", str(tmp_path / "u")]) == 1
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and err[0].startswith("error: ") and "untied" in err[0]
+    instruct = tmp_path / "OpenELM-nano-Instruct"
+    shutil.copytree(DEFAULT_MODEL, instruct)
+    assert cli.main(["export-gguf", "--model", str(instruct), "--out", str(out), "--force"]) == 0
+    assert read(out)[1][gguf.Keys.Tokenizer.CHAT_TEMPLATE] == export.CHAT_TEMPLATE
