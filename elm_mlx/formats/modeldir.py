@@ -72,13 +72,7 @@ def read_config(path: Path) -> ModelArgs:
     file = path / "config.json"
     if not file.is_file():
         raise FileNotFoundError(f"{file} not found; is {path} a model directory?")
-    try:
-        config = json.loads(file.read_text())
-    except (json.JSONDecodeError, UnicodeDecodeError) as e:
-        raise ConfigError(f"{file} is not valid JSON: {e}") from None
-    if not isinstance(config, dict):
-        raise ConfigError(f"{file} must hold a JSON object")
-    return ModelArgs.from_dict(config)
+    return ModelArgs.from_dict(read_json(file, ConfigError))
 
 
 def weight_files(path: Path) -> list[Path]:
@@ -92,22 +86,23 @@ def weight_files(path: Path) -> list[Path]:
                 f"{index} lists missing shard files: {', '.join(missing) or 'none listed'}"
             )
         return [path / n for n in names]
-    files = sorted(path.glob("model*.safetensors"))
-    if not files:
+    found = sorted(path.glob("model*.safetensors"))
+    if not found:
         hint = ""
         if any(path.glob("pytorch_model*.bin")):
             hint = f"; convert it first: python -m elm_mlx.convert --hf-path {path} --mlx-path OUT"
         raise FileNotFoundError(f"no model*.safetensors in {path}{hint}")
-    return files
+    return found
 
 
-def read_json(file: Path) -> dict:
+def read_json(file: Path, error: type[ValueError] = WeightsError) -> dict:
+    """The JSON object in `file`, or one `error` naming the file."""
     try:
         data = json.loads(file.read_text())
     except (json.JSONDecodeError, UnicodeDecodeError) as e:
-        raise WeightsError(f"{file} is not valid JSON: {e}") from None
+        raise error(f"{file} is not valid JSON: {e}") from None
     if not isinstance(data, dict):
-        raise WeightsError(f"{file} must hold a JSON object")
+        raise error(f"{file} must hold a JSON object")
     return data
 
 
@@ -267,7 +262,7 @@ def read_generation_config(path: str | Path) -> dict | None:
     file = Path(path) / GENERATION_CONFIG
     if not file.is_file():
         return None
-    return read_json(file)
+    return read_json(file, ValueError)
 
 
 def carried_files(src: str | Path) -> dict[str, dict]:
