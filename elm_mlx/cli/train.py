@@ -23,8 +23,9 @@ def _add_lora(sub) -> None:
         description="Train adapters on DIR/train.jsonl, validating on DIR/valid.jsonl. Records: "
         '{"text"}, {"prompt","completion"} or {"messages":[...]} (Instruct template). Writes '
         "ADAPTER_PATH/adapters.safetensors (best validation), adapter_config.json, checkpoint/ "
-        "(for --resume; Ctrl-C saves one), metrics.jsonl and loss.png. Data parallel: start "
-        "it under `mlx.launch -n N --backend ring`.",
+        "(for --resume; Ctrl-C or SIGTERM saves one), metrics.jsonl and loss.png (with "
+        "matplotlib: pip install 'elm-mlx[train]'). Data parallel: start it under "
+        "`mlx.launch -n N --backend ring`.",
     )
     p.add_argument("--model", required=True, help="model directory (float or quantized)")
     p.add_argument("--data", required=True, help="directory with train.jsonl and valid.jsonl")

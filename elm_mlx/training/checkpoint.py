@@ -110,7 +110,11 @@ def read_meta(where: Path) -> dict:
             raise ValueError("no 'state' object")
         return meta
     except (OSError, UnicodeDecodeError, ValueError) as e:
-        reason = e.msg if isinstance(e, json.JSONDecodeError) else str(e)
+        reason = (
+            f"not valid JSON: {e.msg}, line {e.lineno} column {e.colno}"
+            if isinstance(e, json.JSONDecodeError)
+            else str(e)
+        )
         raise CheckpointError(f"{file} is damaged ({reason}); {_REMEDY}") from None
 
 

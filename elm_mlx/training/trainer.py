@@ -98,7 +98,7 @@ class TrainingDiverged(TrainError):
             else "no checkpoint was saved yet: start over with a lower `learning_rate` "
             "(or `warmup` / `max_grad_norm`)"
         )
-        super().__init__(f"{what} at step {step}; stopped without saving. {remedy}")
+        super().__init__(f"{what} at step {step}, stopped without saving; {remedy}")
 
 
 @dataclass
