@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import io
+import os
+import shlex
 import shutil
 import subprocess
 import sys
@@ -36,9 +38,14 @@ def loaded(model_dirs):
     return load(model_dirs[0])
 
 
-def run_cli(capsys, *argv, stdin: str | None = None, monkeypatch=None):
+def fake_stdin(data: str | bytes) -> io.TextIOWrapper:
+    """A non-interactive stdin holding `data`, with the binary `buffer` the commands read."""
+    return io.TextIOWrapper(io.BytesIO(data.encode() if isinstance(data, str) else data))
+
+
+def run_cli(capsys, *argv, stdin: str | bytes | None = None, monkeypatch=None):
     if stdin is not None:
-        monkeypatch.setattr(sys, "stdin", io.StringIO(stdin))
+        monkeypatch.setattr(sys, "stdin", fake_stdin(stdin))
     code = main([str(a) for a in argv])
     out, err = capsys.readouterr()
     return code, out, err
@@ -75,27 +82,45 @@ def test_bad_flags_exit_2(capsys, argv):
 @pytest.mark.parametrize(
     "flags, message",
     [
-        (["--temp", "-1"], "temp"),
-        (["--top-p", "0"], "top_p"),
-        (["--top-p", "1.5"], "top_p"),
-        (["--top-k", "-3"], "top_k"),
-        (["--min-p", "1"], "min_p"),
-        (["--repetition-penalty", "0"], "repetition_penalty"),
-        (["--repetition-context-size", "0"], "repetition_context_size"),
-        (["--max-tokens", "-1"], "max_tokens"),
-        (["--max-kv-size", "2"], "max_kv_size"),
-        (["--stop", ""], "stop"),
-        (["--seed", "-1"], "seed must be an integer in [0, 2**64)"),
-        (["--seed", str(2**64)], "seed"),
+        (["--temp", "-1"], "--temp must be"),
+        (["--top-p", "0"], "--top-p must be"),
+        (["--top-p", "1.5"], "--top-p must be"),
+        (["--top-k", "-3"], "--top-k must be"),
+        (["--min-p", "1"], "--min-p must be"),
+        (["--repetition-penalty", "0"], "--repetition-penalty must be"),
+        (["--repetition-context-size", "0"], "--repetition-context-size must be"),
+        (["--max-tokens", "-1"], "--max-tokens must be an integer >= 0, got -1"),
+        (["--max-kv-size", "2"], "--max-kv-size must be"),
+        (["--stop", ""], "--stop strings must be"),
+        (["--seed", "-1"], "--seed must be an integer in [0, 2**64)"),
+        (["--seed", str(2**64)], "--seed must be"),
         (["--raw", "--system", "Be brief."], "--system"),
     ],
 )
 def test_bad_values_exit_1_with_one_line(capsys, model_dirs, flags, message):
+    """Messages name the flags the user typed, never the Python names behind them."""
     code, out, err = run_cli(capsys, "generate", "--model", model_dirs[0], "--prompt", "x", *flags)
     assert code == 1
     assert err.startswith("error: ") and message in err
     assert len(err.strip().splitlines()) == 1
     assert out == ""
+    python_name = flags[0].lstrip("-").replace("-", "_")
+    assert "_" not in python_name or python_name not in err
+
+
+def test_chat_names_flags_too(capsys, monkeypatch, model_dirs):
+    argv = ["chat", "--model", model_dirs[1], "--max-tokens", "-1"]
+    code, _, err = run_cli(capsys, *argv, stdin="Hi\n", monkeypatch=monkeypatch)
+    assert code == 1 and err == "error: --max-tokens must be an integer >= 0, got -1\n"
+
+
+def test_a_prompt_past_the_context_names_the_flag(capsys, model_dirs):
+    """The library names the argument (max_kv_size); the CLI says --max-kv-size."""
+    long_prompt = "Once upon a time " * 200
+    code, out, err = run_cli(capsys, "generate", "--model", model_dirs[0], "--prompt", long_prompt)
+    assert code == 1 and out == ""
+    assert "--max-kv-size" in err and "max_kv_size" not in err
+    assert len(err.strip().splitlines()) == 1
 
 
 def test_missing_model_and_tokenizer_exit_1(capsys, tmp_path, model_dirs):
@@ -179,11 +204,11 @@ def test_chat_exit_command_and_ctrl_c(capsys, monkeypatch, model_dirs):
     code, out, _ = run_cli(capsys, *argv, stdin="/exit\nHello\n", monkeypatch=monkeypatch)
     assert (code, out) == (0, "")
 
-    class Interrupt(io.StringIO):
+    class Interrupt(io.BytesIO):
         def readline(self, *a):
             raise KeyboardInterrupt
 
-    monkeypatch.setattr(sys, "stdin", Interrupt())
+    monkeypatch.setattr(sys, "stdin", io.TextIOWrapper(Interrupt()))
     assert main([str(a) for a in argv]) == 0
 
 
@@ -308,3 +333,166 @@ def test_a_full_context_is_reported(capsys, model_dirs, loaded):
     assert code == 0 and "context is full; --max-kv-size" in err
     code, _, err = run_cli(capsys, *argv, "--max-tokens", "3")
     assert code == 0 and "context is full" not in err
+
+
+def test_integer_sampling_values_in_generation_config_are_used(tmp_path):
+    """HF writes `"temperature": 1` as often as 1.0; both are the model's suggestion."""
+    import json
+
+    from elm_mlx.cli.app import build_parser
+    from elm_mlx.cli.generate import _generation_settings
+    from elm_mlx.generation.loading import sampling_defaults
+
+    config = {"do_sample": True, "temperature": 1, "top_p": 1, "top_k": 40}
+    (tmp_path / "generation_config.json").write_text(json.dumps(config))
+    assert sampling_defaults(tmp_path) == {"temp": 1.0, "top_p": 1.0, "top_k": 40}
+    args = build_parser().parse_args(["generate", "--model", str(tmp_path), "--prompt", "x"])
+    settings = _generation_settings(args)
+    assert (settings.temp, settings.top_p, settings.top_k) == (1.0, 1.0, 40)
+
+
+@pytest.mark.parametrize(
+    "content, words",
+    [
+        ('{"do_sample": true, "temperature": 0.7', "not valid JSON"),
+        ('["do_sample"]', "JSON object"),
+        ('{"do_sample": true, "temperature": "hot"}', "temperature"),
+        ('{"do_sample": true, "top_p": 2}', "top_p"),
+    ],
+)
+def test_a_generation_config_that_cannot_be_used_is_one_line(
+    capsys, tmp_path, model_dirs, content, words
+):
+    model = tmp_path / "model"
+    shutil.copytree(model_dirs[0], model)
+    (model / "generation_config.json").write_text(content)
+    code, out, err = run_cli(capsys, "generate", "--model", model, "--prompt", "x")
+    assert code == 1 and out == ""
+    assert err.startswith("error: ") and len(err.strip().splitlines()) == 1
+    assert "generation_config.json" in err and words in err
+    assert "--top-p" not in err  # the file's problem, not a flag's
+
+
+# ---- faults: bad bytes, closed pipes, interrupted chats --------------------------------
+
+
+def test_invalid_utf8_input_is_one_line(capsys, monkeypatch, model_dirs):
+    argv = ["generate", "--model", model_dirs[0], "--prompt", "-"]
+    code, out, err = run_cli(capsys, *argv, stdin=b"Hello, \xff world", monkeypatch=monkeypatch)
+    assert (code, out) == (1, "")
+    assert err == "error: input is not valid UTF-8 (byte 0xff at position 7)\n"
+    # Bytes in an argument reach Python as surrogates (os.fsdecode); the message is the same.
+    argv = ["generate", "--model", model_dirs[0], "--prompt", os.fsdecode(b"Hello, \xfe")]
+    code, out, err = run_cli(capsys, *argv)
+    assert (code, out) == (1, "")
+    assert err == "error: --prompt is not valid UTF-8 (byte 0xfe at position 7)\n"
+
+
+def test_generate_into_a_closed_pipe_ends_quietly(model_dirs, tmp_path):
+    """`elm-mlx generate ... | head -c 20` exits 0 without a traceback, like Unix tools."""
+    command = [sys.executable, "-m", "elm_mlx.cli", "generate", "--model", str(model_dirs[0])]
+    command += ["--prompt", "Once upon a time", "--max-tokens", "20000", "--max-kv-size", "64"]
+    err = tmp_path / "stderr"
+    script = f"{shlex.join(command)} 2>{shlex.quote(str(err))} | head -c 20; "
+    script += 'echo " exit=${PIPESTATUS[0]}"'
+    done = subprocess.run(["bash", "-c", script], capture_output=True, timeout=300)
+    assert done.stdout.endswith(b" exit=0\n"), (done.stdout, err.read_text())
+    assert len(done.stdout) == 20 + len(b" exit=0\n")
+    assert err.read_text() == ""  # no traceback, no "Exception ignored", no summary
+
+
+def test_chat_survives_a_bad_line_and_a_failed_turn(capsys, monkeypatch, model_dirs, loaded):
+    """A line that is not UTF-8 and a turn that fails each print one line; the conversation
+    goes on as if they had not happened."""
+    from elm_mlx.generation import generate as generation
+
+    original = generation.stream_generate
+
+    def flaky(model, tokenizer, prompt, **kw):
+        if "Break now" in tokenizer.decode(list(prompt)):
+            raise RuntimeError("the model fell over\n(second line)")
+        return original(model, tokenizer, prompt, **kw)
+
+    monkeypatch.setattr(generation, "stream_generate", flaky)
+    argv = ["chat", "--model", model_dirs[1], "--max-tokens", "6", "--temp", "1", "--seed", "3"]
+    stdin = b"Hello there\n\xc3(bad\nBreak now\nHow are you?\n"
+    code, out, err = run_cli(capsys, *argv, stdin=stdin, monkeypatch=monkeypatch)
+    assert code == 0
+    settings = GenerationSettings(max_tokens=6, temp=1.0, seed=3)
+    session = ChatSession(*loaded, settings=settings)
+    first = "".join(r.text for r in session.send("Hello there"))
+    second = "".join(r.text for r in session.send("How are you?"))
+    assert out == f"{first}\n{second}\n" and out.strip()
+    assert err.splitlines() == [
+        "error: input is not valid UTF-8 (byte 0xc3 at position 0)",
+        "error: the model fell over (second line)",
+    ]
+
+
+@pytest.mark.skipif(not hasattr(os, "fork"), reason="needs a pseudo-terminal")
+def test_chat_in_a_terminal_ctrl_c_stops_the_reply_and_ctrl_d_leaves(model_dirs):
+    """In a real terminal: Ctrl-C during a (practically endless) reply returns to the prompt,
+    Ctrl-D there ends the chat with a newline and exit status 0."""
+    import pty
+
+    command = [sys.executable, "-m", "elm_mlx.cli", "chat", "--model", str(model_dirs[1])]
+    command += ["--max-tokens", "100000", "--max-kv-size", "64"]
+    pid, fd = pty.fork()
+    if pid == 0:  # the child, on the terminal
+        os.execv(sys.executable, command)
+    try:
+        seen = read_until(fd, b">>> ")
+        os.write(fd, b"Hello there\n")
+        seen = read_until(fd, b"Hello there", seen)
+        read_more(fd, 200)  # the reply is streaming
+        os.write(fd, b"\x03")  # Ctrl-C: the terminal sends SIGINT
+        seen = read_until(fd, b"(reply stopped)")
+        seen = read_until(fd, b">>> ", seen)
+        os.write(fd, b"\x04")  # Ctrl-D at the prompt
+        rest = read_to_end(fd)
+    finally:
+        _, status = os.waitpid(pid, 0)
+        os.close(fd)
+    assert b"Traceback" not in seen + rest
+    assert rest.replace(b"\r", b"") == b"\n"  # a newline, so the shell prompt starts clean
+    assert os.waitstatus_to_exitcode(status) == 0
+
+
+def read_until(fd, marker: bytes, seen: bytes = b"", timeout: float = 120) -> bytes:
+    """Terminal output until `marker` appears; the output after it (marker included)."""
+    import select
+    import time
+
+    end = time.monotonic() + timeout
+    while marker not in seen:
+        assert time.monotonic() < end, f"no {marker!r} in {seen[-300:]!r}"
+        if select.select([fd], [], [], 1)[0]:
+            seen += os.read(fd, 4096)
+    return seen[seen.index(marker) + len(marker) :]
+
+
+def read_more(fd, n: int) -> bytes:
+    got = b""
+    while len(got) < n:
+        got += os.read(fd, 4096)
+    return got
+
+
+def read_to_end(fd) -> bytes:
+    out = b""
+    while True:
+        try:
+            chunk = os.read(fd, 4096)
+        except OSError:  # the child closed the terminal
+            return out
+        if not chunk:
+            return out
+        out += chunk
+
+
+def test_version(capsys):
+    from elm_mlx import __version__
+
+    with pytest.raises(SystemExit) as e:
+        main(["--version"])
+    assert e.value.code == 0 and capsys.readouterr().out == f"elm-mlx {__version__}\n"

@@ -1,5 +1,7 @@
 """The CPU matrix-vector decoding step against the model's own MLX path, and the BLAS preload."""
 
+import dataclasses
+import functools
 import os
 import subprocess
 import sys
@@ -8,13 +10,15 @@ import mlx.core as mx
 import mlx.nn as nn
 import numpy as np
 import pytest
+from mlx.utils import tree_flatten
 
 from elm_mlx.generation.generate import generate_step
 from elm_mlx.model.cache import RotatingKVCache
 from elm_mlx.model.openelm import OpenELM
+from elm_mlx.runtime import fastpath
 from elm_mlx.runtime.blas import find_openblas
-from elm_mlx.runtime.device import default_dtype
-from elm_mlx.runtime.fastpath import CpuDecoder, fast_decoder
+from elm_mlx.runtime.device import default_dtype, default_scales_dtype
+from elm_mlx.runtime.fastpath import CpuDecoder, fast_decoder, fast_path_description
 from elm_mlx.testing import random_weights, tiny_args
 
 VARIANTS = [
@@ -117,8 +121,6 @@ def test_fallbacks_are_the_model_itself(model):
     assert mx.array_equal(fast(ids, cache=window), model(ids, cache=plain_window))
     batch = mx.array([[4], [5]])
     assert mx.array_equal(fast(batch), model(batch))  # a batch
-    off = CpuDecoder(model, enabled=False)
-    assert mx.array_equal(off(mx.array([[4]])), model(mx.array([[4]])))
 
 
 def test_other_dtypes_and_quantized_layers_fall_back():
@@ -152,21 +154,31 @@ def test_generate_step_tokens_match(model):
 
 def test_wrapper_is_the_model_elsewhere(model):
     fast = fast_decoder(model)
-    assert isinstance(fast, CpuDecoder)  # tests run on the CPU
+    assert isinstance(fast, CpuDecoder) and fast.model is model  # tests run on the CPU
     assert fast.args is model.args and len(fast.make_cache()) == len(model.layers)
     assert fast_decoder(fast) is fast  # no double wrapping
-    off = CpuDecoder(model, enabled=False)
-    assert fast_decoder(off) is off  # a caller's switch stands
-    assert fast_decoder(off, enabled=True).enabled
-    switched_off = fast_decoder(model, enabled=False)
-    assert switched_off.model is model and not switched_off.enabled
-    assert fast_decoder(switched_off) is switched_off  # generate_step keeps the choice
     assert isinstance(fast.make_cache(max_kv_size=16)[0], RotatingKVCache)
+    assert fast_path_description(fast).startswith("on")
+    assert fast_path_description(model) == "off (switched off)"
+
+
+def test_models_the_numpy_path_cannot_run_stay_as_they_are():
+    half = build(tiny_args())
+    half.set_dtype(mx.bfloat16)
+    quant = build(tiny_args())
+    fits = lambda _, m: isinstance(m, nn.Linear) and m.weight.shape[1] % 32 == 0  # noqa: E731
+    nn.quantize(quant, group_size=32, bits=8, class_predicate=fits)
+    for model in (half, quant):
+        assert fast_decoder(model) is model
+        assert fast_path_description(model).startswith("off (float32 models")
 
 
 def test_default_dtype_per_device():
     assert default_dtype(mx.Device(mx.cpu)) == mx.float32
     assert default_dtype(mx.Device(mx.gpu)) == mx.bfloat16
+    assert default_scales_dtype(mx.bfloat16, mx.Device(mx.cpu)) == mx.float32
+    assert default_scales_dtype(mx.bfloat16, mx.Device(mx.gpu)) == mx.bfloat16
+    assert default_scales_dtype(mx.float16, mx.Device(mx.gpu)) == mx.float16
 
 
 # ---- BLAS preload (each case in a fresh interpreter: the preload is process-wide) ----
@@ -242,15 +254,72 @@ def test_parallel_shares_cover_the_range_and_pass_errors_on():
     assert sorted(seen) == list(range(5))
 
 
-def test_generation_takes_the_numpy_path_on_the_cpu(model, monkeypatch):
+def test_generation_takes_the_path_it_is_given(model, monkeypatch):
+    """generate_step calls the model it is handed: the wrapper's numpy path, or MLX's."""
     seen = []
     original = CpuDecoder.forward
     monkeypatch.setattr(
         CpuDecoder, "forward", lambda self, *a: seen.append(1) or original(self, *a)
     )
-    tokens = [t for t, _ in generate_step([1, 5, 9, 2], model, max_tokens=4)]
+    tokens = [t for t, _ in generate_step([1, 5, 9, 2], fast_decoder(model), max_tokens=4)]
     assert len(seen) == 5  # prefill, last prompt token, three more steps: all numpy
     seen.clear()
-    off = fast_decoder(model, enabled=False)
-    assert [t for t, _ in generate_step([1, 5, 9, 2], off, max_tokens=4)] == tokens
+    assert [t for t, _ in generate_step([1, 5, 9, 2], model, max_tokens=4)] == tokens
     assert seen == []
+
+
+def test_single_token_decoding_past_300_positions_matches_mlx_and_mlx_lm():
+    """One token at a time for 330 positions: the numpy path, the MLX path and mlx-lm agree
+    at every position (an off-by-one in a RoPE position shows up wherever it starts)."""
+    from mlx_lm.models import openelm as mlx_lm_openelm
+    from mlx_lm.models.cache import make_prompt_cache
+
+    args = dataclasses.replace(tiny_args(num_gqa_groups=2, tied=False), max_context_length=512)
+    model = build(args, seed=7)
+    theirs = mlx_lm_openelm.Model(mlx_lm_openelm.ModelArgs.from_dict(args.to_dict()))
+    theirs.load_weights(list(tree_flatten(model.parameters())))
+    fast = fast_decoder(model)
+    assert isinstance(fast, CpuDecoder)
+    caches = model.make_cache(), model.make_cache(), make_prompt_cache(theirs)
+    tokens = np.random.default_rng(5).integers(0, args.vocab_size, 330)
+    worst_fast = worst_mlx_lm = 0.0
+    for position, token in enumerate(tokens):
+        ids = mx.array([[int(token)]])
+        plain = model(ids, cache=caches[0])
+        got = fast(ids, cache=caches[1])
+        ref = theirs(ids, cache=caches[2])
+        assert np.isfinite(np.asarray(got)).all(), position
+        worst_fast = max(worst_fast, rel_err(got, plain))
+        worst_mlx_lm = max(worst_mlx_lm, rel_err(plain, ref))
+    assert caches[1][0].offset == caches[0][0].offset == 330
+    assert worst_fast < 1e-5 and worst_mlx_lm < 1e-5, (worst_fast, worst_mlx_lm)
+
+
+@pytest.mark.skipif(fastpath._cores() < 2, reason="one core: no worker threads")
+def test_workers_stay_in_step_after_ctrl_c():
+    """Ctrl-C while the caller waits for the other shares: every share of that job is
+    still collected, so the next job does not take its leftovers for its own."""
+    import signal
+    import threading
+    import time
+
+    def slow(lo, hi):
+        if lo > 0:
+            time.sleep(0.5)
+
+    main = threading.main_thread().ident
+    timer = threading.Timer(0.1, signal.pthread_kill, (main, signal.SIGINT))
+    timer.start()
+    with pytest.raises(KeyboardInterrupt):
+        fastpath._parallel(slow, 64)
+    timer.join()
+
+    def record(lo, hi, seen):
+        if lo > 0:
+            time.sleep(0.2)
+        seen.extend(range(lo, hi))
+
+    for _ in range(3):
+        seen = []
+        fastpath._parallel(functools.partial(record, seen=seen), 64)
+        assert sorted(seen) == list(range(64))

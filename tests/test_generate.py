@@ -346,3 +346,70 @@ def test_ids_past_the_tokenizer_vocabulary_are_never_sampled(tokenizer):
     model.load_weights([(k, mx.array(v)) for k, v in weights.items()])
     text = generate(model, tokenizer, "hello", max_tokens=30, temp=1.0, seed=0)
     assert isinstance(text, str)
+
+
+class _Trap:
+    """Make one layer's cache raise `error` on its next update, after the layers before it
+    have taken theirs: an error or a Ctrl-C between two layers of one step."""
+
+    def __init__(self, cache, error: BaseException):
+        self.cache, self.error = cache, error
+        self.original = cache.update_and_fetch
+        cache.update_and_fetch = self
+
+    def __call__(self, keys, values):
+        self.cache.update_and_fetch = self.original  # once
+        raise self.error
+
+
+def test_a_chat_turn_that_fails_leaves_the_conversation_as_it_was(tokenizer, chat_model):
+    settings = GenerationSettings(max_tokens=4)
+    session = ChatSession(chat_model, tokenizer, settings=settings)
+    reference = ChatSession(chat_model, tokenizer, settings=settings)
+    assert [r.token for r in session.send("Hello there")] == [
+        r.token for r in reference.send("Hello there")
+    ]
+    _Trap(session.cache[2], RuntimeError("boom"))
+    with pytest.raises(RuntimeError, match="boom"):
+        list(session.send("Something else entirely"))
+    assert [c.offset for c in session.cache] == [c.offset for c in reference.cache]
+    again = [r.token for r in session.send("How are you?")]
+    assert again == [r.token for r in reference.send("How are you?")]
+
+
+def test_ctrl_c_during_a_reply_keeps_what_came(tokenizer, chat_model):
+    """A reply cut short between two layers: every layer's cache ends at the same place,
+    the reply so far stays in the conversation, and the next turn sees exactly it."""
+    session = ChatSession(chat_model, tokenizer, settings=GenerationSettings(max_tokens=10))
+    first_ids = session.turn_ids("Tell a story")
+    reply = []
+    with pytest.raises(KeyboardInterrupt):
+        for response in session.send("Tell a story"):
+            reply.append(response.token)
+            if len(reply) == 2:
+                _Trap(session.cache[2], KeyboardInterrupt())
+    assert len(reply) == 2 and tokenizer.eos_id not in reply
+    offsets = {c.offset for c in session.cache}
+    assert len(offsets) == 1
+    fed = offsets.pop()
+    second_ids = session.turn_ids("And then?")
+    history = first_ids + reply
+    assert history[:fed] + second_ids == history + [tokenizer.eos_id] + tokenizer.encode(
+        "\n<|user|>\nAnd then?</s>\n<|assistant|>\n", bos=False
+    )
+    second = [r.token for r in session.send("And then?")]
+    assert ids_of(generate_step(history[:fed] + second_ids, chat_model, max_tokens=10)) == second
+
+
+def test_closing_a_reply_early_keeps_it(tokenizer, chat_model):
+    """The caller stops reading (Ctrl-C in its own code): closing the generator settles the
+    conversation the same way."""
+    session = ChatSession(chat_model, tokenizer, settings=GenerationSettings(max_tokens=10))
+    first_ids = session.turn_ids("Tell a story")
+    replies = session.send("Tell a story")
+    reply = [next(replies).token, next(replies).token, next(replies).token]
+    replies.close()
+    fed = session.cache[0].offset
+    assert {c.offset for c in session.cache} == {fed}
+    history = first_ids + reply
+    assert history[:fed] + session.turn_ids("Go on")[: len(history) - fed] == history

@@ -5,8 +5,8 @@ from __future__ import annotations
 import sys
 
 from ..formats.gguf import FILE_TYPES, export_gguf
+from ..generation.loading import is_instruct
 from .common import model_path
-from .generate import _is_instruct
 
 
 def _add_export_gguf(sub) -> None:
@@ -41,7 +41,7 @@ def _add_export_gguf(sub) -> None:
 
 def _run_export_gguf(args) -> None:
     model = model_path(args.model)
-    template = _is_instruct(model) if args.chat_template is None else args.chat_template
+    template = is_instruct(model) if args.chat_template is None else args.chat_template
     export_gguf(
         model,
         args.out,

@@ -2,19 +2,27 @@
 
 from __future__ import annotations
 
-import json
+import os
 import sys
-from pathlib import Path
+from contextlib import closing
 
-from ..generation.generate import ChatSession, GenerationSettings, stream_generate
-from ..generation.loading import load_for_generation
+from ..generation.generate import ChatSession, chat_prompt, stream_generate
+from ..generation.loading import generation_settings, is_instruct, load_for_generation
 from ..model.cache import ContextLengthError
-from .common import CliError, model_path
+from .common import CliError
 
 _INSTRUCT_RULE = (
     "The chat template is applied when the --model name (directory or hub id) contains "
     "'instruct' (any case) or --system is given; --raw sends the prompt as is."
 )
+# GenerationSettings fields that have a flag of the same name.
+_FLAGS = {
+    name: "--" + name.replace("_", "-")
+    for name in (
+        "max_tokens", "temp", "top_p", "top_k", "min_p", "repetition_penalty",
+        "repetition_context_size", "seed", "stop", "max_kv_size",
+    )
+}  # fmt: skip
 
 
 def _add_generation_flags(p) -> None:
@@ -34,7 +42,11 @@ def _add_generation_flags(p) -> None:
         type=float,
         help="nucleus mass in (0, 1]; 1 = off (default: generation_config.json, else 1)",
     )
-    p.add_argument("--top-k", type=int, default=0, help="sample among the k most likely; 0 = off")
+    p.add_argument(
+        "--top-k",
+        type=int,
+        help="sample among the k most likely; 0 = off (default: generation_config.json, else 0)",
+    )
     p.add_argument(
         "--min-p", type=float, default=0.0, help="drop tokens below min-p x the top one; 0 = off"
     )
@@ -82,19 +94,32 @@ def _add_generate(sub) -> None:
 
 
 def _generation_settings(args, **extra):
-    suggested = _suggested_sampling(model_path(args.model))
-    return GenerationSettings(
-        max_tokens=args.max_tokens,
-        temp=args.temp if args.temp is not None else suggested.get("temperature", 0.0),
-        top_p=args.top_p if args.top_p is not None else suggested.get("top_p", 1.0),
-        top_k=args.top_k,
-        min_p=args.min_p,
-        repetition_penalty=args.repetition_penalty,
-        repetition_context_size=args.repetition_context_size,
-        seed=args.seed,
-        max_kv_size=args.max_kv_size,
-        **extra,
-    )
+    try:
+        return generation_settings(
+            args.model,
+            max_tokens=args.max_tokens,
+            temp=args.temp,
+            top_p=args.top_p,
+            top_k=args.top_k,
+            min_p=args.min_p,
+            repetition_penalty=args.repetition_penalty,
+            repetition_context_size=args.repetition_context_size,
+            seed=args.seed,
+            max_kv_size=args.max_kv_size,
+            **extra,
+        )
+    except ValueError as e:
+        raise CliError(_flag_names(str(e))) from None
+
+
+def _flag_names(message: str) -> str:
+    """A library message that starts with a setting's name, starting with its flag instead."""
+    name, space, rest = message.partition(" ")
+    return _FLAGS[name] + space + rest if name in _FLAGS else message
+
+
+def _context_message(e: ContextLengthError) -> str:
+    return str(e).replace("max_kv_size", "--max-kv-size")
 
 
 def _load_for_generation(args):
@@ -102,7 +127,7 @@ def _load_for_generation(args):
         args.model,
         adapter_path=args.adapter_path,
         dtype=args.dtype,
-        fast_path=False if args.no_fast_path else None,
+        fast_path=not args.no_fast_path,
     )
     if args.verbose:
         for line in report.lines():
@@ -110,38 +135,48 @@ def _load_for_generation(args):
     return model, tokenizer
 
 
-def _suggested_sampling(path: str) -> dict:
-    """temperature / top_p from a local model directory's generation_config.json (HF's file),
-    used for the flags the user leaves out; {} when there is none or it does not sample."""
-
-    file = Path(path) / "generation_config.json"
+def _utf8(raw: bytes, what: str = "input") -> str:
     try:
-        config = json.loads(file.read_text()) if file.is_file() else {}
-    except (OSError, ValueError):
-        return {}
-    if not isinstance(config, dict) or not config.get("do_sample"):
-        return {}
-    return {k: config[k] for k in ("temperature", "top_p") if isinstance(config.get(k), float)}
-
-
-def _is_instruct(model: str) -> bool:
-    return "instruct" in str(model).rstrip("/\\").replace("\\", "/").split("/")[-1].lower()
+        return raw.decode("utf-8")
+    except UnicodeDecodeError as e:
+        raise CliError(
+            f"{what} is not valid UTF-8 (byte 0x{raw[e.start]:02x} at position {e.start})"
+        ) from None
 
 
 def _read_prompt(value: str) -> str:
     if value != "-":
-        return value
-    text = sys.stdin.read().removesuffix("\n")
+        return _utf8(os.fsencode(value), "--prompt")  # the bytes the shell passed
+    text = _utf8(sys.stdin.buffer.read()).removesuffix("\n")
     if not text:
         raise CliError("--prompt - read an empty prompt from stdin")
     return text
 
 
 def _prompt_text(tokenizer, prompt: str, args) -> str:
-    if args.raw or (args.system is None and not _is_instruct(args.model or "")):
+    if args.raw or (args.system is None and not is_instruct(args.model)):
         return prompt
-    system = [] if args.system is None else [{"role": "system", "content": args.system}]
-    return tokenizer.apply_chat_template(system + [{"role": "user", "content": prompt}])
+    return chat_prompt(tokenizer, prompt, args.system)
+
+
+def _write_reply(responses):
+    """Stream each response's text to stdout, then a newline; the last response."""
+    last = None
+    for last in responses:
+        sys.stdout.write(last.text)
+        sys.stdout.flush()
+    sys.stdout.write("\n")
+    sys.stdout.flush()
+    return last
+
+
+def _quiet_stdout() -> None:
+    """After a broken pipe: send what stdout still holds to /dev/null, so that nothing
+    fails again when Python flushes it at exit."""
+    try:
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+    except (OSError, ValueError):  # stdout without a file descriptor (captured)
+        pass
 
 
 def _print_summary(last) -> None:
@@ -167,15 +202,19 @@ def _run_generate(args) -> None:
         raise CliError("--system needs the chat template; drop --raw")
     settings = _generation_settings(args, stop=tuple(args.stop or ()))
     prompt = _read_prompt(args.prompt)
+    if args.system is not None:
+        args.system = _utf8(os.fsencode(args.system), "--system")
     model, tokenizer = _load_for_generation(args)
     text = _prompt_text(tokenizer, prompt, args)
     if args.verbose:
         print(f"chat template: {'applied' if text != prompt else 'not applied'}", file=sys.stderr)
-    last = None
-    for last in stream_generate(model, tokenizer, text, settings=settings):
-        sys.stdout.write(last.text)
-        sys.stdout.flush()
-    sys.stdout.write("\n")
+    try:
+        last = _write_reply(stream_generate(model, tokenizer, text, settings=settings))
+    except ContextLengthError as e:
+        raise CliError(_context_message(e)) from None
+    except BrokenPipeError:  # the reader has gone (`| head`): stop quietly, like Unix tools
+        _quiet_stdout()
+        return
     _print_summary(last)
 
 
@@ -185,54 +224,72 @@ def _add_chat(sub) -> None:
         help="chat with an Instruct model (keeps the KV cache between turns)",
         description="Interactive chat: one message per line on stdin; the reply streams to "
         "stdout. The KV cache is kept between turns, so only the new turn is processed. "
-        "/reset starts over, /exit or Ctrl-D quits. Without --model it runs the shipped nano "
-        "model, a base model never tuned for chat: for real answers pass a converted "
-        "OpenELM-*-Instruct directory.",
+        "/reset starts over, /exit or Ctrl-D quits; Ctrl-C stops a reply, and at the prompt "
+        "quits. Without --model it runs the shipped nano model, a base model never tuned for "
+        "chat: for real answers pass a converted OpenELM-*-Instruct directory.",
     )
     _add_generation_flags(p)
 
 
 def _run_chat(args) -> None:
     settings = _generation_settings(args)
+    if args.system is not None:
+        args.system = _utf8(os.fsencode(args.system), "--system")
     model, tokenizer = _load_for_generation(args)
     session = ChatSession(model, tokenizer, system=args.system, settings=settings)
-    interactive = sys.stdin.isatty()
-    if interactive:
-        print("/reset starts over, /exit or Ctrl-D quits", file=sys.stderr)
     try:
-        while (line := _read_line(interactive)) is not None and _chat_turn(session, line, args):
-            pass
-    except KeyboardInterrupt:
-        print(file=sys.stderr)
+        _chat_loop(session, sys.stdin.buffer, interactive=sys.stdin.isatty(), verbose=args.verbose)
+    except BrokenPipeError:
+        _quiet_stdout()
 
 
-def _read_line(interactive: bool) -> str | None:
+def _chat_loop(session, lines, *, interactive: bool, verbose: bool = False) -> None:
+    """Answer each line of the binary stream `lines` until /exit, end of input or Ctrl-C at
+    the prompt. A line that is not UTF-8, a failed turn or Ctrl-C during a reply prints a
+    line and the conversation goes on."""
     if interactive:
-        print(">>> ", end="", file=sys.stderr, flush=True)
-    line = sys.stdin.readline()
-    return None if line == "" else line.strip()
-
-
-def _chat_turn(session, message: str, args) -> bool:
-    """Answer one line; False ends the chat."""
-
-    if message in ("/exit", "/quit"):
-        return False
-    if message == "/reset":
-        session.reset()
-        print("(conversation cleared)", file=sys.stderr)
-    elif message:
+        print("/reset starts over, /exit or Ctrl-D quits, Ctrl-C stops a reply", file=sys.stderr)
+    while True:
         try:
-            last = None
-            for last in session.send(message):
-                sys.stdout.write(last.text)
-                sys.stdout.flush()
-            sys.stdout.write("\n")
-            if args.verbose:
-                _print_summary(last)
-        except ContextLengthError as e:
-            print(f"error: {e}; or /reset to start over", file=sys.stderr)
-    return True
+            if interactive:
+                print(">>> ", end="", file=sys.stderr, flush=True)
+            line = lines.readline()
+        except KeyboardInterrupt:
+            line = b""
+        if not line:  # end of input (Ctrl-D) or Ctrl-C at the prompt
+            if interactive:
+                print(file=sys.stderr)  # the shell's prompt starts on a line of its own
+            return
+        try:
+            message = _utf8(line).strip()
+        except CliError as e:
+            print(f"error: {e}", file=sys.stderr)
+            continue
+        if message in ("/exit", "/quit"):
+            return
+        if message == "/reset":
+            session.reset()
+            print("(conversation cleared)", file=sys.stderr)
+        elif message:
+            _chat_turn(session, message, verbose)
+
+
+def _chat_turn(session, message: str, verbose: bool) -> None:
+    try:
+        with closing(session.send(message)) as replies:
+            last = _write_reply(replies)
+        if verbose:
+            _print_summary(last)
+    except KeyboardInterrupt:
+        sys.stdout.write("\n")
+        sys.stdout.flush()
+        print("(reply stopped)", file=sys.stderr)
+    except ContextLengthError as e:
+        print(f"error: {_context_message(e)}; or /reset to start over", file=sys.stderr)
+    except BrokenPipeError:
+        raise
+    except Exception as e:  # noqa: BLE001 - one failed turn does not end the conversation
+        print(f"error: {' '.join(str(e).split()) or type(e).__name__}", file=sys.stderr)
 
 
 COMMANDS = {

@@ -14,7 +14,6 @@ from dataclasses import dataclass
 import mlx.core as mx
 
 from ..model.cache import ContextLengthError
-from ..runtime.fastpath import fast_decoder
 from .sample import (
     LogitsProcessor,
     Sampler,
@@ -106,8 +105,7 @@ def token_budget(model, cache, n_prompt: int, max_tokens: int) -> int:
         held = f" (the cache already holds {first.offset})" if first.offset else ""
         raise ContextLengthError(
             f"the prompt has {n_prompt} tokens but only {room} fit in the {limit}-token "
-            f"context{held}; shorten the prompt or use a rotating window "
-            "(max_kv_size, --max-kv-size)"
+            f"context{held}; shorten the prompt or use a rotating window (max_kv_size)"
         )
     return min(max_tokens, room - n_prompt + 1)
 
@@ -127,13 +125,10 @@ def generate_step(
 
     The prompt goes through the model in chunks of `prefill_step` tokens; each
     next step is queued (`mx.async_eval`) before the current token is yielded.
-    `cache` (from `model.make_cache()`) may already hold earlier tokens.
-
-    On the CPU the model runs through `elm_mlx.fastpath.CpuDecoder` (numpy/BLAS,
-    same logits to float32 rounding); pass `fast_decoder(model, enabled=False)`
-    to keep MLX's own kernels.
+    `cache` (from `model.make_cache()`) may already hold earlier tokens. `model` is
+    called as given: `load_for_generation` returns it ready (on the CPU, usually in the
+    numpy decoding path of `runtime.fastpath`).
     """
-    model = fast_decoder(model)
     prompt = mx.array(prompt_ids, dtype=mx.int32).reshape(-1)  # (L,)
     if prompt.size == 0:
         raise ValueError("the prompt is empty; give at least one token id")
@@ -337,7 +332,7 @@ class ChatSession:
         system: str | None = None,
         settings: GenerationSettings | None = None,
     ):
-        self.model, self.tokenizer, self.system = fast_decoder(model), tokenizer, system
+        self.model, self.tokenizer, self.system = model, tokenizer, system
         self.settings = settings or GenerationSettings()
         self.reset()
 
@@ -351,16 +346,20 @@ class ChatSession:
         """The token ids that the next turn feeds to the model."""
         user = [{"role": "user", "content": message}]
         if self.cache[0].offset == 0:
-            system = [{"role": "system", "content": self.system}] if self.system else []
-            return self.tokenizer.encode(self.tokenizer.apply_chat_template(system + user))
+            return self.tokenizer.encode(chat_prompt(self.tokenizer, message, self.system))
         close = [] if self.closed else [self.tokenizer.eos_id]
         text = "\n" + self.tokenizer.apply_chat_template(user)
         return self.pending + close + self.tokenizer.encode(text, bos=False)
 
     def send(self, message: str) -> Iterator[GenerationResponse]:
-        """Stream the reply to `message`; the cache keeps the whole conversation."""
+        """Stream the reply to `message`; the cache keeps the whole conversation.
+
+        A reply cut short (an error, Ctrl-C, or the caller closing this generator) stays
+        in the conversation as far as it came; a turn that fails before its first reply
+        token leaves the conversation as it was before the turn.
+        """
         ids = self.turn_ids(message)
-        start = self.cache[0].offset + len(ids)
+        before = self.cache[0].offset
         reply: list[int] = []
         try:
             for response in stream_generate(
@@ -369,6 +368,24 @@ class ChatSession:
                 reply.append(response.token)
                 yield response
         finally:
-            if reply:  # each token is fed back before it is yielded, except the last one
-                self.pending = reply[self.cache[0].offset - start :]
-                self.closed = reply[-1] == self.tokenizer.eos_id
+            self._settle(before, before + len(ids), reply)
+
+    def _settle(self, before: int, start: int, reply: list[int]) -> None:
+        """Bring every layer's cache to one length after a turn, however it ended."""
+        offsets = [c.offset for c in self.cache]
+        keep = min(offsets) if reply else before  # an interrupt may stop between layers
+        if keep < max(offsets) and not all(c.is_trimmable() for c in self.cache):
+            self.reset()  # a rotating window that wrapped cannot be rolled back
+            return
+        for c in self.cache:
+            if c.offset > keep:
+                c.trim(c.offset - keep)
+        if reply:  # each token is fed back before it is yielded, except the last one
+            self.pending = reply[max(0, keep - start) :]
+            self.closed = reply[-1] == self.tokenizer.eos_id
+
+
+def chat_prompt(tokenizer: Tokenizer, message: str, system: str | None = None) -> str:
+    """`message` (after a `system` message, if any) as the first turn of the chat template."""
+    turns = [{"role": "system", "content": system}] if system else []
+    return tokenizer.apply_chat_template([*turns, {"role": "user", "content": message}])

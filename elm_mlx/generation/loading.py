@@ -1,5 +1,6 @@
 """Loading a model for generation: the one place that picks the compute dtype, applies
-adapters and decides whether the CPU decodes through the numpy path."""
+adapters and decides whether the CPU decodes through the numpy path; and what a model
+directory suggests for generating with it (sampling defaults, the chat template)."""
 
 from __future__ import annotations
 
@@ -9,11 +10,24 @@ from pathlib import Path
 
 import mlx.core as mx
 
-from ..formats.modeldir import as_dtype, default_model_path, dtype_name, load, require_tokenizer
+from ..formats.modeldir import (
+    GENERATION_CONFIG,
+    as_dtype,
+    default_model_path,
+    dtype_name,
+    load,
+    read_generation_config,
+    require_tokenizer,
+)
 from ..runtime.blas import blas_description
 from ..runtime.device import default_dtype
 from ..runtime.fastpath import fast_decoder, fast_path_description
+from .generate import GenerationSettings
+from .sample import check_sampling
 from .tokenizer import Tokenizer
+
+# generation_config.json keys (Hugging Face's names) -> GenerationSettings fields.
+_SUGGESTED = {"temperature": "temp", "top_p": "top_p", "top_k": "top_k"}
 
 
 @dataclass(frozen=True)
@@ -46,14 +60,14 @@ def load_for_generation(
     *,
     adapter_path: str | Path | None = None,
     dtype: str | mx.Dtype = "auto",
-    fast_path: bool | None = None,
+    fast_path: bool = True,
 ) -> tuple[object, Tokenizer, LoadReport]:
     """(model, tokenizer, report) ready for `generate_step`, `stream_generate` or a server.
 
     `path` is a model directory or hub id (None: the shipped nano model). `dtype="auto"`
     computes a float model in float32 on the CPU and bfloat16 on a GPU; quantized models
-    keep their scales' dtype. `fast_path=None` decodes single sequences through the numpy
-    path when MLX runs on the CPU; False keeps MLX's kernels everywhere.
+    keep their scales' dtype. `fast_path=True` decodes single sequences through the numpy
+    path where it applies (MLX on the CPU, float32 plain layers); False keeps MLX's kernels.
     """
     start = time.perf_counter()
     path = str(default_model_path()) if path is None else str(path)
@@ -72,7 +86,8 @@ def load_for_generation(
         from ..training.lora import apply_adapters
 
         apply_adapters(model, adapter_path)
-    model = fast_decoder(model, enabled=fast_path)
+    if fast_path:
+        model = fast_decoder(model)
     report = LoadReport(
         path=path,
         parameters=model.args.num_parameters(),
@@ -84,3 +99,41 @@ def load_for_generation(
         fast_path=fast_path_description(model),
     )
     return model, tokenizer, report
+
+
+def sampling_defaults(path: str | Path | None = None) -> dict:
+    """`GenerationSettings` fields (`temp`, `top_p`, `top_k`) that a local model directory's
+    generation_config.json suggests; {} without one or when it does not sample
+    (`do_sample` false). A file that cannot be used raises ValueError naming it."""
+    directory = default_model_path() if path is None else Path(path)
+    config = read_generation_config(directory) or {}
+    if not config.get("do_sample"):
+        return {}
+    fields = {}
+    for key, field in _SUGGESTED.items():
+        value = config.get(key)
+        if value is None:
+            continue
+        try:
+            if isinstance(value, bool) or not isinstance(value, (int, float)):
+                raise ValueError(f"must be a number, got {value!r}")
+            check_sampling(**{field: value})
+        except ValueError as e:
+            file = directory / GENERATION_CONFIG
+            raise ValueError(f"{file}: {key} cannot be used: {e}") from None
+        fields[field] = value if field == "top_k" else float(value)
+    return fields
+
+
+def generation_settings(path: str | Path | None = None, **given) -> GenerationSettings:
+    """Settings for generating with the model at `path`: `given` fields (None: not given)
+    win over the model's `sampling_defaults`, which win over GenerationSettings' own."""
+    chosen = {k: v for k, v in given.items() if v is not None}
+    return GenerationSettings(**{**sampling_defaults(path), **chosen})
+
+
+def is_instruct(path: str | Path | None) -> bool:
+    """Whether a model's name (directory or hub id) marks an Instruct model, whose prompts
+    go through the chat template. None (the shipped nano model) is a base model."""
+    name = str(path or "").rstrip("/\\").replace("\\", "/").split("/")[-1]
+    return "instruct" in name.lower()

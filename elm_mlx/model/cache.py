@@ -53,7 +53,7 @@ class KVCache:
             raise ContextLengthError(
                 f"{end} tokens exceed the context length of {self.max_size}; "
                 "shorten the prompt or generation, or use a rotating window "
-                "(max_kv_size, --max-kv-size)"
+                "(max_kv_size)"
             )
         if self.keys is None or end > self.keys.shape[2]:
             self._grow(keys, values, end)

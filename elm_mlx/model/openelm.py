@@ -151,10 +151,20 @@ class OpenELM(nn.Module):
             self.lm_head = nn.Linear(args.model_dim, args.vocab_size, bias=False)
 
     def __call__(self, ids: mx.array, cache: list[KVCache] | None = None) -> mx.array:
-        h = self.transformer(ids, cache)
+        return self.head(self.transformer(ids, cache))
+
+    def output_head(self) -> tuple[str, nn.Module]:
+        """(module path, layer) of the output matrix: the token embeddings when tied.
+
+        The one place that decides it; the CPU decoding path and the trainer ask here."""
         if self.args.share_input_output_layers:
-            return self.transformer.token_embeddings.as_linear(h)
-        return self.lm_head(h)
+            return "transformer.token_embeddings", self.transformer.token_embeddings
+        return "lm_head", self.lm_head
+
+    def head(self, h: mx.array) -> mx.array:
+        """Logits (B, L, vocab_size) of the final norm's output (B, L, model_dim)."""
+        _, layer = self.output_head()
+        return layer.as_linear(h) if hasattr(layer, "as_linear") else layer(h)
 
     @property
     def layers(self) -> list[Block]:

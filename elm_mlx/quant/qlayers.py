@@ -1,15 +1,14 @@
 """Quantized layers whose many-row products go through BLAS on the CPU.
 
 MLX's CPU quantized matmul works one input row at a time, so prompts and
-training batches cost (rows x) a decode step: 128 rows through a 4-bit
-5120 x 1280 matrix took ~8x longer than dequantizing the matrix once and
-multiplying with BLAS (float32). These subclasses of `nn.QuantizedLinear` and
-`nn.QuantizedEmbedding` (the tied head's `as_linear`) take that route on the
-CPU for inputs of `DENSE_ROWS` rows or more. Their parameters, config and
-saved files are the standard ones (mlx-lm and LoRA see ordinary quantized
-layers); one-row decoding and GPUs keep MLX's quantized kernels.
+training batches cost (rows x) a decode step; from a few rows on it is cheaper
+to dequantize the matrix once and multiply with BLAS (float32). These subclasses
+of `nn.QuantizedLinear` and `nn.QuantizedEmbedding` (the tied head's `as_linear`)
+take that route on the CPU for inputs of `DENSE_ROWS` rows or more. Their
+parameters, config and saved files are the standard ones (mlx-lm and LoRA see
+ordinary quantized layers); one-row decoding and GPUs keep MLX's quantized kernels.
 
-This module imports only MLX.
+This module imports only MLX and the device rules.
 """
 
 from __future__ import annotations
@@ -17,13 +16,15 @@ from __future__ import annotations
 import mlx.core as mx
 import mlx.nn as nn
 
-# Rows from which dequantize + BLAS beats MLX's CPU quantized matmul (crossover measured
-# at ~6 rows on 4- and 8-bit 5120 x 1280 matrices).
+from ..runtime.device import on_cpu
+
+# Rows from which dequantize + BLAS beats MLX's CPU quantized matmul (the crossover lies
+# a little below it on 4- and 8-bit matrices of the published sizes).
 DENSE_ROWS = 8
 
 
 def _dense(x: mx.array) -> bool:
-    return x.size >= DENSE_ROWS * x.shape[-1] and mx.default_device().type == mx.DeviceType.cpu
+    return x.size >= DENSE_ROWS * x.shape[-1] and on_cpu()
 
 
 def _dense_matmul(layer: nn.Module, x: mx.array) -> mx.array:

@@ -1,9 +1,9 @@
 """Give MLX's Linux CPU backend a fast BLAS, before MLX is imported.
 
 MLX's Linux CPU wheel links a reference BLAS: its float32 matmuls (every
-`nn.Linear`) run at a few GFLOP/s. Loading a system OpenBLAS with RTLD_GLOBAL
-before `import mlx.core` makes the dynamic linker resolve MLX's `cblas_sgemm` to
-OpenBLAS instead, which is 15-30x faster for prompt-sized products. It has to
+`nn.Linear`) are slow. Loading a system OpenBLAS with RTLD_GLOBAL before
+`import mlx.core` makes the dynamic linker resolve MLX's `cblas_sgemm` to
+OpenBLAS instead (benchmarks/README.md has the numbers). It has to
 happen before MLX loads, so `elm-mlx` calls `preload_blas()` first thing.
 
 `ELM_MLX_BLAS=0` turns this off; `ELM_MLX_BLAS=/path/libopenblas.so.0` picks a

@@ -3,9 +3,9 @@
 Decoding reads every weight once per token, so its speed is the speed of the
 one-row products `x @ W.T`. MLX's CPU backend computes every float32 matmul with
 `cblas_sgemm`; for a single row OpenBLAS packs the weight matrix first and reads
-it at a fraction of the memory bandwidth, while `sgemv` on the same matrix runs
-3-4x faster. MLX's CPU `exp` (softmax, silu) is also several times slower than
-numpy's vectorised one. benchmarks/README.md has the measurements.
+it at a fraction of the memory bandwidth, where `sgemv` on the same matrix reads
+it at full speed. MLX's CPU `exp` (softmax, silu) is also slower than numpy's
+vectorised one. benchmarks/README.md has the measurements.
 
 `CpuDecoder(model)` is the model with a numpy forward pass: zero-copy views of
 the model's MLX weights (`np.asarray` of a CPU array shares its memory), products
@@ -14,6 +14,10 @@ prompt chunk), blocked causal attention. The KV cache stays the model's MLX
 `KVCache`: new keys/values are appended lazily and evaluated once per call together
 with MLX's own RoPE cos/sin. Rotating caches, quantized or LoRA layers, other
 dtypes, batches and GPU devices take the model's normal MLX path.
+
+`fast_decoder(model)` makes the wrapper where it applies; generation code is
+handed the model it should call (`generation.loading.load_for_generation`
+decides once, at load time).
 """
 
 from __future__ import annotations
@@ -64,8 +68,7 @@ class _Views:
 def _sources(model: OpenELM) -> tuple | None:
     """The float32 weights the step reads (fixed order); None if a layer is not a plain one."""
     t = model.transformer
-    head = model.lm_head if "lm_head" in model else t.token_embeddings
-    mods = [t.token_embeddings, t.norm, head]
+    mods = [t.token_embeddings, t.norm, model.output_head()[1]]
     for block in t.layers:
         a, f = block.attn, block.ffn
         qk = [a.q_norm, a.k_norm] if "q_norm" in a else [None, None]
@@ -116,7 +119,7 @@ def _matvec(x: np.ndarray, w: np.ndarray) -> np.ndarray:
 
 
 def _rms_norm(x: np.ndarray, weight: np.ndarray, eps: float) -> np.ndarray:
-    ms = np.add.reduce(x * x, axis=-1, keepdims=True)  # np.mean costs 5x more on one row
+    ms = np.add.reduce(x * x, axis=-1, keepdims=True)  # np.mean has more overhead per call
     ms *= 1.0 / x.shape[-1]
     ms += eps
     return x * (1.0 / np.sqrt(ms)) * weight
@@ -155,7 +158,7 @@ def _rope(x: np.ndarray, cos: np.ndarray, sin: np.ndarray) -> np.ndarray:
 
 
 def _halves(x: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
-    """The two halves of the last axis, as views (np.split costs ~20 us a call)."""
+    """The two halves of the last axis, as views (np.split has more overhead per call)."""
     h = x.shape[-1] // 2
     return x[..., :h], x[..., h:]
 
@@ -245,8 +248,8 @@ def _cores() -> int:
 class _Workers:
     """Daemon threads that each run one share of a job; the caller runs the first share.
 
-    Plain queues (C-implemented) keep a hand-off near 20 microseconds, a third of
-    what concurrent.futures costs; a decoded token has about 65 of them.
+    Plain queues (C-implemented) keep a hand-off cheaper than concurrent.futures';
+    a decoded token has about 65 of them.
     """
 
     def __init__(self, n: int):
@@ -265,15 +268,30 @@ class _Workers:
                 self.done.put(e)
 
     def run(self, fn, bounds: list[tuple[int, int]]) -> None:
-        for jobs, (lo, hi) in zip(self.jobs, bounds[1:], strict=False):
-            jobs.put((fn, lo, hi))
+        sent = 0
         try:
+            for jobs, (lo, hi) in zip(self.jobs, bounds[1:], strict=False):
+                jobs.put((fn, lo, hi))
+                sent += 1
             fn(*bounds[0])
         finally:
-            errors = [self.done.get() for _ in bounds[1:]]
+            errors = self._collect(sent)
         for e in errors:
             if e is not None:
                 raise e
+
+    def _collect(self, n: int) -> list:
+        """The outcomes of `n` shares, waited for even through Ctrl-C: an outcome left in
+        the queue would be taken for one of the next job's shares."""
+        outcomes, interrupted = [], False
+        while len(outcomes) < n:
+            try:
+                outcomes.append(self.done.get())
+            except KeyboardInterrupt:
+                interrupted = True
+        if interrupted:
+            raise KeyboardInterrupt
+        return outcomes
 
 
 @functools.cache
@@ -388,14 +406,14 @@ class CpuDecoder:
 
     Drop-in for the model in generation code: calling it is `model(ids, cache=cache)`,
     and every other attribute (`args`, `make_cache`, `layers`...) is the model's.
-    A single sequence (batch 1) of float32 plain layers takes the numpy path; a
-    prompt chunk returns its logits as a lazy MLX product (never computed when only
-    the cache is wanted), one token returns them computed.
+    A single sequence (batch 1) of float32 plain layers takes the numpy path (checked
+    on every call: weights may be replaced); a prompt chunk returns its logits as a
+    lazy MLX product (never computed when only the cache is wanted), one token
+    returns them computed.
     """
 
-    def __init__(self, model: OpenELM, enabled: bool = True):
+    def __init__(self, model: OpenELM):
         self.model = model
-        self.enabled = enabled
         self._views: _Views | None = None
 
     def __getattr__(self, name: str):
@@ -411,7 +429,7 @@ class CpuDecoder:
 
     def _ready(self, ids: mx.array, cache: list | None) -> _Views | None:
         """Up-to-date weight views when this call can take the numpy path."""
-        if not (self.enabled and ids.ndim == 2 and ids.shape[0] == 1 and on_cpu()):
+        if not (ids.ndim == 2 and ids.shape[0] == 1 and on_cpu()):
             return None
         if ids.shape[1] > 1 and not all(_numpy_cache(c) for c in cache or []):
             return None  # several tokens into e.g. a rotating window: MLX handles the mask
@@ -432,7 +450,7 @@ class CpuDecoder:
             h = _blocks(views, views.embed[tokens], cache, args.rms_norm_eps, tables)
             if len(tokens) == 1:
                 return mx.array(_matvec(h, views.head))[None]  # (1, 1, vocab)
-        return _head(self.model, mx.array(h)[None])  # lazy (1, L, vocab)
+        return self.model.head(mx.array(h)[None])  # lazy (1, L, vocab)
 
 
 def _blocks(views: _Views, h: np.ndarray, cache: list, eps: float, tables: dict) -> np.ndarray:
@@ -445,41 +463,25 @@ def _blocks(views: _Views, h: np.ndarray, cache: list, eps: float, tables: dict)
     return _rms_norm(h, views.norm, eps)
 
 
-def _head(model: OpenELM, h: mx.array) -> mx.array:
-    if model.args.share_input_output_layers:
-        return model.transformer.token_embeddings.as_linear(h)
-    return model.lm_head(h)
+def fast_decoder(model: OpenELM) -> OpenELM | CpuDecoder:
+    """`model` in a CpuDecoder when MLX runs on the CPU and it is an OpenELM of float32
+    plain layers; otherwise `model` itself (a GPU, quantized, LoRA or half-precision
+    layers, or another model class, which may compute differently)."""
+    if on_cpu() and isinstance(model, OpenELM) and _sources(model) is not None:
+        return CpuDecoder(model)
+    return model
 
 
 def fast_path_description(model) -> str:
-    """One line saying whether single-sequence generation takes the numpy path, and why."""
-    if isinstance(model, CpuDecoder) and not model.enabled:
-        return "off (switched off)"
+    """One line saying whether `model` (as `fast_decoder` left it) decodes through the numpy
+    path, and why not."""
+    if isinstance(model, CpuDecoder):
+        return "on (numpy BLAS: gemv per token, gemm per prompt chunk)"
     if not on_cpu():
         return f"off (MLX runs on {mx.default_device()})"
-    if _sources(getattr(model, "model", model)) is None:
-        return (
-            "off (float32 models with plain layers only; quantized, LoRA and half-precision "
-            "layers take MLX's kernels)"
-        )
-    return "on (numpy BLAS: gemv per token, gemm per prompt chunk)"
-
-
-def fast_decoder(model: OpenELM, enabled: bool | None = None) -> OpenELM | CpuDecoder:
-    """`model` wrapped in a CpuDecoder when MLX runs on the CPU.
-
-    `enabled=None` (automatic) wraps an OpenELM only when the default device is
-    the CPU, and leaves a wrapper the caller already chose as it is; `enabled=False`
-    returns a switched-off wrapper (exactly the model), so that the choice stands
-    when generation code calls `fast_decoder` again. The wrapper itself hands
-    anything it does not handle to the model.
-    """
-    if isinstance(model, CpuDecoder):
-        if enabled is None:
-            return model  # already chosen, possibly switched off: leave it
-        model = model.model
-    if enabled is False:
-        return CpuDecoder(model, enabled=False)
-    if enabled is None and not (on_cpu() and isinstance(model, OpenELM)):
-        return model  # a GPU, or another model class (it may compute differently)
-    return CpuDecoder(model)
+    if isinstance(model, OpenELM) and _sources(model) is not None:
+        return "off (switched off)"
+    return (
+        "off (float32 models with plain layers only; quantized, LoRA and half-precision "
+        "layers take MLX's kernels)"
+    )
