@@ -1,0 +1,345 @@
+"""elm-mlx serve against mlx_lm.server: same model, same requests, same client.
+
+For each model (the shipped nano model, and random float32 weights with OpenELM-270M's
+shapes), each server is started as its own process on 127.0.0.1 and driven over
+HTTP with streamed /v1/completions requests:
+
+- N requests with P-token prompts and T new tokens (greedy) at each concurrency:
+  aggregate generated tokens/s, time to first token p50/p95, inter-token latency p50/p95;
+- a multi-turn conversation whose history grows to about 1,000 tokens (less where the
+  model's context is smaller): time to first token of turns 2-6, for elm-mlx with its
+  prompt cache, elm-mlx without it (--prompt-cache-gb 0) and mlx_lm.server.
+
+mlx_lm.server reads the tokenizer through transformers, which needs a
+tokenizer_config.json that our model directories do not carry: it gets a copy of the
+directory (symlinks) with one, checked to tokenize the prompts exactly as elm_mlx
+does. Both servers run with the same OpenBLAS (mlx_lm.server through LD_PRELOAD).
+
+    python benchmarks/bench_serve.py            # the full run (quiet machine: many minutes)
+    python benchmarks/bench_serve.py --quick    # a short end-to-end check on the nano model
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import random
+import shutil
+import signal
+import socket
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import httpx
+
+ROOT = Path(__file__).resolve().parents[1]
+NANO = ROOT / "elm_mlx" / "assets" / "nano"
+
+
+@dataclass
+class Timing:
+    """One streamed request, as the client saw it."""
+
+    start: float
+    arrivals: list[float] = field(default_factory=list)  # chunks that carried text
+    tokens: int = 0
+    text: str = ""
+
+    @property
+    def ttft(self) -> float:
+        return self.arrivals[0] - self.start if self.arrivals else float("nan")
+
+
+# ---- models and prompts ---------------------------------------------------------
+
+
+def model_dirs(work: Path, names: list[str]) -> dict[str, Path]:
+    dirs = {}
+    for name in names:
+        if name == "nano":
+            dirs[name] = NANO
+        elif name == "270m":
+            path = work / "OpenELM-270M-random"
+            if not (path / "tokenizer.model").is_file():
+                from elm_mlx.testing import random_preset_checkpoint
+
+                print("writing random 270M-shaped weights...", file=sys.stderr)
+                random_preset_checkpoint(path, "OpenELM-270M", seed=0)
+                shutil.copyfile(NANO / "tokenizer.model", path / "tokenizer.model")
+            dirs[name] = path
+        else:
+            raise SystemExit(f"error: unknown model {name!r} (nano, 270m)")
+    return dirs
+
+
+def mlx_lm_dir(model: Path, work: Path, tokenizer) -> Path:
+    """`model` plus the tokenizer_config.json transformers needs (files linked, not copied)."""
+    shim = work / f"{model.name}-mlx-lm"
+    shim.mkdir(parents=True, exist_ok=True)
+    for f in model.iterdir():
+        if f.is_file() and not (shim / f.name).exists():
+            (shim / f.name).symlink_to(f.resolve())
+    config = {
+        "tokenizer_class": "LlamaTokenizer",
+        "add_bos_token": True,
+        "add_eos_token": False,
+        "bos_token": "<s>",
+        "eos_token": "</s>",
+        "unk_token": "<unk>",
+        "add_prefix_space": tokenizer.strips_leading_space(),
+    }
+    (shim / "tokenizer_config.json").write_text(json.dumps(config))
+    return shim
+
+
+def make_prompts(tokenizer, n: int, length: int, seed: int = 0) -> list[str]:
+    """`n` texts of `length` tokens (BOS included) from random words of the vocabulary."""
+    rng = random.Random(seed)
+    words = [
+        v.strip()
+        for kind, v in tokenizer.piece_table()
+        if kind == 2 and v.startswith(" ") and v.strip().isalpha()
+    ]
+    prompts = []
+    while len(prompts) < n:
+        text = " ".join(rng.choice(words) for _ in range(length * 2))
+        ids = tokenizer.encode(text)[:length]
+        text = tokenizer.decode(ids)
+        if len(tokenizer.encode(text)) == length:
+            prompts.append(text)
+    return prompts
+
+
+def check_tokenizers(shim: Path, tokenizer, prompts: list[str]) -> None:
+    from transformers import AutoTokenizer
+
+    theirs = AutoTokenizer.from_pretrained(str(shim))
+    differ = sum(theirs.encode(p) != tokenizer.encode(p) for p in prompts)
+    if differ:
+        print(f"warning: mlx_lm.server tokenizes {differ} of {len(prompts)} prompts differently")
+
+
+# ---- servers --------------------------------------------------------------------
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+class Server:
+    """A server process on a free port; `with` waits for /health and stops it after."""
+
+    def __init__(self, cmd: list[str], env: dict | None = None, log: Path | None = None):
+        self.port = free_port()
+        self.cmd = [*cmd, "--port", str(self.port)]
+        self.env, self.log = env, log
+        self.url = f"http://127.0.0.1:{self.port}"
+
+    def __enter__(self) -> Server:
+        out = open(self.log, "wb") if self.log else subprocess.DEVNULL
+        self.proc = subprocess.Popen(
+            self.cmd, stdout=out, stderr=out, env={**os.environ, **(self.env or {})}
+        )
+        deadline = time.monotonic() + 300
+        while time.monotonic() < deadline:
+            if self.proc.poll() is not None:
+                raise SystemExit(f"error: {' '.join(self.cmd)} exited; see {self.log}")
+            try:
+                if httpx.get(self.url + "/health", timeout=2).status_code == 200:
+                    return self
+            except httpx.TransportError:
+                pass
+            time.sleep(0.2)
+        raise SystemExit(f"error: {' '.join(self.cmd)} did not start in 300 s")
+
+    def __exit__(self, *exc) -> None:
+        self.proc.send_signal(signal.SIGINT)
+        try:
+            self.proc.wait(30)
+        except subprocess.TimeoutExpired:
+            self.proc.kill()
+            self.proc.wait()
+
+
+def elm_server(model: Path, work: Path, cache: bool = True) -> Server:
+    cmd = [sys.executable, "-m", "elm_mlx.cli", "serve", "--model", str(model)]
+    cmd += ["--max-batch", "8", "--prompt-cache-gb", "1" if cache else "0"]
+    return Server(cmd, log=work / f"elm-{model.name}-{'cache' if cache else 'nocache'}.log")
+
+
+def mlx_lm_server(shim: Path, work: Path) -> Server:
+    from elm_mlx.runtime.blas import find_openblas
+
+    blas = find_openblas()
+    env = {"LD_PRELOAD": blas} if blas else {}
+    cmd = [sys.executable, "-m", "mlx_lm.server", "--model", str(shim), "--host", "127.0.0.1"]
+    return Server(cmd, env=env, log=work / f"mlx-lm-{shim.name}.log")
+
+
+# ---- the client -----------------------------------------------------------------
+
+
+def stream(url: str, model: str, prompt: str, max_tokens: int) -> Timing:
+    body = {
+        "model": model,
+        "prompt": prompt,
+        "max_tokens": max_tokens,
+        "temperature": 0.0,
+        "stream": True,
+        "stream_options": {"include_usage": True},
+    }
+    t = Timing(time.perf_counter())
+    chunks = 0
+    with httpx.stream("POST", url + "/v1/completions", json=body, timeout=600) as r:
+        r.raise_for_status()
+        for line in r.iter_lines():
+            if not line.startswith("data: ") or line == "data: [DONE]":
+                continue
+            data = json.loads(line[6:])
+            if data.get("usage"):
+                t.tokens = data["usage"]["completion_tokens"]
+            for choice in data.get("choices") or []:
+                if choice.get("text"):
+                    t.arrivals.append(time.perf_counter())
+                    t.text += choice["text"]
+                    chunks += 1
+    t.tokens = t.tokens or chunks
+    return t
+
+
+def run_mix(url: str, model: str, prompts: list[str], new: int, concurrency: int) -> dict:
+    stream(url, model, prompts[0], 4)  # warm up
+    start = time.perf_counter()
+    with ThreadPoolExecutor(concurrency) as pool:
+        timings = list(pool.map(lambda p: stream(url, model, p, new), prompts))
+    wall = time.perf_counter() - start
+    ttft = [t.ttft for t in timings]
+    itl = [b - a for t in timings for a, b in zip(t.arrivals, t.arrivals[1:], strict=False)]
+    return {
+        "tok_s": sum(t.tokens for t in timings) / wall,
+        "ttft": (pct(ttft, 50), pct(ttft, 95)),
+        "itl": (pct(itl, 50), pct(itl, 95)),
+    }
+
+
+def run_chat(url: str, model: str, users: list[str], reply: int) -> list[float]:
+    history, ttfts = "", []
+    for user in users:
+        history += user
+        t = stream(url, model, history, reply)
+        ttfts.append(t.ttft)
+        history += t.text + "\n"
+    return ttfts
+
+
+def pct(xs: list[float], p: int) -> float:
+    xs = sorted(x for x in xs if x == x)
+    if not xs:
+        return float("nan")
+    if len(xs) == 1:
+        return xs[0]
+    return statistics.quantiles(xs, n=100, method="inclusive")[p - 1]
+
+
+# ---- the run --------------------------------------------------------------------
+
+
+def bench_model(name: str, path: Path, work: Path, opts) -> None:
+    from elm_mlx.formats.modeldir import read_config
+    from elm_mlx.generation.tokenizer import Tokenizer
+
+    tokenizer = Tokenizer(path / "tokenizer.model")
+    context = read_config(path).max_context_length
+    prompts = make_prompts(tokenizer, opts.requests, opts.prompt_tokens)
+    # the conversation: `turns` user messages, each reply `reply` tokens, ~`target` in all
+    target = min(opts.chat_tokens, context - opts.reply_tokens - 16)
+    user_len = max(8, target // opts.turns - opts.reply_tokens)
+    users = [u + "\n" for u in make_prompts(tokenizer, opts.turns, user_len, seed=1)]
+    shim = mlx_lm_dir(path, work, tokenizer)
+    check_tokenizers(shim, tokenizer, prompts[:8])
+    mix, chat = {}, {}
+    servers = {"elm-mlx serve": lambda: elm_server(path, work), "mlx_lm.server": None}
+    servers["mlx_lm.server"] = lambda: mlx_lm_server(shim, work)
+    for label, make in servers.items():
+        if label == "mlx_lm.server" and opts.no_mlx_lm:
+            continue
+        with make() as server:
+            model = str(shim if label == "mlx_lm.server" else path)
+            for c in opts.concurrency:
+                mix[label, c] = run_mix(server.url, model, prompts, opts.new_tokens, c)
+                print(
+                    f"  {label} concurrency {c}: {mix[label, c]['tok_s']:.1f} tokens/s", flush=True
+                )
+            chat[label] = run_chat(server.url, model, users, opts.reply_tokens)
+    with elm_server(path, work, cache=False) as server:
+        chat["elm-mlx serve, no prompt cache"] = run_chat(
+            server.url, str(path), users, opts.reply_tokens
+        )
+    report(name, opts, mix, chat, target)
+
+
+def report(name: str, opts, mix: dict, chat: dict, target: int) -> None:
+    print(
+        f"\n## {name}: {opts.requests} requests, {opts.prompt_tokens}-token prompts, "
+        f"{opts.new_tokens} new tokens, greedy"
+    )
+    head = ("server", "conc", "tok/s", "TTFT p50", "p95", "ITL p50", "p95")
+    print("{:<16} {:>4} {:>8} {:>9} {:>7} {:>8} {:>7}".format(*head))
+    for (label, c), m in mix.items():
+        print(
+            f"{label:<16} {c:>4} {m['tok_s']:>8.1f} {m['ttft'][0]:>8.3f}s {m['ttft'][1]:>6.3f}s "
+            f"{m['itl'][0] * 1000:>6.1f}ms {m['itl'][1] * 1000:>5.1f}ms"
+        )
+    ours = {c: m["tok_s"] for (label, c), m in mix.items() if label == "elm-mlx serve"}
+    theirs = {c: m["tok_s"] for (label, c), m in mix.items() if label == "mlx_lm.server"}
+    top = max(ours)
+    low = min(ours)
+    line = f"elm-mlx at concurrency {top}: {ours[top] / ours[low]:.2f}x its concurrency {low}"
+    if top in theirs:
+        line += f", {ours[top] / theirs[top]:.2f}x mlx_lm.server's"
+    print(line)
+    print(f"\n{opts.turns}-turn chat, history up to ~{target} tokens: time to first token per turn")
+    for label, ttfts in chat.items():
+        print(f"{label:<32} " + " ".join(f"{t:.3f}s" for t in ttfts))
+    warm, cold = chat["elm-mlx serve"][1:], chat["elm-mlx serve, no prompt cache"][1:]
+    ratio = statistics.mean(w / c for w, c in zip(warm, cold, strict=True))
+    print(f"turns 2-{opts.turns} with the prompt cache / without: {ratio:.2f}x (mean)")
+
+
+def main() -> None:
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    p.add_argument("--quick", action="store_true", help="nano only, few short requests")
+    p.add_argument("--models", default="nano,270m", help="comma-separated: nano, 270m")
+    p.add_argument("--requests", type=int, default=64)
+    p.add_argument("--prompt-tokens", type=int, default=128)
+    p.add_argument("--new-tokens", type=int, default=64)
+    p.add_argument("--concurrency", default="1,4,8")
+    p.add_argument("--turns", type=int, default=6)
+    p.add_argument("--reply-tokens", type=int, default=32)
+    p.add_argument("--chat-tokens", type=int, default=1000)
+    p.add_argument("--no-mlx-lm", action="store_true", help="only elm-mlx serve")
+    p.add_argument("--workdir", help="where the 270M weights and logs go (default: a temp dir)")
+    opts = p.parse_args()
+    if opts.quick:
+        opts.models, opts.requests, opts.new_tokens = "nano", 8, 16
+        opts.prompt_tokens, opts.concurrency, opts.turns = 64, "1,4", 3
+    opts.concurrency = [int(c) for c in opts.concurrency.split(",")]
+    work = Path(opts.workdir or tempfile.mkdtemp(prefix="bench_serve-"))
+    work.mkdir(parents=True, exist_ok=True)
+    print(f"logs and weights in {work}", file=sys.stderr)
+    for name, path in model_dirs(work, opts.models.split(",")).items():
+        print(f"benchmarking {name} ({path})", flush=True)
+        bench_model(name, path, work, opts)
+
+
+if __name__ == "__main__":
+    main()
