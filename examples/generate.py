@@ -9,7 +9,7 @@ Without --model it runs the nano OpenELM shipped inside the package
 (elm_mlx/assets/nano, a base model trained on Shakespeare's plays), so it works
 offline right after `pip install -e .`. The API in four lines:
 
-    model, tokenizer = elm_mlx.load(path)
+    model, tokenizer, _ = load_for_generation(path)  # dtype, CPU fast path
     for response in stream_generate(model, tokenizer, prompt, max_tokens=100):
         print(response.text, end="", flush=True)
 
@@ -24,14 +24,11 @@ import sys
 
 
 def run(a: argparse.Namespace) -> None:
-    import elm_mlx
-    from elm_mlx.formats.modeldir import default_model_path, require_tokenizer
     from elm_mlx.generation.generate import GenerationSettings, stream_generate
+    from elm_mlx.generation.loading import load_for_generation
 
-    path = a.model or default_model_path()
-    model, tokenizer = elm_mlx.load(path)
-    tokenizer = require_tokenizer(tokenizer, path)
-    print(f"model: {path} ({model.args.num_parameters() / 1e6:.1f}M parameters)", file=sys.stderr)
+    model, tokenizer, report = load_for_generation(a.model)
+    print(report.lines()[0], file=sys.stderr)
     prompt = a.prompt
     if a.chat:  # Instruct models expect their chat template around the message
         prompt = tokenizer.apply_chat_template([{"role": "user", "content": a.prompt}])
