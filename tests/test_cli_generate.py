@@ -458,6 +458,26 @@ def test_chat_in_a_terminal_ctrl_c_stops_the_reply_and_ctrl_d_leaves(model_dirs)
     assert os.waitstatus_to_exitcode(status) == 0
 
 
+def test_sigterm_ends_a_chat_even_mid_reply(model_dirs):
+    """SIGTERM is not a Ctrl-C to shrug off: the chat ends with status 143."""
+    import signal
+
+    command = [sys.executable, "-m", "elm_mlx.cli", "chat", "--model", str(model_dirs[1])]
+    command += ["--max-tokens", "100000", "--max-kv-size", "64"]
+    proc = subprocess.Popen(
+        command, stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=subprocess.PIPE
+    )
+    try:
+        proc.stdin.write(b"Hello there\n")
+        proc.stdin.flush()  # stdin stays open: the chat would wait for another line
+        proc.stdout.read(200)  # the reply is streaming
+        proc.send_signal(signal.SIGTERM)
+        _, err = proc.communicate(timeout=60)
+    finally:
+        proc.kill()
+    assert proc.returncode == 143 and b"Traceback" not in err
+
+
 def read_until(fd, marker: bytes, seen: bytes = b"", timeout: float = 120) -> bytes:
     """Terminal output until `marker` appears; the output after it (marker included)."""
     import select

@@ -9,7 +9,7 @@ from contextlib import closing
 from ..generation.generate import ChatSession, chat_prompt, stream_generate
 from ..generation.loading import generation_settings, is_instruct, load_for_generation
 from ..model.cache import ContextLengthError
-from .common import CliError
+from .common import CliError, Terminated
 
 _INSTRUCT_RULE = (
     "The chat template is applied when the --model name (directory or hub id) contains "
@@ -254,6 +254,8 @@ def _chat_loop(session, lines, *, interactive: bool, verbose: bool = False) -> N
             if interactive:
                 print(">>> ", end="", file=sys.stderr, flush=True)
             line = lines.readline()
+        except Terminated:
+            raise
         except KeyboardInterrupt:
             line = b""
         if not line:  # end of input (Ctrl-D) or Ctrl-C at the prompt
@@ -280,6 +282,8 @@ def _chat_turn(session, message: str, verbose: bool) -> None:
             last = _write_reply(replies)
         if verbose:
             _print_summary(last)
+    except Terminated:  # SIGTERM ends the chat, as it ends every command
+        raise
     except KeyboardInterrupt:
         sys.stdout.write("\n")
         sys.stdout.flush()
