@@ -190,7 +190,7 @@ def finetune(
     args = copy.copy(args)  # already checked; the copy only moves it into this directory
     args.out_dir, args.weights_file = str(path), ADAPTER_FILE
     fingerprint = {
-        "data": data_fingerprint(data),
+        **{f"data {name}": digest for name, digest in data_fingerprint(data).items()},
         "max_seq_length": max_seq_length or model.args.max_context_length,
         "mask_prompt": mask_prompt,
     }

@@ -303,22 +303,13 @@ def _check_resumable(saved: dict, now: dict, where: Path) -> None:
     diffs = [(k, saved["args"].get(k), now["args"][k]) for k in _RESUME_FIXED]
     diffs.append(("processes", saved.get("world", 1), now["world"]))
     if saved.get("fingerprint") is not None:  # checkpoints before fingerprints have none
-        diffs += _entries(saved["fingerprint"], now["fingerprint"] or {})
+        then, fingerprint = saved["fingerprint"], now["fingerprint"] or {}
+        diffs += [
+            (k, then.get(k), fingerprint.get(k)) for k in sorted(set(then) | set(fingerprint))
+        ]
     diffs = [d for d in diffs if d[1] != d[2]]
     if diffs:
         raise ResumeMismatch(where, diffs)
-
-
-def _entries(then: dict, now: dict, prefix: str = "") -> list[tuple[str, object, object]]:
-    """(name, then, now) for every key of two fingerprints; nested dicts give "key sub"."""
-    out = []
-    for k in sorted(set(then) | set(now), key=str):
-        a, b = then.get(k), now.get(k)
-        if isinstance(a, dict) and isinstance(b, dict):
-            out += _entries(a, b, f"{prefix}{k} ")
-        else:
-            out.append((prefix + str(k), a, b))
-    return out
 
 
 def _restore(run: _Run) -> TrainState:
@@ -526,10 +517,11 @@ def train(
     Ctrl-C (SIGINT) or SIGTERM finishes the current step, saves a checkpoint and
     raises KeyboardInterrupt (or what the signal's previous handler raises);
     `resume=True` continues from that checkpoint and ends at the same weights as
-    an uninterrupted run. `fingerprint` (JSON values, e.g.
-    hashes of the data files) is saved in every checkpoint and must match on
-    resume. `on_start()` runs once everything is checked, before the first file
-    is written; `callback(step, loss)` after every optimizer step.
+    an uninterrupted run. `fingerprint` (JSON values, e.g. hashes of the data
+    files; a key "name detail" is reported as `name` detail) is saved in every
+    checkpoint and must match on resume. `on_start()` runs once everything is
+    checked, before the first file is written; `callback(step, loss)` after
+    every optimizer step.
     """
     args = args or TrainArgs()
     group = group or mx.distributed.init()
