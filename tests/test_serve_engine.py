@@ -156,3 +156,18 @@ def test_missing_web_stack_names_the_extra(monkeypatch):
         monkeypatch.setitem(__import__("sys").modules, name, None)
     with pytest.raises(CliError, match=r"pip install 'elm-mlx\[serve\]'"):
         serve._server_modules()
+
+
+def test_decode_step_on_a_quantized_model_takes_mlx_and_matches_its_forward():
+    from elm_mlx.formats.modeldir import default_model_path, load
+    from elm_mlx.quant.quantize import QuantizeSpec, quantize_model
+    from elm_mlx.runtime.fastpath import fast_decoder
+
+    model, _ = load(default_model_path())  # the nano model: every width a multiple of 32
+    quantize_model(model, QuantizeSpec(bits=8, group_size=32))
+    assert fast_decoder(model) is model and not numpy_batches(model)  # MLX's kernels
+    prompts = [[5, 9, 40, 7], [3, 200, 100, 12, 13, 14, 15, 99, 1]]
+    logits = decode_step(model, [p[-1] for p in prompts], _prefilled(model, prompts))
+    for b, p in enumerate(prompts):
+        ref = model(mx.array(p)[None])[0, -1]
+        np.testing.assert_allclose(np.asarray(logits[b]), np.asarray(ref), atol=2e-4)
