@@ -182,6 +182,27 @@ def test_a_truncated_adapter_file_is_one_line_in_fuse(tmp_path, model_dir, capsy
     assert not (tmp_path / "fused").exists()
 
 
+def test_generate_with_a_truncated_adapter_file_is_one_line(tmp_path, model_dir, capsys):
+    data, adapters = write_data(tmp_path / "data"), tmp_path / "adapters"
+    assert main(lora(model_dir, data, adapters)) == 0
+    file = adapters / ADAPTER_FILE
+    file.write_bytes(file.read_bytes()[:-100])
+    capsys.readouterr()
+    gen = ["generate", "--model", model_dir, "--adapter-path", adapters, "--max-tokens", "2"]
+    assert main([*map(str, gen), "--prompt", "Q:"]) == 1
+    assert f"{file} cannot be read" in one_error_line(capsys)
+
+
+def test_an_adapter_path_that_is_a_file_is_one_line(tmp_path, model_dir, capsys):
+    data, adapters = write_data(tmp_path / "data"), tmp_path / "adapters"
+    adapters.write_text("not a directory")
+    assert main(lora(model_dir, data, adapters)) == 1
+    assert (
+        one_error_line(capsys) == f"error: {adapters} is a file; --adapter-path must be a directory"
+    )
+    assert adapters.read_text() == "not a directory"
+
+
 # ---- item 5: the rank in one line -------------------------------------------------------------
 
 
@@ -242,10 +263,18 @@ def test_finetune_shows_a_progress_bar_with_rate_and_eta(tmp_path, model_dir, ca
     data = write_data(tmp_path / "data")
     args = TrainArgs(iters=3, batch_size=4, learning_rate=1e-3, val_every=0, report_every=1)
     lines = []
-    result = finetune(
-        model, tokenizer, data, tmp_path / "adapters", LoRAConfig(rank=2), args,
-        progress=True, log=lines.append,
-    )  # fmt: skip
+    umask = os.umask(0o027)
+    try:
+        result = finetune(
+            model, tokenizer, data, tmp_path / "adapters", LoRAConfig(rank=2), args,
+            progress=True, log=lines.append,
+        )  # fmt: skip
+    finally:
+        os.umask(umask)
+    # Outputs get the umask's permissions, like any file the user makes.
+    adapters = tmp_path / "adapters"
+    for path in [adapters, adapters / CHECKPOINT_DIR, *adapters.rglob("*")]:
+        assert path.stat().st_mode & 0o777 == (0o750 if path.is_dir() else 0o640), path
     assert result.state.step == 3
     err = capsys.readouterr().err
     assert "3/3" in err and re.search(r"step/s|s/step", err) and "<" in err  # rate, ETA
