@@ -88,7 +88,7 @@ def _run_eval(args) -> None:
     except ImportError as e:
         raise CliError(str(e)) from None
     from ..evaluation.harness import ElmLM
-    from ..evaluation.run import evaluate, format_table, table_rows
+    from ..evaluation.run import evaluate, format_table, prepare_tasks, table_rows
 
     settings = EvalSettings(
         tasks=task_names(args.tasks),
@@ -98,6 +98,7 @@ def _run_eval(args) -> None:
         include_paths=tuple(args.include_path),
     )
     _check_output(args.output)
+    tasks = prepare_tasks(settings)
     lm = ElmLM(
         args.model,
         adapter_path=args.adapter_path,
@@ -107,7 +108,7 @@ def _run_eval(args) -> None:
         max_gen_toks=args.max_gen_toks,
         progress=not args.no_progress,
     )
-    results = evaluate(lm, settings)
+    results = evaluate(lm, settings, tasks)
     if lm.group is not None and lm.group.rank() != 0:
         return
     name = args.model or "nano"

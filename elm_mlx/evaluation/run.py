@@ -8,8 +8,11 @@ from __future__ import annotations
 import functools
 import logging
 import math
+import random
 from dataclasses import dataclass
 from pathlib import Path
+
+import numpy as np
 
 from .published import METRICS, PAPER_TASKS, published_row
 
@@ -40,15 +43,18 @@ def task_names(spec: str) -> list[str]:
 
 
 @functools.lru_cache(maxsize=4)
-def task_manager(include_paths: tuple[str, ...] = ()):
-    """lm-eval's task index over its own tasks, the package's local tasks and `include_paths`."""
+def task_manager(include_paths: tuple[str, ...] = (), lm_eval_tasks: bool = True):
+    """lm-eval's task index: the package's local tasks, `include_paths`, and (unless
+    `lm_eval_tasks` is False, which is much faster to index) lm-eval's own tasks."""
     require_lm_eval()
     from lm_eval.tasks import TaskManager
 
     for p in include_paths:
         if not Path(p).is_dir():
             raise FileNotFoundError(f"task directory {p} not found")
-    return TaskManager(include_path=[str(LOCAL_TASKS), *include_paths])
+    return TaskManager(
+        include_path=[str(LOCAL_TASKS), *include_paths], include_defaults=lm_eval_tasks
+    )
 
 
 def load_tasks(names: list[str], manager) -> list:
@@ -87,28 +93,47 @@ class EvalSettings:
     limit: int | float | None = None
     seed: int = 0
     include_paths: tuple[str, ...] = ()
+    lm_eval_tasks: bool = True  # False: only local tasks (a much faster start)
 
 
-def evaluate(lm, settings: EvalSettings, *, quiet: bool = True) -> dict:
-    """lm-eval's results dictionary for `lm` (an `ElmLM`) on `settings.tasks`."""
-    lm_eval = require_lm_eval()
+def prepare_tasks(settings: EvalSettings, *, quiet: bool = True) -> list:
+    """The tasks of `settings`, data loaded (before any model is: errors come early)."""
+    require_lm_eval()
     if quiet:
         logging.getLogger("lm_eval").setLevel(logging.ERROR)
-    manager = task_manager(tuple(settings.include_paths))
-    tasks = load_tasks(settings.tasks, manager)
-    flat = [t for item in tasks for t in (item if isinstance(item, list) else [item])]
-    return lm_eval.simple_evaluate(
-        model=lm,
-        tasks=flat,
-        num_fewshot=settings.num_fewshot,
-        limit=settings.limit,
-        task_manager=manager,
-        log_samples=False,
-        random_seed=settings.seed,
-        numpy_random_seed=settings.seed,
-        torch_random_seed=settings.seed,
-        fewshot_random_seed=settings.seed,
-    )
+    tasks = load_tasks(settings.tasks, _manager(settings))
+    return [t for item in tasks for t in (item if isinstance(item, list) else [item])]
+
+
+def _manager(settings: EvalSettings):
+    """The local index when it holds every task asked for (indexing lm-eval's own thousands
+    of tasks takes seconds), else the full one."""
+    local = task_manager(tuple(settings.include_paths), False)
+    if not settings.lm_eval_tasks or all(n in local.all_tasks for n in settings.tasks):
+        return local
+    return task_manager(tuple(settings.include_paths), True)
+
+
+def evaluate(lm, settings: EvalSettings, tasks: list | None = None) -> dict:
+    """lm-eval's results dictionary for `lm` (an `ElmLM`) on `settings.tasks`.
+
+    What lm-eval's `simple_evaluate` does for a model object, without importing torch
+    for its seed and environment report: seeds, few-shot settings, then its `evaluate`.
+    """
+    require_lm_eval()
+    from lm_eval.evaluator import evaluate as run_tasks
+
+    tasks = prepare_tasks(settings) if tasks is None else tasks
+    random.seed(settings.seed)
+    np.random.seed(settings.seed)
+    loaded = _manager(settings).load(tasks)
+    for task in loaded["tasks"].values():
+        if settings.num_fewshot is not None and task.get_config("num_fewshot") != 0:
+            task.set_config(key="num_fewshot", value=settings.num_fewshot)
+        elif task.get_config("num_fewshot") is None:
+            task.set_config(key="num_fewshot", value=0)
+        task.set_fewshot_seed(seed=settings.seed)
+    return run_tasks(lm=lm, task_dict=loaded, limit=settings.limit, log_samples=False)
 
 
 # ---- the results table --------------------------------------------------------------
