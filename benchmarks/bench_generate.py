@@ -3,21 +3,25 @@
     python benchmarks/bench_generate.py                 # OpenELM-270M shapes, 512 + 128 tokens
     python benchmarks/bench_generate.py --rounds 3      # contenders interleaved, best of 3
     python benchmarks/bench_generate.py --size 450M
+    python benchmarks/bench_generate.py --quick         # a short run that checks the script
 
 Random float32 weights with the published per-layer shapes are written once as a
 Hugging Face checkpoint; every contender loads that same file. Each
 configuration runs in its own interpreter because the BLAS choice is made once per
 process, before MLX loads:
 
-  elm_mlx                 as a user gets it: system OpenBLAS preloaded, CPU decode fast path
+  elm_mlx                 as a user gets it (load_for_generation): system OpenBLAS
+                          preloaded, CPU decode fast path
   elm_mlx (MLX path)      the same process setup with the fast path off
   elm_mlx (bundled BLAS)  ELM_MLX_BLAS=0: MLX's own BLAS, fast path on
   mlx-lm (OpenBLAS)       mlx-lm with the same OpenBLAS preloaded (kernel for kernel)
-  mlx-lm (as installed)   mlx-lm with the BLAS its wheel bundles
-  PyTorch CPU             openelm-pytorch on torch, use_kv_cache=True
+  mlx-lm (as installed)   mlx-lm with the BLAS its Linux wheel bundles (a reference BLAS)
+  PyTorch CPU             the `openelm-pytorch` package (an unofficial implementation that
+                          rebuilds its KV cache with torch.cat each step), use_kv_cache=True
 
 Prompt tokens/s is prompt length / time to the first generated token; decode
-tokens/s counts the tokens after the first (mlx-lm's convention). Greedy sampling.
+tokens/s counts the tokens after the first (mlx-lm's convention). Greedy sampling;
+the script exits with status 1 when the float32 contenders' greedy tokens differ.
 """
 
 from __future__ import annotations
@@ -26,6 +30,7 @@ import argparse
 import json
 import os
 import resource
+import shutil
 import subprocess
 import sys
 import tempfile
@@ -91,13 +96,13 @@ def worker_elm_mlx(opts) -> dict:
     preload_blas()
     import mlx.core as mx
 
-    from elm_mlx.formats.modeldir import load_model
     from elm_mlx.generation.generate import generate_step
-    from elm_mlx.runtime.fastpath import fast_decoder
+    from elm_mlx.generation.loading import load_for_generation
 
-    model, args = load_model(opts.model, dtype=opts.dtype)
-    if opts.no_fast:  # otherwise generate_step chooses, as for every user
-        model = fast_decoder(model, enabled=False)
+    model, _, _ = load_for_generation(
+        opts.model, dtype=opts.dtype or "auto", fast_path=not opts.no_fast
+    )
+    args = model.args
 
     def run(n_prompt, n_new):
         ids = prompt_ids(n_prompt or opts.prompt_tokens, args.vocab_size)
@@ -184,7 +189,9 @@ def run_worker(opts) -> None:
 
 
 def checkpoint(size: str, seed: int, workdir: Path) -> Path:
-    """A random checkpoint with the published shapes, written once and reused."""
+    """A random checkpoint with the published shapes, written once and reused; with the
+    shipped nano model's tokenizer.model, so that it loads as a user's model directory."""
+    from elm_mlx.formats.modeldir import TOKENIZER_FILE, default_model_path
     from elm_mlx.testing import random_preset_checkpoint
 
     path = workdir / f"OpenELM-{size}-seed{seed}"
@@ -193,6 +200,8 @@ def checkpoint(size: str, seed: int, workdir: Path) -> Path:
         tmp = path.with_name(path.name + ".tmp")
         random_preset_checkpoint(tmp, f"OpenELM-{size}", seed)
         tmp.rename(path)
+    if not (path / TOKENIZER_FILE).exists():
+        shutil.copyfile(default_model_path() / TOKENIZER_FILE, path / TOKENIZER_FILE)
     return path
 
 
@@ -346,7 +355,7 @@ def mlx_path_breakdown(model, ids: list[int], n_new: int) -> tuple[dict, float]:
         h = op("embedding", t.token_embeddings, y)
         for block, c in zip(t.layers, cache, strict=True):
             h = _block_ops(block, h, c, op)
-        logits = op(MM, _head, model, op(NORM, t.norm, h))
+        logits = op(MM, model.head, op(NORM, t.norm, h))
         y = op("sampling (argmax)", lambda x: mx.argmax(x[:, -1], axis=-1, keepdims=True), logits)
     return {k: v / n_new for k, v in totals.items()}, per_token
 
@@ -369,12 +378,6 @@ def _glu(u):
 
     gate, up = mx.split(u, 2, axis=-1)  # as FeedForward does
     return nn.silu(gate) * up
-
-
-def _head(model, x):
-    if "lm_head" in model:
-        return model.lm_head(x)
-    return model.transformer.token_embeddings.as_linear(x)
 
 
 def worker_breakdown(opts) -> dict:
@@ -416,6 +419,15 @@ def print_table(results: dict, ceiling: float) -> None:
         )
 
 
+def greedy_tokens_differ(results: dict) -> list[str]:
+    """Print whether the float32 contenders' first 16 greedy tokens agree; those that do not."""
+    firsts = {n: r["tokens"] for n, r in results.items() if r and n not in DTYPE_CONTENDERS}
+    ref = next(iter(firsts.values()), None)
+    differ = [n for n, t in firsts.items() if t != ref]
+    print(f"greedy tokens (first 16) differ from {next(iter(firsts), '-')}'s: {differ or 'none'}")
+    return differ
+
+
 def print_ratios(results: dict) -> None:
     anchors = ["mlx-lm (OpenBLAS)", "mlx-lm (as installed)", "PyTorch CPU"]
     print(f"\nratios, prompt / decode   {'  '.join(f'{a:>23}' for a in anchors)}")
@@ -429,10 +441,6 @@ def print_ratios(results: dict) -> None:
             d = _x(r["decode_tps"], a and a["decode_tps"])
             cells.append(f"{p + ' / ' + d:>23}")
         print(f"{name:24}  {'  '.join(cells)}")
-    firsts = {n: r["tokens"] for n, r in results.items() if r}
-    ref = next(iter(firsts.values()), None)
-    differ = [n for n, t in firsts.items() if t != ref]
-    print(f"greedy tokens (first 16) differ from {next(iter(firsts), '-')}'s: {differ or 'none'}")
 
 
 def print_breakdown(b: dict, context: int) -> None:
@@ -477,6 +485,11 @@ def parse(argv=None):
     p.add_argument("--only", help="comma-separated contender names (default: all)")
     p.add_argument("--no-breakdown", action="store_true")
     p.add_argument("--dtypes", action="store_true", help="also time bfloat16 and float16 (slow)")
+    p.add_argument(
+        "--quick",
+        action="store_true",
+        help="a 32-token prompt and 8 new tokens: checks that every contender runs",
+    )
     p.add_argument("--workdir", default=str(Path(tempfile.gettempdir()) / "elm_mlx_bench"))
     p.add_argument("--worker", choices=sorted(WORKERS), help=argparse.SUPPRESS)
     p.add_argument("--model", help=argparse.SUPPRESS)
@@ -485,10 +498,13 @@ def parse(argv=None):
     return p.parse_args(argv)
 
 
-def main(argv=None) -> None:
+def main(argv=None) -> int:
     opts = parse(argv)
     if opts.worker:
-        return run_worker(opts)
+        run_worker(opts)
+        return 0
+    if opts.quick:
+        opts.prompt_tokens, opts.new_tokens = 32, 8
     from elm_mlx.model.config import preset
 
     args = preset(f"OpenELM-{opts.size}")
@@ -518,8 +534,10 @@ def main(argv=None) -> None:
     )
     print_table(results, ceiling)
     print_ratios(results)
+    differ = greedy_tokens_differ(results)
     if breakdown:
         print_breakdown(breakdown, context)
+    return 1 if differ else 0
 
 
 def run_breakdown(opts, model_dir: Path) -> dict | None:
@@ -535,4 +553,4 @@ def run_breakdown(opts, model_dir: Path) -> dict | None:
 
 
 if __name__ == "__main__":
-    main()
+    sys.exit(main())
