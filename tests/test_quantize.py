@@ -330,7 +330,7 @@ def test_cli_scan_writes_a_recipe_meeting_the_target(cli_dirs, capsys):
         (["--bits", "3"], "error: 3-bit quantization is not supported; choose bits from [4, 8]"),
         (["--group-size", "48"], "error: group size 48 is not supported"),
         (["--recipe", "mixed_4_6"], "error: unknown recipe 'mixed_4_6'"),
-        (["--recipe", "mixed-4-8", "--bits", "8"], "error: a bits flag conflicts with a recipe"),
+        (["--recipe", "mixed-4-8", "--bits", "8"], "error: --bits conflicts with --recipe"),
         (["--report"], "error: --scan and --report need --eval-text"),
         (["--scan"], "error: --scan and --target-bpw go together"),
     ],
@@ -488,3 +488,12 @@ def test_a_group_size_the_user_asked_for_that_does_not_fit_names_the_commands_fl
     assert err.count("\n") == 1 and err.startswith("error: group size 64 does not divide")
     assert err.endswith(f"; use group size 32 ({flag} 32)\n")
     assert not (tmp_path / "out").exists()
+
+
+def test_convert_quantization_conflicts_name_converts_own_flags(tmp_path, capsys):
+    from elm_mlx.formats.modeldir import DEFAULT_MODEL
+
+    argv = ["convert", "--hf-path", str(DEFAULT_MODEL), "--mlx-path", str(tmp_path / "out"), "-q"]
+    assert cli.main([*argv, "--q-bits", "8", "--q-recipe", "mixed-4-8"]) == 1
+    err = capsys.readouterr().err
+    assert err == "error: --q-bits conflicts with --q-recipe: the recipe sets the bits\n"

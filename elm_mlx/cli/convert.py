@@ -106,7 +106,9 @@ def _convert_quant_spec(args):
             flags = ", ".join("--" + f.replace("_", "-") for f in given)
             raise CliError(f"{flags} only work with -q/--quantize")
         return None
-    return _quant_spec(args.q_bits, args.q_group_size, args.q_recipe, args.q_scales_dtype)
+    return _quant_spec(
+        args.q_bits, args.q_group_size, args.q_recipe, args.q_scales_dtype, prefix="--q-"
+    )
 
 
 def _add_quantize(sub) -> None:
@@ -170,12 +172,15 @@ def _check_quantize_flags(args) -> None:
         raise CliError("--scan and --report need --eval-text FILE (held-out text)")
 
 
-def _quant_spec(bits, group_size, recipe, scales_dtype):
+def _quant_spec(bits, group_size, recipe, scales_dtype, prefix: str = "--"):
+    """The QuantizeSpec of the flags `{prefix}bits`, `{prefix}group-size`, `{prefix}recipe`."""
     if recipe is not None and bits is not None:
-        raise CliError("a bits flag conflicts with a recipe: the recipe sets the bits")
+        raise CliError(f"{prefix}bits conflicts with {prefix}recipe: the recipe sets the bits")
     is_file = recipe is not None and recipe not in RECIPES and Path(recipe).is_file()
     if is_file and group_size is not None:  # (a bad recipe name gets its own error)
-        raise CliError("a group size flag conflicts with a recipe file: the file sets them")
+        raise CliError(
+            f"{prefix}group-size conflicts with a {prefix}recipe file: the file sets group sizes"
+        )
     return QuantizeSpec(
         bits=4 if bits is None else bits,
         group_size=group_size,

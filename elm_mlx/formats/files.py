@@ -121,9 +121,10 @@ def clean_stale_partials(parent: str | Path, name: str) -> list[Path]:
         suffix = leftover.name[len(prefix) :]
         if not _owner_gone(leftover, suffix):
             continue
-        if "-old-" in suffix and not (parent / name).exists():
+        previous = leftover / name
+        if "-old-" in suffix and previous.is_dir() and not (parent / name).exists():
             # killed between the two renames of a replacement: the previous output goes back
-            (leftover / name).rename(parent / name)
+            previous.rename(parent / name)
         try:
             if leftover.is_dir() and not leftover.is_symlink():
                 shutil.rmtree(leftover)
