@@ -96,11 +96,6 @@ def checkpoint_dir(out_dir: Path) -> Path:
     raise FileNotFoundError(f"no checkpoint in {out_dir} to resume; start without `resume=True`")
 
 
-def remove_checkpoint(out_dir: Path) -> None:
-    """Delete the checkpoint under `out_dir`, so that no later resume can pick it up."""
-    shutil.rmtree(out_dir / CHECKPOINT_DIR, ignore_errors=True)
-
-
 def read_meta(where: Path) -> dict:
     """The checkpoint's state.json; a corrupt one is a CheckpointError naming it."""
     file = where / "state.json"

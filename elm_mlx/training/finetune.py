@@ -128,7 +128,7 @@ def _prepare(path: Path, config: LoRAConfig, n_layers: int, replace: bool) -> Ca
 
 
 def _progress(args: TrainArgs, enabled: bool | None, log: Log):
-    """(callback, log): a tqdm bar over the steps (rate and ETA), log lines written above it."""
+    """(bar, callback, log): a tqdm bar over the steps (rate, ETA), log lines written above it."""
     from tqdm import tqdm
 
     bar = tqdm(total=args.iters, unit="step", disable=None if enabled is None else not enabled)

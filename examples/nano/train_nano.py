@@ -201,7 +201,10 @@ def main() -> None:
     model, args, results = train_model(a, work, tokenizer)
     write_assets(model, args, work, out)
     results["wall_seconds_total"] = time.perf_counter() - tic
-    shutil.copyfile(work / "train" / "loss.png", out / "loss.png")
+    from elm_mlx.training.plot import plot_losses
+    from elm_mlx.training.trainer import METRICS_FILE
+
+    print(plot_losses(work / "train" / METRICS_FILE, out / "loss.png"))
     runs = samples(out, a.seed, a.sample_tokens)
     from report import write_report
 
