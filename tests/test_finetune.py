@@ -169,28 +169,19 @@ def test_a_full_disk_during_lora_is_one_line(tmp_path, model_dir, capsys, mounte
     assert "cannot write" in err and str(disk / "adapters") in err
 
 
-def test_a_truncated_adapter_file_is_one_line_in_fuse(tmp_path, model_dir, capsys):
+@pytest.mark.parametrize("command", ["fuse", "generate"])
+def test_a_truncated_adapter_file_is_one_line(tmp_path, model_dir, capsys, command):
     data, adapters = write_data(tmp_path / "data"), tmp_path / "adapters"
     assert main(lora(model_dir, data, adapters)) == 0
     file = adapters / ADAPTER_FILE
     file.write_bytes(file.read_bytes()[:-100])
     capsys.readouterr()
-    fuse = ["fuse", "--model", str(model_dir), "--adapter-path", str(adapters)]
-    assert main([*fuse, "--save-path", str(tmp_path / "fused")]) == 1
+    rest = {"fuse": ["--save-path", tmp_path / "fused"], "generate": ["--prompt", "Q:"]}
+    args = [command, "--model", model_dir, "--adapter-path", adapters, *rest[command]]
+    assert main(list(map(str, args))) == 1
     err = one_error_line(capsys)
     assert f"{file} cannot be read" in err and "train the adapters" in err
     assert not (tmp_path / "fused").exists()
-
-
-def test_generate_with_a_truncated_adapter_file_is_one_line(tmp_path, model_dir, capsys):
-    data, adapters = write_data(tmp_path / "data"), tmp_path / "adapters"
-    assert main(lora(model_dir, data, adapters)) == 0
-    file = adapters / ADAPTER_FILE
-    file.write_bytes(file.read_bytes()[:-100])
-    capsys.readouterr()
-    gen = ["generate", "--model", model_dir, "--adapter-path", adapters, "--max-tokens", "2"]
-    assert main([*map(str, gen), "--prompt", "Q:"]) == 1
-    assert f"{file} cannot be read" in one_error_line(capsys)
 
 
 def test_an_adapter_path_that_is_a_file_is_one_line(tmp_path, model_dir, capsys):
