@@ -27,7 +27,7 @@ from starlette.routing import Route
 
 from ..generation.tokenizer import Tokenizer
 from .engine import Closed, Failed, Finished, Job, QueueFull, RowSettings, Token
-from .protocol import ApiError, ChatRequest, CompletionRequest, validation_error
+from .protocol import ApiError, ChatRequest, CompletionRequest, check_supported, validation_error
 
 
 @dataclass(frozen=True)
@@ -234,6 +234,7 @@ class _Api:
             data = json.loads(body)
         except ValueError as e:  # UnicodeDecodeError is one too
             raise ApiError(400, f"the body is not valid JSON ({e})", code="invalid_json") from None
+        check_supported(data)
         try:
             return model.model_validate(data)
         except ValidationError as e:

@@ -254,7 +254,9 @@ class Engine:
             self.max_batch
         ):
             job = self._waiting.popleft()
-            if not job.cancelled:
+            if job.cancelled:
+                self._cancelled += 1
+            else:
                 jobs.append(job)
         return jobs
 

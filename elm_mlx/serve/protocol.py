@@ -42,6 +42,34 @@ class ApiError(Exception):
 
 _TYPE_TAGS = {"str", "int", "float", "bool", "list", "dict", "none"}
 
+# OpenAI fields this server does not implement: refused rather than silently ignored.
+_UNSUPPORTED = {
+    "tools": "tool calls",
+    "tool_choice": "tool calls",
+    "functions": "function calls",
+    "function_call": "function calls",
+    "suffix": "suffixes (fill-in-the-middle)",
+    "audio": "audio output",
+    "prediction": "predicted outputs",
+}
+
+
+def check_supported(data) -> None:
+    """Raise a 400 naming the first OpenAI field in `data` that this server cannot honour."""
+    if not isinstance(data, dict):
+        return
+    for name, what in _UNSUPPORTED.items():
+        if data.get(name) not in (None, [], {}, ""):
+            raise ApiError(400, f"{name}: {what} are not supported by this server", param=name)
+    fmt = data.get("response_format")
+    if fmt is not None and fmt != {"type": "text"}:
+        raise ApiError(
+            400, 'response_format: only {"type": "text"} is supported', param="response_format"
+        )
+    best_of = data.get("best_of")
+    if best_of is not None and best_of != 1:
+        raise ApiError(400, f"best_of must be 1, got {best_of!r}", param="best_of")
+
 
 def validation_error(e: ValidationError) -> ApiError:
     """The first problem pydantic found, as a 400 naming the field."""
