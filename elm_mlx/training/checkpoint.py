@@ -42,7 +42,10 @@ def writing(what: Path):
         yield
     except OSError as e:
         raise WriteError(f"cannot write {e.filename or what}: {e.strerror or e}") from None
-    except RuntimeError as e:  # MLX's own writers: "[write] Unable to write N bytes to file."
+    except RuntimeError as e:
+        # MLX's writers: "[write] Unable to write N bytes to file.", "[save...] Failed to open"
+        if not str(e).startswith(("[write]", "[save")):
+            raise
         reason = str(e).split("] ", 1)[-1].rstrip(".")
         with contextlib.suppress(OSError):
             free = shutil.disk_usage(_existing_parent(what)).free
