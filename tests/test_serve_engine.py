@@ -171,3 +171,22 @@ def test_decode_step_on_a_quantized_model_takes_mlx_and_matches_its_forward():
     for b, p in enumerate(prompts):
         ref = model(mx.array(p)[None])[0, -1]
         np.testing.assert_allclose(np.asarray(logits[b]), np.asarray(ref), atol=2e-4)
+
+
+def test_a_failing_step_fails_its_requests_and_the_engine_keeps_serving(app_client, monkeypatch):
+    import elm_mlx.serve.engine as engine_mod
+
+    client, _ = app_client()
+    body = {"model": "tiny-Instruct", "prompt": "hello", "max_tokens": 3}
+    real = engine_mod.decode_step
+
+    def broken(*args):
+        raise RuntimeError("boom")
+
+    monkeypatch.setattr(engine_mod, "decode_step", broken)
+    r = client.post("/v1/completions", json=body)
+    assert r.status_code == 500 and "Traceback" not in r.text
+    assert r.json()["error"]["type"] == "server_error"
+    monkeypatch.setattr(engine_mod, "decode_step", real)
+    r = client.post("/v1/completions", json=body)
+    assert r.status_code == 200 and r.json()["usage"]["completion_tokens"] == 3

@@ -240,10 +240,12 @@ class Engine:
                 admitted = self._admit()
             try:
                 self._step(admitted)
-            except Exception:  # a bug, not a bad request: fail these rows, keep serving
+            except Exception:  # a bug, not a bad request: fail these jobs, keep serving
                 traceback.print_exc(file=sys.stderr)
-                for row in self._prefilling + self._running:
-                    row.job.emit(Failed("internal error while generating; see the server log"))
+                jobs = {id(j): j for j in admitted + [r.job for r in self._prefilling]}
+                jobs.update((id(r.job), r.job) for r in self._running)
+                for job in jobs.values():
+                    job.emit(Failed("internal error while generating; see the server log"))
                 self._prefilling, self._running = [], []
                 mx.clear_cache()
 
