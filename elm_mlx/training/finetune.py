@@ -200,11 +200,11 @@ def finetune(
             state = train(
                 model, make_optimizer(args), sets["train"], sets.get("valid"), args,
                 chunked_loss, resume=resume, fingerprint=fingerprint, group=group,
-                on_start=_prepare(path, config, n_layers, replace=force),
+                on_start=_prepare(path, config, n_layers, force) if group.rank() == 0 else None,
                 callback=callback, log=write,
             )  # fmt: skip
     except TrainingDiverged as e:
-        raise _diverged(e, path, resume) from None
+        raise _diverged(e, path, clean=not resume and group.rank() == 0) from None
     if group.rank() == 0:
         say(plot_losses(path / METRICS_FILE, path / PLOT_FILE))
     result = FinetuneResult(state, sets)
@@ -213,7 +213,7 @@ def finetune(
     return result
 
 
-def _diverged(e: TrainingDiverged, path: Path, resumed: bool) -> TrainingDiverged:
+def _diverged(e: TrainingDiverged, path: Path, clean: bool) -> TrainingDiverged:
     """The divergence error with this directory's way out."""
     if e.saved_step:
         remedy = (
@@ -222,7 +222,7 @@ def _diverged(e: TrainingDiverged, path: Path, resumed: bool) -> TrainingDiverge
             "(`force=True`) with a lower `learning_rate`"
         )
     else:
-        if not resumed:
+        if clean:
             _remove_run_files(path)
         remedy = (
             f"nothing was kept in {path}, so the same command starts over: lower "
