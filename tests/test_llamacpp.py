@@ -212,3 +212,23 @@ def test_chat_template_reaches_llama_cpp(tmp_path):
     llm = llama(file, 64)
     template = llm.metadata["tokenizer.chat_template"]
     assert "<|assistant|>" in template and "eos_token" in template
+
+
+def test_same_tokenization_with_a_32000_piece_llama_style_tokenizer(tmp_path):
+    """The Llama-2 tokenizer is gated; mistral-common ships a 32000-piece SentencePiece model
+    of the same kind (BPE, byte fallback, dummy prefix)."""
+    import importlib.util
+
+    spec = importlib.util.find_spec("mistral_common")
+    sp_file = None if spec is None else Path(spec.origin).parent / "data" / "tokenizer.model.v1"
+    if sp_file is None or not sp_file.is_file():
+        pytest.skip("mistral-common not installed")
+    args = tiny_args(vocab_size=32000, layers=2, model_dim=32, head_dim=16)
+    path = write_hf_checkpoint(tmp_path / "m", args, random_weights(args, 0))
+    shutil.copyfile(sp_file, path / "tokenizer.model")
+    tokenizer = Tokenizer(path / "tokenizer.model")
+    llm = llama(export_gguf(path, tmp_path / "m.gguf"), 64)
+    for text in TEXTS:
+        assert llm.tokenize(text.encode("utf-8"), add_bos=True, special=True) == (
+            tokenizer.encode(text)
+        ), text
