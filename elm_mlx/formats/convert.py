@@ -16,10 +16,11 @@ from __future__ import annotations
 
 import hashlib
 import math
+import threading
 import time
 import warnings
 from collections.abc import Callable
-from concurrent.futures import ThreadPoolExecutor
+from concurrent.futures import CancelledError, ThreadPoolExecutor
 from dataclasses import dataclass
 from datetime import datetime, timezone
 from pathlib import Path
@@ -109,8 +110,9 @@ def _import_torch():
     return torch
 
 
-def _torch_load(torch, file: Path) -> dict:
-    """A .bin state dict, never unpickling anything but tensors (weights_only=True)."""
+def _torch_load(torch, file: Path, *, inside: str | None = None) -> dict:
+    """A .bin state dict, never unpickling anything but tensors (weights_only=True); with
+    `inside`, a checkpoint that holds the state dict under that key is read too."""
     try:
         try:
             state = torch.load(file, map_location="cpu", weights_only=True, mmap=True)
@@ -120,6 +122,8 @@ def _torch_load(torch, file: Path) -> dict:
             state = torch.load(file, map_location="cpu", weights_only=True)  # legacy format
     except Exception as e:
         raise mio.WeightsError(f"cannot read {file}: {' '.join(str(e).split())[:300]}") from None
+    if inside is not None and isinstance(state, dict) and isinstance(state.get(inside), dict):
+        state = state[inside]
     if not isinstance(state, dict) or not all(isinstance(v, torch.Tensor) for v in state.values()):
         raise mio.WeightsError(f"{file} is not a flat state dict of tensors")
     return state
@@ -201,16 +205,19 @@ def pending_weights(
     ]
 
 
-def sha256(file: Path) -> str:
+def sha256(file: Path, stop: threading.Event | None = None) -> str:
+    """The file's sha256; given up (CancelledError) once `stop` is set."""
     digest = hashlib.sha256()
     with open(file, "rb") as f:
         while chunk := f.read(1 << 20):
+            if stop is not None and stop.is_set():
+                raise CancelledError
             digest.update(chunk)
     return digest.hexdigest()
 
 
-def checksums(files: list[Path]) -> dict[Path, str]:
-    return {f: sha256(f) for f in files}
+def checksums(files: list[Path], stop: threading.Event | None = None) -> dict[Path, str]:
+    return {f: sha256(f, stop) for f in files}
 
 
 def provenance(
@@ -313,9 +320,9 @@ def convert(
         quantization=args.quantization,
     )
     # Hash the inputs in a thread while the weights are converted (hashlib releases the GIL).
-    pool = ThreadPoolExecutor(1)
+    pool, stop = ThreadPoolExecutor(1), threading.Event()
     try:
-        sums = pool.submit(checksums, [src / "config.json", *source.files, tok_file])
+        sums = pool.submit(checksums, [src / "config.json", *source.files, tok_file], stop)
         origin = (_origin(tokenizer, tok_file), tok_file)
         mio.write_model_dir(
             out,
@@ -334,6 +341,7 @@ def convert(
             log=log,
         )
     finally:
+        stop.set()  # an interrupted conversion does not wait for the hashes
         pool.shutdown(wait=False, cancel_futures=True)
     if log:
         log(f"wrote {out} ({mio.dtype_name(out_dtype)}) in {time.perf_counter() - start:.1f} s")
