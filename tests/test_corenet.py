@@ -193,3 +193,19 @@ def test_cli(tmp_path, sp_model_file, capsys):
     assert cli.main([*args, "--dtype", "float16"]) == 0
     assert read_config(out).vocab_size == PIECES
     assert mx.load(str(out / "model.safetensors"))["transformer.norm.weight"].dtype == mx.float16
+
+
+def test_training_checkpoint_reads_its_model_state_dict(tmp_path, sp_model_file):
+    """CoreNet's training_checkpoint_last.pt holds the weights beside the optimizer state."""
+    pt, yaml_file, _, hf = make_pair(tmp_path, sp_model_file, True)
+    state = torch.load(pt, weights_only=True)
+    optim = {"state": {0: {"exp_avg": torch.zeros(3)}}, "param_groups": []}
+    training = {"iterations": 10, "epoch": 1, "model_state_dict": state, "optim_state_dict": optim}
+    torch.save(training, tmp_path / "training_checkpoint_last.pt")
+    out = corenet.convert_corenet(tmp_path / "training_checkpoint_last.pt", yaml_file,
+                                  tmp_path / "out", tokenizer=sp_model_file)  # fmt: skip
+    got = mx.load(str(out / "model.safetensors"))
+    assert sorted(got) == sorted(hf)
+    np.testing.assert_array_equal(
+        np.array(got["transformer.norm.weight"]), hf["transformer.norm.weight"]
+    )

@@ -118,7 +118,9 @@ def open_checkpoint(file: Path, args: ModelArgs, rows: int) -> cv.Source:
     """The checkpoint as a Source in HF names, after every key and shape is checked
     (in CoreNet names); embedding and head rows cut to `rows`."""
     torch = cv._import_torch()
-    state = cv._torch_load(torch, file)
+    # checkpoint_best.pt / checkpoint_last.pt are state dicts; training_checkpoint_*.pt hold
+    # one under model_state_dict, beside the optimizer's state
+    state = cv._torch_load(torch, file, inside="model_state_dict")
     expected = {corenet_key(k): s for k, s in args.weight_shapes().items()}
     mio.check_weights(expected, {k: tuple(t.shape) for k, t in state.items()}, str(file))
     vocab_keys = {"transformer.token_embeddings.weight", "lm_head.weight"}
