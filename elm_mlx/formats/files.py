@@ -157,6 +157,9 @@ def check_target(
     """Refuse an existing `path` unless `force`; never replace a file, a link, or (with
     `marker`) a non-empty directory without the `marker` file that shows it is `kind`."""
     path = Path(path)
+    in_the_way = next((p for p in path.parents if p.exists() and not p.is_dir()), None)
+    if in_the_way is not None:
+        raise NotADirectoryError(f"{in_the_way} is a file, not a directory")
     if not path.exists() and not path.is_symlink():
         return
     if not path.is_dir() or path.is_symlink():
