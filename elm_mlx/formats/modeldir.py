@@ -6,9 +6,10 @@ quantized), `model.safetensors` or shards `model-0000i-of-0000n.safetensors`
 with `model.safetensors.index.json`, and `tokenizer.model`. Weight names are
 the HF checkpoint keys, which are also the model's attribute paths.
 
-Writing is atomic (`files.atomic_dir`): everything goes into a temporary sibling
-directory that is renamed into place only when complete. Weights are written shard by shard from
-callables that produce them, so a converter can stream tensors from disk.
+Every model directory (converted, quantized, fused, saved) is written by
+`write_model_dir`: atomically (`files.atomic_dir`: a temporary sibling renamed into
+place when complete), its weights shard by shard from callables that produce them, so
+a converter can stream tensors from disk.
 """
 
 from __future__ import annotations
