@@ -72,20 +72,39 @@ def model_dirs(work: Path, names: list[str]) -> dict[str, Path]:
 
                 print("writing random 270M-shaped weights...", file=sys.stderr)
                 random_preset_checkpoint(path, "OpenELM-270M", seed=0)
-                shutil.copyfile(NANO / "tokenizer.model", path / "tokenizer.model")
+                shutil.copyfile(tokenizer_32000(), path / "tokenizer.model")
             dirs[name] = path
         else:
             raise SystemExit(f"error: unknown model {name!r} (nano, 270m)")
     return dirs
 
 
+def tokenizer_32000() -> Path:
+    """A 32000-piece Llama-style SentencePiece model (mistral-common ships one, Apache-2.0),
+    so that every id the random 270M model can emit has text in both servers."""
+    import importlib.util
+
+    spec = importlib.util.find_spec("mistral_common")
+    if spec is not None and spec.origin is not None:
+        path = Path(spec.origin).parent / "data" / "tokenizer.model.v1"
+        if path.is_file():
+            return path
+    raise SystemExit(
+        "error: the 270m model needs mistral-common's tokenizer: pip install -e '.[test]'"
+    )
+
+
 def mlx_lm_dir(model: Path, work: Path, tokenizer) -> Path:
-    """`model` plus the tokenizer_config.json transformers needs (files linked, not copied)."""
+    """`model` plus the tokenizer_config.json transformers needs (weights linked, not copied)."""
     shim = work / f"{model.name}-mlx-lm"
     shim.mkdir(parents=True, exist_ok=True)
     for f in model.iterdir():
-        if f.is_file() and not (shim / f.name).exists():
+        if f.is_file() and f.name != "config.json" and not (shim / f.name).exists():
             (shim / f.name).symlink_to(f.resolve())
+    # without auto_map (HF's pointer to remote code), transformers does not stop to ask
+    config = json.loads((model / "config.json").read_text())
+    config.pop("auto_map", None)
+    (shim / "config.json").write_text(json.dumps(config, indent=2))
     config = {
         "tokenizer_class": "LlamaTokenizer",
         "add_bos_token": True,
