@@ -314,3 +314,22 @@ def test_failed_weight_writes_name_the_file_and_a_full_disk(mount, tmp_path):
         mio.save_model(disk / "out", {"w": mx.zeros((256, 256))}, tiny_args())
     assert e.value.errno == 28 and e.value.filename == str(disk / "out" / "model.safetensors")
     assert list(disk.iterdir()) == []
+
+
+def test_fuse_cleans_leftovers_and_reports_a_read_only_destination(mount, tmp_path, capsys):
+    from elm_mlx.training.lora import LoRAConfig, apply_lora, save_adapters
+
+    model, _ = mio.load_model(DEFAULT_MODEL)
+    config = LoRAConfig(rank=4)
+    apply_lora(model, config)
+    save_adapters(model, tmp_path / "adapters", config)
+    fuse = ["fuse", "--model", DEFAULT_MODEL, "--adapter-path", tmp_path / "adapters"]
+    leftover = tmp_path / f".fused.partial-{dead_pid()}-abcd1234"
+    leftover.mkdir()
+    code, err = run_cli(capsys, *fuse, "--save-path", tmp_path / "fused")
+    assert code == 0, err
+    assert f"removed 1 unfinished output(s) left by a stopped process: {leftover.name}" in err
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["adapters", "fused"]
+    ro = mount("ro,size=1m")
+    code, err = run_cli(capsys, *fuse, "--save-path", ro / "fused")
+    assert code == 1 and one_error_line(err) == f"error: {ro / 'fused'}: Read-only file system"

@@ -13,7 +13,7 @@ from ..training.finetune import finetune, fuse
 from ..training.lora import LoRAConfig
 from ..training.train_ops import TrainingOps
 from ..training.trainer import TrainArgs
-from .common import USER_ERRORS, CliError
+from .common import USER_ERRORS, CliError, log
 
 
 def _add_lora(sub) -> None:
@@ -166,7 +166,7 @@ def _run_fuse(args) -> None:
     with _as_flags():
         fuse(
             args.model, args.adapter_path, args.save_path, de_quantize=args.de_quantize,
-            force=args.force,
+            force=args.force, log=log,
         )  # fmt: skip
     print(f"fused {args.adapter_path} into {args.model}: wrote {args.save_path}")
 

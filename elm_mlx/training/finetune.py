@@ -238,8 +238,10 @@ def fuse(
     *,
     de_quantize: bool = False,
     force: bool = False,
+    log: Callable[[str], None] | None = None,
 ) -> Path:
-    """Merge the adapters in `adapter_path` into the model at `model_path`; write `save_path`.
+    """Merge the adapters in `adapter_path` into the model at `model_path`; write `save_path`
+    (`log`: the writer's progress and notices).
 
     A quantized base is re-quantized with its own settings unless `de_quantize`.
     """
@@ -250,5 +252,5 @@ def fuse(
     tokenizer_file = tokenizer.model_file if tokenizer is not None else None
     return save_model(
         save_path, model, model.args, tokenizer=tokenizer_file, force=force,
-        extra_files=carried_files(model_path),
+        extra_files=carried_files(model_path), log=log,
     )  # fmt: skip
