@@ -367,3 +367,57 @@ def test_cli_perplexity(tmp_path):
     assert r.returncode == 1 and r.stderr.strip().splitlines() == [
         f'error: {bad} line 1: need an object with a string "text" field'
     ]
+
+
+def test_generate_until_stops_at_stop_strings_and_max_gen_toks(nano):
+    from elm_mlx.generation.generate import generate
+
+    model, tokenizer = nano
+    lm = ElmLM(model=model, tokenizer=tokenizer, progress=False)
+    context = "BRUTUS:\nThen follow me, and give me audience, friends."
+    free, stopped, short = lm.generate_until(
+        [
+            Req(context, {"until": ["<never>"], "max_gen_toks": 24}),
+            Req(context, {"until": ["\n\n", ","], "max_gen_toks": 24}),
+            Req(context, {"until": ["<never>"], "max_gen_toks": 3, "do_sample": False}),
+        ],
+        disable_tqdm=True,
+    )
+    assert free == generate(model, tokenizer, context, max_tokens=24)  # greedy
+    cut = min(i for i in (free.find("\n\n"), free.find(",")) if i >= 0)
+    assert stopped == free[:cut]
+    assert len(tokenizer.encode(short, bos=False)) <= 3 and free.startswith(short)
+
+
+@pytest.mark.parametrize("kind", ["q8", "lora"])
+def test_quantized_and_adapter_models_score_like_a_direct_forward_pass(nano, kind):
+    from elm_mlx.generation.loading import load_for_generation
+    from elm_mlx.quant.quantize import QuantizeSpec, quantize_model
+    from elm_mlx.training.lora import LoRAConfig, apply_lora
+
+    model, tokenizer, _ = load_for_generation(None)
+    model = _plain(model)
+    if kind == "q8":
+        quantize_model(model, QuantizeSpec(8, 32))
+    else:
+        apply_lora(model, LoRAConfig(rank=4))
+        for layer in model.layers:  # non-zero adapters, so they change the scores
+            layer.attn.qkv_proj.lora_b = mx.full(layer.attn.qkv_proj.lora_b.shape, 0.01)
+    lm = ElmLM(model=model, tokenizer=tokenizer, progress=False)
+    pairs = [lm._encode_pair(r.args[0], r.args[1]) for r in _choice_requests(3)]
+    got = scoring.score(model, pairs, batch_size=8)
+    want = [_direct(model, list(c), list(k)) for c, k in pairs]
+    np.testing.assert_allclose([x for x, _ in got], [x for x, _ in want], rtol=1e-5)
+    floats = scoring.score(nano[0], pairs)
+    moved = max(abs(a[0] - b[0]) for a, b in zip(got, floats, strict=True))
+    assert 0 < moved < 5
+
+
+def test_task_names_expand_paper():
+    from elm_mlx.evaluation.published import PAPER_TASKS
+    from elm_mlx.evaluation.run import task_names
+
+    assert task_names("paper") == list(PAPER_TASKS)
+    assert task_names("nano_next_line, paper,boolq")[:2] == ["nano_next_line", "arc_challenge"]
+    with pytest.raises(ValueError, match="no task names"):
+        task_names(" , ")
