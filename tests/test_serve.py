@@ -199,6 +199,24 @@ def test_logprobs_are_the_models_log_softmax(client, nano):
     )
 
 
+def test_logit_bias_and_repetition_penalty(client, nano):
+    tokenizer = nano[1]
+    forced = tokenizer.encode(" the", bos=False)[-1]
+    r = client.completions.create(
+        model="nano", prompt="ROMEO:", max_tokens=5, temperature=0, logit_bias={str(forced): 100}
+    )
+    assert r.choices[0].text == tokenizer.decode([forced] * 5)
+    r = client.completions.create(
+        model="nano",
+        prompt="ROMEO:",
+        max_tokens=30,
+        temperature=0,
+        extra_body={"repetition_penalty": 1.5},  # an extension: not among the client's fields
+    )
+    assert r.choices[0].text == _alone(nano, "ROMEO:", 30, repetition_penalty=1.5)
+    assert r.choices[0].text != _alone(nano, "ROMEO:", 30)
+
+
 def test_seed_reproducible(client):
     def draw(seed):
         r = client.completions.create(
