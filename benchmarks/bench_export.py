@@ -3,7 +3,7 @@
     python benchmarks/bench_export.py                # OpenELM-270M shapes, random weights
     python benchmarks/bench_export.py --quick        # the shipped nano model, short runs
 
-Export: `export_gguf` to f16 and q8_0 (and f32), each in a fresh interpreter that prints
+Export: `export_gguf` to f16, q8_0, q4_0 and f32, each in a fresh interpreter that prints
 its export time and peak resident memory (ru_maxrss); the "baseline" row is the same
 interpreter after the imports only. Speed (when llama-cpp-python is installed): llama.cpp
 on each exported file and elm_mlx on the same weights (`load_for_generation`, as a user
@@ -216,7 +216,7 @@ def main() -> None:
     opts.workdir.mkdir(parents=True, exist_ok=True)
     src = source(opts.workdir, opts.quick)
     print(f"model: {src}")
-    files = export_rows(src, opts.workdir, ["f32", "f16", "q8_0"])
+    files = export_rows(src, opts.workdir, ["f32", "f16", "q8_0", "q4_0"])
     try:
         import llama_cpp  # noqa: F401
     except ImportError:

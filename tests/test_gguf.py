@@ -173,29 +173,37 @@ def test_vocabulary_matches_sentencepiece(nano_f32, tiny_dir, tmp_path):
         assert tokens[sp.bos_id()] == "<s>" and sum(t == kinds.BYTE for t in types) == 256
 
 
-def test_f16_bf16_q8_0_types_and_values(tiny_dir, tmp_path):
+# --type -> largest error of one value against its row's largest magnitude. q4_1/q5_1 spread
+# (max - min) over 15/31 steps: half a step. q4_0/q5_0 map the largest magnitude to -8/-16
+# steps and clamp the other end at +7/+15: up to one step (1/8, 1/16) there.
+TOLERANCES = {"f16": 1e-3, "bf16": 8e-3, "q8_0": 1e-2, "q5_1": 0.035, "q5_0": 0.065,
+              "q4_1": 0.07, "q4_0": 0.13}  # fmt: skip
+
+
+@pytest.mark.parametrize("type_name", list(TOLERANCES))
+def test_types_and_values(tiny_dir, tmp_path, type_name):
     config = json.loads((tiny_dir / "config.json").read_text())
     want = source_tensors(tiny_dir / "model.safetensors", config)
     t = gguf.GGMLQuantizationType
-    for type_name, qtype, tol in (("f16", t.F16, 1e-3), ("bf16", t.BF16, 8e-3),
-                                  ("q8_0", t.Q8_0, 1e-2)):  # fmt: skip
-        reader, f = read(export.export_gguf(tiny_dir, tmp_path / f"{type_name}.gguf",
-                                            type_name=type_name))  # fmt: skip
-        assert f[gguf.Keys.General.FILE_TYPE] == gguf.LlamaFileType[export.FILE_TYPES[type_name]]
-        seen = set()
-        for tensor in reader.tensors:
-            ref = want[tensor.name]
-            if ref.ndim == 1:
-                assert tensor.tensor_type == t.F32  # norms stay float32, as llama.cpp wants
-            elif ref.shape[-1] % 32 and qtype == t.Q8_0:
-                assert tensor.tensor_type == t.F16  # rows that fill no whole Q8_0 block
-            else:
-                assert tensor.tensor_type == qtype
-            seen.add(tensor.tensor_type)
-            got = values(tensor)
-            scale = np.abs(ref).max(axis=-1, keepdims=True)
-            assert np.all(np.abs(got - ref) <= tol * scale), (type_name, tensor.name)
-        assert qtype in seen
+    qtype = t[type_name.upper()]
+    reader, f = read(export.export_gguf(tiny_dir, tmp_path / f"{type_name}.gguf",
+                                        type_name=type_name))  # fmt: skip
+    assert f[gguf.Keys.General.FILE_TYPE] == gguf.LlamaFileType[export.FILE_TYPES[type_name]]
+    seen = set()
+    for tensor in reader.tensors:
+        ref = want[tensor.name]
+        if ref.ndim == 1:
+            assert tensor.tensor_type == t.F32  # norms stay float32, as llama.cpp wants
+        elif ref.shape[-1] % 32 and type_name.startswith("q"):
+            assert tensor.tensor_type == t.F16  # rows that fill no whole 32-value block
+        else:
+            assert tensor.tensor_type == qtype
+        seen.add(tensor.tensor_type)
+        got = values(tensor)
+        scale = np.abs(ref).max(axis=-1, keepdims=True)
+        err = np.abs(got - ref)
+        assert np.all(err <= TOLERANCES[type_name] * scale), (tensor.name, (err / scale).max())
+    assert qtype in seen
 
 
 def test_quantized_model_is_dequantized_first(tmp_path):

@@ -27,8 +27,11 @@ from . import modeldir as mio
 
 ARCH = "openelm"
 # --type -> (file type written in general.file_type, type of the 2-D weight matrices)
-FILE_TYPES = {"f32": "ALL_F32", "f16": "MOSTLY_F16", "bf16": "MOSTLY_BF16", "q8_0": "MOSTLY_Q8_0"}
-MATRIX_TYPES = {"f32": "F32", "f16": "F16", "bf16": "BF16", "q8_0": "Q8_0"}
+FILE_TYPES = {
+    "f32": "ALL_F32", "f16": "MOSTLY_F16", "bf16": "MOSTLY_BF16", "q8_0": "MOSTLY_Q8_0",
+    "q5_1": "MOSTLY_Q5_1", "q5_0": "MOSTLY_Q5_0", "q4_1": "MOSTLY_Q4_1", "q4_0": "MOSTLY_Q4_0",
+}  # fmt: skip
+MATRIX_TYPES = {name: name.upper() for name in FILE_TYPES}
 # The Zephyr-style template the OpenELM Instruct models were tuned with (as
 # Tokenizer.apply_chat_template renders it), in the Jinja form llama.cpp front-ends read.
 CHAT_TEMPLATE = (
@@ -82,7 +85,7 @@ _LAYER_KINDS = {
 
 def stored_type(shape: tuple[int, ...], type_name: str):
     """The type a tensor is stored in, by llama.cpp's converter's rules: 1-D tensors (norms)
-    in F32; matrices in the requested type, F16 when a row does not fill whole Q8_0 blocks."""
+    in F32; matrices in the requested type, F16 when a row does not fill whole blocks."""
     g = _gguf()
     t = g.GGMLQuantizationType
     if len(shape) <= 1:
