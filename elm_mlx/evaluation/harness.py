@@ -27,10 +27,21 @@ from ..generation.loading import load_for_generation
 from ..runtime.fastpath import CpuDecoder
 from . import scoring
 
+# What lm-eval passes to every model it builds from a name; not used here.
+_LM_EVAL_ARGS = {"device", "max_batch_size", "trust_remote_code"}
+
 
 @register_model("elm_mlx")
 class ElmLM(TemplateLM):
-    """An elm_mlx model (float, quantized or with adapters) as an lm-eval `LM`."""
+    """An elm_mlx model (float, quantized or with adapters) as an lm-eval `LM`.
+
+    model_args: `pretrained` (a model directory or hub id; default the nano model),
+    `adapter_path`, `batch_size` (sequences per forward pass), `add_bos_token` (true),
+    `dtype` (auto), `max_gen_toks` (for tasks that set none), `rolling_stride` (tokens
+    scored per window of `loglikelihood_rolling` after the first; default the context,
+    lm-eval's disjoint windows), `progress`. From Python, `model=` and `tokenizer=` take
+    a model already loaded.
+    """
 
     def __init__(
         self,
@@ -45,9 +56,12 @@ class ElmLM(TemplateLM):
         model=None,
         tokenizer=None,
         progress: bool = True,
-        **ignored,
+        **lm_eval_args,
     ):
         super().__init__()
+        unknown = sorted(set(lm_eval_args) - _LM_EVAL_ARGS)
+        if unknown:
+            raise ValueError(f"unknown elm_mlx model argument(s): {', '.join(unknown)}")
         if model is None:
             model, tokenizer, _ = load_for_generation(
                 pretrained, adapter_path=adapter_path, dtype=dtype
@@ -56,10 +70,10 @@ class ElmLM(TemplateLM):
         self.model = model.model if isinstance(model, CpuDecoder) else model
         self.tokenizer = tokenizer
         self.batch_size = _positive_int(batch_size, "batch_size", default=16)
-        self.add_bos_token = _as_bool(add_bos_token)
+        self.add_bos_token = _as_bool(add_bos_token, "add_bos_token")
         self.max_gen_toks = _positive_int(max_gen_toks, "max_gen_toks", default=256)
         self.rolling_stride = None if rolling_stride is None else int(rolling_stride)
-        self.show_progress = progress
+        self.show_progress = _as_bool(progress, "progress")
         self.group = scoring.process_group()
 
     # ---- what TemplateLM asks for ---------------------------------------------
@@ -170,7 +184,7 @@ def _positive_int(value, name: str, default: int) -> int:
     return n
 
 
-def _as_bool(value) -> bool:
+def _as_bool(value, name: str) -> bool:
     if isinstance(value, bool):
         return value
     text = str(value).strip().lower()
@@ -178,4 +192,4 @@ def _as_bool(value) -> bool:
         return True
     if text in ("false", "0", "no"):
         return False
-    raise ValueError(f"add_bos_token must be true or false, got {value!r}")
+    raise ValueError(f"{name} must be true or false, got {value!r}")
