@@ -279,10 +279,14 @@ class Engine:
             self._decode()
 
     def _drop_cancelled(self) -> None:
+        dropped = 0
         for rows in (self._prefilling, self._running):
             kept = [r for r in rows if not r.job.cancelled]
-            self._cancelled += len(rows) - len(kept)
+            dropped += len(rows) - len(kept)
             rows[:] = kept
+        if dropped:  # their caches are garbage now: hand MLX's buffers back
+            self._cancelled += dropped
+            mx.clear_cache()
 
     def _prefill(self) -> None:
         """Whole prefill chunks, `prefill_step` tokens per step in all (at least one chunk)."""
