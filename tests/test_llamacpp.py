@@ -230,10 +230,21 @@ def test_fused_adapters_match_unfused_lora(tmp_root, tmp_path):
 
 
 def test_chat_template_reaches_llama_cpp(tmp_path):
+    """llama-cpp-python's chat formatter, fed the file's template, renders the prompt our
+    tokenizer renders, and stops at EOS."""
+    from llama_cpp.llama_chat_format import Jinja2ChatFormatter
+
     file = export_gguf(DEFAULT_MODEL, tmp_path / "instruct.gguf", chat_template=True)
     llm = llama(file, 64)
-    template = llm.metadata["tokenizer.chat_template"]
-    assert "<|assistant|>" in template and "eos_token" in template
+    formatter = Jinja2ChatFormatter(llm.metadata["tokenizer.chat_template"],
+                                    eos_token="</s>", bos_token="<s>")  # fmt: skip
+    turns = [("system", "Be brief."), ("user", "Hi"), ("assistant", "Hello."), ("user", "Why?")]
+    messages = [{"role": role, "content": text} for role, text in turns]
+    rendered = formatter(messages=messages)
+    assert rendered.prompt == Tokenizer(DEFAULT_MODEL / "tokenizer.model").apply_chat_template(
+        messages
+    )
+    assert rendered.stop == ["</s>"]
 
 
 def test_same_tokenization_with_a_32000_piece_llama_style_tokenizer(tmp_path):
