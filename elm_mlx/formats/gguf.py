@@ -24,6 +24,7 @@ from mlx.utils import tree_flatten
 from ..model.config import ModelArgs
 from . import files
 from . import modeldir as mio
+from .convert import FLOAT16_MAX_PARAMS
 
 ARCH = "openelm"
 # --type -> (file type written in general.file_type, type of the 2-D weight matrices)
@@ -166,8 +167,8 @@ def add_model_metadata(writer, args: ModelArgs, type_name: str, name: str) -> No
 
 
 def sentencepiece_vocab(tokenizer_file: Path, vocab_size: int):
-    """(pieces, scores, token types, normalizer spec) padded to the model's `vocab_size`
-    rows as llama.cpp's converter pads them ([PADi], unused)."""
+    """(processor, pieces, scores, token types, normalizer spec), padded to the model's
+    `vocab_size` rows as llama.cpp's converter pads them ([PADi], unused)."""
     import sentencepiece as spm
     from sentencepiece import sentencepiece_model_pb2 as pb
 
@@ -261,7 +262,7 @@ def check_exportable(args: ModelArgs, model: str | Path) -> None:
         raise ValueError(f"{model} has no q_norm/k_norm; llama.cpp's openelm requires them")
 
 
-def write_gguf(file: Path, plan: list[Planned], add_metadata: Callable, log: Log | None) -> None:
+def write_gguf(file: Path, plan: list[Planned], add_metadata: Callable) -> None:
     """Header, metadata and tensor infos first; then each tensor produced, encoded, written."""
     g = _gguf()
     writer = g.GGUFWriter(file, ARCH)
@@ -304,6 +305,9 @@ def export_gguf(
     net, tokenizer = load_float_model(model, adapter_path, log)
     args = net.args
     check_exportable(args, model)
+    if type_name == "f16" and args.num_parameters() > FLOAT16_MAX_PARAMS and log:
+        log("warning: llama.cpp multiplies f16 weights in float16, which overflows in models "
+            "of this size (3B); prefer bf16 or q8_0")  # fmt: skip
     weights = dict(tree_flatten(net.parameters()))
     plan = plan_tensors(args, weights, type_name)
 
@@ -318,7 +322,7 @@ def export_gguf(
     if removed and log:
         log(files.stale_message(removed))
     with files.atomic_path(out) as tmp:
-        write_gguf(tmp, plan, add_metadata, log)
+        write_gguf(tmp, plan, add_metadata)
     if log:
         mb, seconds = out.stat().st_size / 1e6, time.perf_counter() - start
         log(f"wrote {out} ({type_name}, {mb:.1f} MB) in {seconds:.1f} s")
