@@ -117,7 +117,12 @@ def corenet_key(hf_key: str) -> str:
 def open_checkpoint(file: Path, args: ModelArgs, rows: int) -> cv.Source:
     """The checkpoint as a Source in HF names, after every key and shape is checked
     (in CoreNet names); embedding and head rows cut to `rows`."""
-    torch = cv._import_torch()
+    try:
+        import torch
+    except ImportError:
+        raise cv.MissingTorchError(
+            "reading a CoreNet checkpoint needs torch: pip install 'elm-mlx[corenet]'"
+        ) from None
     # checkpoint_best.pt / checkpoint_last.pt are state dicts; training_checkpoint_*.pt hold
     # one under model_state_dict, beside the optimizer's state
     state = cv._torch_load(torch, file, inside="model_state_dict")
