@@ -421,3 +421,14 @@ def test_task_names_expand_paper():
     assert task_names("nano_next_line, paper,boolq")[:2] == ["nano_next_line", "arc_challenge"]
     with pytest.raises(ValueError, match="no task names"):
         task_names(" , ")
+
+
+def test_a_broken_local_task_is_one_error_naming_it(tmp_path):
+    from elm_mlx.evaluation.run import EvalSettings, prepare_tasks
+
+    (tmp_path / "t.yaml").write_text(
+        "task: broken_task\noutput_type: multiple_choice\ncustom_dataset: !function nothere.load\n"
+    )
+    settings = EvalSettings(tasks=["broken_task"], include_paths=(str(tmp_path),))
+    with pytest.raises(ValueError, match="task broken_task could not be loaded: ImportError"):
+        prepare_tasks(settings)

@@ -71,7 +71,9 @@ def load_tasks(names: list[str], manager) -> list:
 def _load_one(name: str, manager):
     try:
         loaded = manager.load([name])
-    except (ConnectionError, OSError) as e:
+    except Exception as e:
+        if not _network_error(e):  # a broken task definition (often the user's own YAML)
+            raise ValueError(f"task {name} could not be loaded: {type(e).__name__}: {e}") from None
         reason = str(e).splitlines()[0] if str(e) else type(e).__name__
         raise ValueError(
             f"task {name} needs the network to download its data ({reason}); connect once to "
@@ -82,6 +84,12 @@ def _load_one(name: str, manager):
     if name in loaded["tasks"]:
         return loaded["tasks"][name]
     return list(loaded["tasks"].values())
+
+
+def _network_error(e: BaseException) -> bool:
+    """Whether loading failed for want of the network (datasets, huggingface_hub, requests)."""
+    words = ("Connect", "Offline", "Timeout", "HTTP", "Hub")
+    return isinstance(e, ConnectionError) or any(w in type(e).__name__ for w in words)
 
 
 @dataclass
