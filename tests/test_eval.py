@@ -432,3 +432,13 @@ def test_a_broken_local_task_is_one_error_naming_it(tmp_path):
     settings = EvalSettings(tasks=["broken_task"], include_paths=(str(tmp_path),))
     with pytest.raises(ValueError, match="task broken_task could not be loaded: ImportError"):
         prepare_tasks(settings)
+
+
+def test_without_lm_eval_the_command_says_how_to_install_it(monkeypatch, capsys):
+    from elm_mlx.cli.app import main
+
+    monkeypatch.setitem(sys.modules, "lm_eval", None)  # `import lm_eval` raises ImportError
+    assert main(["eval", "--tasks", "nano_next_line"]) == 1
+    assert capsys.readouterr().err.strip() == (
+        "error: evaluation needs lm-eval: pip install 'elm-mlx[eval]'"
+    )
