@@ -447,18 +447,40 @@ class CpuDecoder:
         cache = cache or [None] * len(views.layers)
         tables = _prepare(cache, len(tokens), args.head_dim, args.rope_freq_constant)
         with _one_blas_thread():  # the pool shares the work out instead
-            h = _blocks(views, views.embed[tokens], cache, args.rms_norm_eps, tables)
+            h = _blocks(views, views.embed[tokens], [cache], args.rms_norm_eps, tables)
             if len(tokens) == 1:
                 return mx.array(_matvec(h, views.head))[None]  # (1, 1, vocab)
         return self.model.head(mx.array(h)[None])  # lazy (1, L, vocab)
 
+    def decode_rows(self, tokens: list[int], caches: list[list]) -> mx.array | None:
+        """Logits (B, vocab) of one new token for each of B sequences, each with its own
+        per-layer cache list (which gains one position); None when the numpy path cannot
+        take these rows (the caller then runs the model's MLX modules)."""
+        views = self._ready(mx.zeros((1, 1), mx.int32), None)
+        if views is None or not all(_numpy_cache(c) for row in caches for c in row):
+            return None
+        args = self.model.args
+        tables = _prepare(
+            [c for row in caches for c in row], 1, args.head_dim, args.rope_freq_constant
+        )
+        with _one_blas_thread():
+            h = views.embed[np.asarray(tokens, np.int32)]  # (B, d)
+            h = _blocks(views, h, caches, args.rms_norm_eps, tables)
+            return mx.array(_matvec(h, views.head))  # (B, vocab)
 
-def _blocks(views: _Views, h: np.ndarray, cache: list, eps: float, tables: dict) -> np.ndarray:
-    """Every block and the final norm: (L, d) -> (L, d)."""
-    for w, c in zip(views.layers, cache, strict=True):
-        qkv = _matvec(_rms_norm(h, w.attn_norm, eps), w.qkv)  # (L, (q + 2 kv) * head_dim)
-        h = h + _matvec(_attention(w, qkv, c, eps, tables), w.out)
-        g = _matvec(_rms_norm(h, w.ffn_norm, eps), w.proj_1)  # (L, 2 * ffn_dim)
+
+def _blocks(views: _Views, h: np.ndarray, rows: list[list], eps: float, tables: dict) -> np.ndarray:
+    """Every block and the final norm: (N, d) -> (N, d) for len(rows) sequences of N / len(rows)
+    tokens each, row b's tokens in its per-layer caches `rows[b]`. The products read each
+    weight once for all rows; attention runs row by row over the row's own cache."""
+    n = h.shape[0] // len(rows)
+    for i, w in enumerate(views.layers):
+        qkv = _matvec(_rms_norm(h, w.attn_norm, eps), w.qkv)  # (N, (q + 2 kv) * head_dim)
+        attn = [
+            _attention(w, qkv[b * n : (b + 1) * n], r[i], eps, tables) for b, r in enumerate(rows)
+        ]
+        h = h + _matvec(attn[0] if len(attn) == 1 else np.concatenate(attn), w.out)
+        g = _matvec(_rms_norm(h, w.ffn_norm, eps), w.proj_1)  # (N, 2 * ffn_dim)
         h = h + _matvec(_glu(g), w.proj_2)
     return _rms_norm(h, views.norm, eps)
 

@@ -16,15 +16,13 @@ model's own MLX modules. A batch of one computes exactly what `generate` compute
 from __future__ import annotations
 
 import mlx.core as mx
-import numpy as np
 
-from ..runtime import fastpath
 from ..runtime.fastpath import CpuDecoder
 
 
 def numpy_batches(model) -> bool:
     """Whether `decode_step` takes the numpy path for this model (as `generate` would)."""
-    return isinstance(model, CpuDecoder) and _views(model) is not None
+    return isinstance(model, CpuDecoder)
 
 
 def decode_step(model, tokens: list[int], caches: list[list]) -> mx.array:
@@ -36,36 +34,11 @@ def decode_step(model, tokens: list[int], caches: list[list]) -> mx.array:
     if not tokens:
         raise ValueError("decode_step needs at least one row")
     if isinstance(model, CpuDecoder):
-        views = _views(model)
-        if views is not None and all(fastpath._numpy_cache(c) for row in caches for c in row):
-            return _numpy_step(model, views, np.asarray(tokens, np.int32), caches)
+        logits = model.decode_rows(tokens, caches)
+        if logits is not None:
+            return logits
         model = model.model
     return _mlx_step(model, tokens, caches)
-
-
-def _views(decoder: CpuDecoder):
-    """The decoder's numpy weight views when it would take the numpy path, else None."""
-    return decoder._ready(mx.zeros((1, 1), mx.int32), None)
-
-
-def _numpy_step(decoder: CpuDecoder, views, tokens: np.ndarray, caches: list[list]) -> mx.array:
-    args = decoder.model.args
-    eps = args.rms_norm_eps
-    everything = [c for row in caches for c in row]
-    tables = fastpath._prepare(everything, 1, args.head_dim, args.rope_freq_constant)
-    with fastpath._one_blas_thread():
-        h = views.embed[tokens]  # (B, d)
-        for i, w in enumerate(views.layers):
-            qkv = fastpath._matvec(fastpath._rms_norm(h, w.attn_norm, eps), w.qkv)  # (B, qkv)
-            rows = [
-                fastpath._attention(w, qkv[b : b + 1], row[i], eps, tables)  # (1, q * hd)
-                for b, row in enumerate(caches)
-            ]
-            h = h + fastpath._matvec(np.concatenate(rows), w.out)
-            g = fastpath._matvec(fastpath._rms_norm(h, w.ffn_norm, eps), w.proj_1)
-            h = h + fastpath._matvec(fastpath._glu(g), w.proj_2)
-        h = fastpath._rms_norm(h, views.norm, eps)
-        return mx.array(fastpath._matvec(h, views.head))  # (B, vocab)
 
 
 def _mlx_step(model, tokens: list[int], caches: list[list]) -> mx.array:
