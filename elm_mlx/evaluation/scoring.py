@@ -10,8 +10,12 @@ A request is (context ids, continuation ids). Requests with the same context
    row sees its own context and its own earlier tokens only.
 
 Every token is therefore at the position it has when the request is scored
-alone. Batches are dealt round-robin to the processes of an `mx.distributed`
-group and the results summed back, so every process returns every result.
+alone. Rolling windows (long, each with its own context) are better scored one at
+a time: given the CPU fast path (`runtime.fastpath.CpuDecoder`) and batches of one,
+a window runs as one plain forward pass through its numpy prompt path.
+
+Batches are dealt round-robin to the processes of an `mx.distributed` group and
+the results summed back, so every process returns every result.
 """
 
 from __future__ import annotations
@@ -20,6 +24,8 @@ from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 
 import mlx.core as mx
+
+from ..runtime.fastpath import CpuDecoder
 
 Request = tuple[Sequence[int], Sequence[int]]  # (context ids, continuation ids)
 
@@ -155,6 +161,10 @@ def _mask(prefix_lengths: mx.array, width: int, n: int) -> mx.array:
 
 def score_batch(model, groups: list[_Group]) -> list[tuple[int, float, bool]]:
     """(request index, log-likelihood, greedy) for every continuation of `groups`."""
+    if isinstance(model, CpuDecoder):
+        if len(groups) == 1 and len(groups[0].items) == 1:
+            return [_score_alone(model, groups[0])]
+        model = model.model  # padded batches: MLX's kernels
     records, width = _context_pass(model, groups)
     owner, inputs, targets = [], [], []
     for gi, g in enumerate(groups):
@@ -171,16 +181,31 @@ def score_batch(model, groups: list[_Group]) -> list[tuple[int, float, bool]]:
         for r in (records or [None] * len(model.layers))
     ]
     logits = model(_pad(inputs, n), cache=caches).astype(mx.float32)  # (R, n, vocab)
-    target = _pad(targets, n)
-    picked = mx.take_along_axis(logits, target[..., None], axis=-1)[..., 0]
-    logprob = picked - mx.logsumexp(logits, axis=-1)  # (R, n)
+    logprob, greedy = _pick(logits, _pad(targets, n))  # (R, n) each
     valid = mx.arange(n)[None] < mx.array([len(t) for t in targets])[:, None]
-    greedy = (mx.argmax(logits, axis=-1) == target) | ~valid
+    greedy = greedy | ~valid
     total = mx.where(valid, logprob, 0.0).sum(axis=1)
     all_greedy = greedy.all(axis=1)
     mx.eval(total, all_greedy)
     index = [i for g in groups for i, _ in g.items]
     return list(zip(index, total.tolist(), all_greedy.tolist(), strict=True))
+
+
+def _score_alone(decoder: CpuDecoder, group: _Group) -> tuple[int, float, bool]:
+    """One request in one forward pass with no cache or padding."""
+    ((index, cont),) = group.items
+    ids = mx.array(group.context + cont[:-1], dtype=mx.int32)[None]  # (1, L)
+    logits = decoder(ids)[0, -len(cont) :].astype(mx.float32)  # (n, vocab)
+    logprob, greedy = _pick(logits, mx.array(cont, dtype=mx.int32))
+    total, all_greedy = logprob.sum(), greedy.all()
+    mx.eval(total, all_greedy)
+    return index, total.item(), all_greedy.item()
+
+
+def _pick(logits: mx.array, target: mx.array) -> tuple[mx.array, mx.array]:
+    """Log-probability of each target token and whether it is the argmax: (..., n) each."""
+    picked = mx.take_along_axis(logits, target[..., None], axis=-1)[..., 0]
+    return picked - mx.logsumexp(logits, axis=-1), mx.argmax(logits, axis=-1) == target
 
 
 def score(
@@ -194,7 +219,8 @@ def score(
 ) -> list[tuple[float, bool]]:
     """(log-likelihood, greedy) of each request's continuation given its context.
 
-    `model` is an OpenELM (not the CPU fast-path wrapper). `batch_size` bounds the
+    `model` is an OpenELM or its CPU fast-path wrapper (which scores batches of one
+    through its numpy prompt path and larger ones with MLX). `batch_size` bounds the
     sequences in one forward pass, `max_tokens` roughly their padded token count.
     With an `mx.distributed` `group` of several processes, each computes a share of
     the batches and every process returns all results. `progress(n)` is called with
