@@ -33,11 +33,14 @@ import json, resource, sys, time
 from elm_mlx.runtime.blas import preload_blas
 preload_blas()
 from elm_mlx.formats.gguf import export_gguf
+from elm_mlx.training.finetune import load_fused
 src, out, type_name = sys.argv[1:4]
 seconds = 0.0
 if src != "-":
     t = time.perf_counter()
-    export_gguf(src, out, type_name=type_name, force=True)
+    model, tokenizer = load_fused(src, de_quantize=True)
+    name = src.rstrip("/").split("/")[-1]
+    export_gguf(model, tokenizer, out, name=name, type_name=type_name, force=True)
     seconds = time.perf_counter() - t
 rss = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
 print(json.dumps({"seconds": seconds, "maxrss": rss * (1 if sys.platform == "darwin" else 1024)}))

@@ -274,7 +274,7 @@ def pct(xs: list[float], p: int) -> float:
 
 def bench_model(name: str, path: Path, work: Path, opts) -> None:
     from elm_mlx.formats.modeldir import read_config
-    from elm_mlx.generation.tokenizer import Tokenizer
+    from elm_mlx.formats.tokenizer import Tokenizer
 
     tokenizer = Tokenizer(path / "tokenizer.model")
     context = read_config(path).max_context_length

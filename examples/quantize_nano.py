@@ -49,16 +49,16 @@ def run(a: argparse.Namespace) -> None:
 
     src = Path(a.model) if a.model else default_model_path()
     text = held_out_text(a.eval_text)
-    windows = text_windows(src, text, max_tokens=a.eval_tokens, seq_len=a.seq_len)
-    print(f"held-out text: {text}")
     model, tokenizer = load(src)
+    windows = text_windows(tokenizer, text, max_tokens=a.eval_tokens, seq_len=a.seq_len)
+    print(f"held-out text: {text}")
     settings = {"max_tokens": a.max_tokens}
     samples = {"float": generate(model, tokenizer, a.prompt, **settings)}
     for name, bits, recipe in VARIANTS:
         spec = QuantizeSpec(bits=bits or 4, group_size=a.group_size, recipe=recipe)
         out = Path(a.work) / f"nano-{name}"
         qmodel = quantize_dir(src, out, spec, force=True)
-        print(f"\n== {name}: {out}\n{report(src, out, qmodel, windows)}")
+        print(f"\n== {name}: {out}\n{report(model, qmodel, windows, float_dir=src, quant_dir=out)}")
         samples[name] = generate(qmodel, tokenizer, a.prompt, **settings)
     print(f"\ngreedy completions of {a.prompt!r}:")
     for name, completion in samples.items():

@@ -53,7 +53,7 @@ def sp_model_file(tmp_path_factory) -> Path:
 
 @pytest.fixture(scope="session")
 def tokenizer(sp_model_file):
-    from elm_mlx.generation.tokenizer import Tokenizer
+    from elm_mlx.formats.tokenizer import Tokenizer
 
     return Tokenizer(sp_model_file)
 

@@ -231,10 +231,17 @@ def test_iterate_batches_resumes_at_any_step_across_epochs():
             assert a.spans.tolist() == b.spans.tolist()
 
 
+class Group:
+    """Stands in for process `rank` of an mx.distributed group of `size`."""
+
+    def __init__(self, rank: int, size: int):
+        self.rank, self.size = (lambda: rank), (lambda: size)
+
+
 def test_rank_slices_make_up_the_global_batch():
     ds = make_dataset([random.Random(3).randint(4, 90) for _ in range(24)])
     whole = list(itertools.islice(iterate_batches(ds, 4, seed=5), 6))
-    halves = [list(itertools.islice(iterate_batches(ds, 4, seed=5, rank=r, world_size=2), 6))
+    halves = [list(itertools.islice(iterate_batches(ds, 4, seed=5, group=Group(r, 2)), 6))
               for r in (0, 1)]  # fmt: skip
     for g, h0, h1 in zip(whole, *halves, strict=True):
         assert h0.tokens.tolist() + h1.tokens.tolist() == g.tokens.tolist()
@@ -260,5 +267,5 @@ def test_eval_batches_cover_every_record_once():
     ds = make_dataset([5, 9, 3, 12, 7, 8, 4])
     rows = [r for b in iterate_eval_batches(ds, 3) for r in b.tokens.tolist()]
     assert sorted(len([t for t in r if t]) for r in rows) == sorted(ds.lengths)
-    per_rank = [list(iterate_eval_batches(ds, 3, rank=r, world_size=2)) for r in (0, 1)]
+    per_rank = [list(iterate_eval_batches(ds, 3, group=Group(r, 2))) for r in (0, 1)]
     assert sum(len(b.tokens) for bs in per_rank for b in bs) == 7

@@ -18,11 +18,18 @@ import pytest
 gguf = pytest.importorskip("gguf")
 
 from elm_mlx.formats import gguf as export  # noqa: E402
-from elm_mlx.formats.modeldir import DEFAULT_MODEL  # noqa: E402
+from elm_mlx.formats.modeldir import DEFAULT_MODEL, load  # noqa: E402
 from elm_mlx.model.config import make_divisible  # noqa: E402
 from elm_mlx.testing import random_weights, tiny_args, write_hf_checkpoint  # noqa: E402
+from elm_mlx.training.finetune import load_fused  # noqa: E402
 
 ARCH = gguf.MODEL_ARCH.OPENELM
+
+
+def export_dir(src, out, *, adapter_path=None, log=None, **kw) -> Path:
+    """A model directory exported as `elm-mlx export-gguf` does: adapters fused, de-quantized."""
+    model, tokenizer = load_fused(src, adapter_path, de_quantize=True, log=log)
+    return export.export_gguf(model, tokenizer, out, name=Path(src).name, log=log, **kw)
 
 
 def read(file: Path):
@@ -102,15 +109,15 @@ def tiny_dir(tmp_path_factory, sp_model_file) -> Path:
 
 @pytest.fixture(scope="module")
 def nano_f32(tmp_path_factory) -> Path:
-    return export.export_gguf(DEFAULT_MODEL, tmp_path_factory.mktemp("g") / "nano.gguf",
-                              type_name="f32")  # fmt: skip
+    return export_dir(DEFAULT_MODEL, tmp_path_factory.mktemp("g") / "nano.gguf",
+                      type_name="f32")  # fmt: skip
 
 
 @pytest.mark.parametrize("which", ["nano", "tiny"])
 def test_every_openelm_tensor_with_its_shape_and_values(which, nano_f32, tiny_dir, tmp_path):
     src = DEFAULT_MODEL if which == "nano" else tiny_dir
-    file = nano_f32 if which == "nano" else export.export_gguf(src, tmp_path / "t.gguf",
-                                                               type_name="f32")  # fmt: skip
+    file = nano_f32 if which == "nano" else export_dir(src, tmp_path / "t.gguf",
+                                                       type_name="f32")  # fmt: skip
     config = json.loads((src / "config.json").read_text())
     reader, _ = read(file)
     found = {t.name: tuple(int(n) for n in t.shape) for t in reader.tensors}
@@ -149,7 +156,7 @@ def test_vocabulary_matches_sentencepiece(nano_f32, tiny_dir, tmp_path):
     import sentencepiece as spm
 
     for src, file in ((DEFAULT_MODEL, nano_f32),
-                      (tiny_dir, export.export_gguf(tiny_dir, tmp_path / "t.gguf"))):  # fmt: skip
+                      (tiny_dir, export_dir(tiny_dir, tmp_path / "t.gguf"))):  # fmt: skip
         sp = spm.SentencePieceProcessor(model_file=str(src / "tokenizer.model"))
         rows = json.loads((src / "config.json").read_text())["vocab_size"]
         _, f = read(file)
@@ -186,8 +193,8 @@ def test_types_and_values(tiny_dir, tmp_path, type_name):
     want = source_tensors(tiny_dir / "model.safetensors", config)
     t = gguf.GGMLQuantizationType
     qtype = t[type_name.upper()]
-    reader, f = read(export.export_gguf(tiny_dir, tmp_path / f"{type_name}.gguf",
-                                        type_name=type_name))  # fmt: skip
+    reader, f = read(export_dir(tiny_dir, tmp_path / f"{type_name}.gguf",
+                                type_name=type_name))  # fmt: skip
     assert f[gguf.Keys.General.FILE_TYPE] == gguf.LlamaFileType[export.FILE_TYPES[type_name]]
     seen = set()
     for tensor in reader.tensors:
@@ -216,9 +223,11 @@ def test_quantized_model_is_dequantized_first(tmp_path):
     args.quantization = {"group_size": 32, "bits": 8}
     src = save_model(tmp_path / "q8", model, args, tokenizer=DEFAULT_MODEL / "tokenizer.model")
     lines = []
-    reader, _ = read(export.export_gguf(src, tmp_path / "q.gguf", type_name="f32",
-                                        log=lines.append))  # fmt: skip
+    reader, _ = read(export_dir(src, tmp_path / "q.gguf", type_name="f32",
+                                log=lines.append))  # fmt: skip
     assert any("de-quantizing" in line for line in lines)
+    with pytest.raises(ValueError, match="quantized or adapter layers"):
+        export.export_gguf(*load(src), tmp_path / "raw.gguf", name="q8")  # not de-quantized
     stored = mx.load(str(src / "model.safetensors"))
     p = "transformer.layers.2.attn.qkv_proj."
     want = mx.dequantize(stored[p + "weight"], stored[p + "scales"], stored[p + "biases"], 32, 8)
@@ -237,8 +246,8 @@ def test_adapters_are_fused(tmp_path):
         if hasattr(m, "lora_b"):
             m.lora_b = 0.01 * mx.random.normal(m.lora_b.shape, key=mx.random.key(5))
     save_adapters(model, tmp_path / "adapters", config)
-    file = export.export_gguf(DEFAULT_MODEL, tmp_path / "a.gguf", type_name="f32",
-                              adapter_path=tmp_path / "adapters")  # fmt: skip
+    file = export_dir(DEFAULT_MODEL, tmp_path / "a.gguf", type_name="f32",
+                      adapter_path=tmp_path / "adapters")  # fmt: skip
     reader, _ = read(file)
     ad = mx.load(str(tmp_path / "adapters" / "adapters.safetensors"))
     base = mx.load(str(DEFAULT_MODEL / "model.safetensors"))
@@ -255,9 +264,9 @@ def test_adapters_are_fused(tmp_path):
 
 def test_chat_template_renders_like_our_tokenizer(tmp_path):
     jinja2 = pytest.importorskip("jinja2")
-    from elm_mlx.generation.tokenizer import Tokenizer
+    from elm_mlx.formats.tokenizer import Tokenizer
 
-    _, f = read(export.export_gguf(DEFAULT_MODEL, tmp_path / "i.gguf", chat_template=True))
+    _, f = read(export_dir(DEFAULT_MODEL, tmp_path / "i.gguf", chat_template=True))
     messages = [{"role": "system", "content": "Be brief."}, {"role": "user", "content": "Hi"}]
     rendered = jinja2.Template(f[gguf.Keys.Tokenizer.CHAT_TEMPLATE]).render(
         messages=messages, add_generation_prompt=True, eos_token="</s>"
@@ -267,9 +276,9 @@ def test_chat_template_renders_like_our_tokenizer(tmp_path):
 
 def test_untied_head_and_bad_type_are_refused(tmp_path, model_dir):
     with pytest.raises(ValueError, match="untied output head"):
-        export.export_gguf(model_dir, tmp_path / "u.gguf")
+        export_dir(model_dir, tmp_path / "u.gguf")
     with pytest.raises(ValueError, match="q4_k"):
-        export.export_gguf(DEFAULT_MODEL, tmp_path / "u.gguf", type_name="q4_k")
+        export_dir(DEFAULT_MODEL, tmp_path / "u.gguf", type_name="q4_k")
     assert not list(tmp_path.glob("*.gguf")) and not list(tmp_path.glob(".*partial*"))
 
 
@@ -277,7 +286,7 @@ def test_written_atomically(tmp_path, monkeypatch):
     out = tmp_path / "m.gguf"
     out.write_bytes(b"old")
     with pytest.raises(FileExistsError):
-        export.export_gguf(DEFAULT_MODEL, out)
+        export_dir(DEFAULT_MODEL, out)
     real = export.encode
     calls = []
 
@@ -289,11 +298,11 @@ def test_written_atomically(tmp_path, monkeypatch):
 
     monkeypatch.setattr(export, "encode", failing)
     with pytest.raises(OSError, match="No space"):
-        export.export_gguf(DEFAULT_MODEL, out, force=True)
+        export_dir(DEFAULT_MODEL, out, force=True)
     assert out.read_bytes() == b"old"
     assert [p.name for p in tmp_path.iterdir()] == ["m.gguf"]  # no partial file left
     monkeypatch.setattr(export, "encode", real)
-    export.export_gguf(DEFAULT_MODEL, out, force=True)
+    export_dir(DEFAULT_MODEL, out, force=True)
     assert gguf.GGUFReader(out).tensors
 
 

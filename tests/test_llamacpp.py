@@ -19,8 +19,9 @@ pytest.importorskip("gguf")
 
 from elm_mlx.formats.gguf import export_gguf  # noqa: E402
 from elm_mlx.formats.modeldir import DEFAULT_MODEL, load_model  # noqa: E402
-from elm_mlx.generation.tokenizer import Tokenizer  # noqa: E402
+from elm_mlx.formats.tokenizer import Tokenizer  # noqa: E402
 from elm_mlx.testing import random_weights, tiny_args, write_hf_checkpoint  # noqa: E402
+from elm_mlx.training.finetune import load_fused  # noqa: E402
 
 TEXTS = [
     "Hello world",
@@ -79,11 +80,17 @@ def model_dir(request, tiny_dir) -> Path:
 _files: dict[tuple[Path, str], Path] = {}
 
 
+def export_dir(src: Path, out: Path, *, adapter_path=None, **kw) -> Path:
+    """A model directory exported as `elm-mlx export-gguf` does: adapters fused, de-quantized."""
+    model, tokenizer = load_fused(src, adapter_path, de_quantize=True)
+    return export_gguf(model, tokenizer, out, name=src.name, **kw)
+
+
 def gguf_file(src: Path, type_name: str, tmp_root: Path) -> Path:
     key = (src, type_name)
     if key not in _files:
-        _files[key] = export_gguf(src, tmp_root / f"{src.name}-{type_name}.gguf",
-                                  type_name=type_name, force=True)  # fmt: skip
+        _files[key] = export_dir(src, tmp_root / f"{src.name}-{type_name}.gguf",
+                                 type_name=type_name, force=True)  # fmt: skip
     return _files[key]
 
 
@@ -216,8 +223,8 @@ def test_fused_adapters_match_unfused_lora(tmp_root, tmp_path):
         if hasattr(m, "lora_b"):
             m.lora_b = 0.02 * mx.random.normal(m.lora_b.shape, key=mx.random.key(3))
     save_adapters(model, tmp_path / "adapters", config)
-    file = export_gguf(DEFAULT_MODEL, tmp_path / "fused.gguf", type_name="f32",
-                       adapter_path=tmp_path / "adapters")  # fmt: skip
+    file = export_dir(DEFAULT_MODEL, tmp_path / "fused.gguf", type_name="f32",
+                      adapter_path=tmp_path / "adapters")  # fmt: skip
     unfused, _ = load_model(DEFAULT_MODEL)
     load_adapters(unfused, tmp_path / "adapters")  # LoRA layers kept, not fused
     tokens = prose_tokens(Tokenizer(DEFAULT_MODEL / "tokenizer.model"), 64)
@@ -234,7 +241,7 @@ def test_chat_template_reaches_llama_cpp(tmp_path):
     tokenizer renders, and stops at EOS."""
     from llama_cpp.llama_chat_format import Jinja2ChatFormatter
 
-    file = export_gguf(DEFAULT_MODEL, tmp_path / "instruct.gguf", chat_template=True)
+    file = export_dir(DEFAULT_MODEL, tmp_path / "instruct.gguf", chat_template=True)
     llm = llama(file, 64)
     formatter = Jinja2ChatFormatter(llm.metadata["tokenizer.chat_template"],
                                     eos_token="</s>", bos_token="<s>")  # fmt: skip
@@ -260,7 +267,7 @@ def test_same_tokenization_with_a_32000_piece_llama_style_tokenizer(tmp_path):
     path = write_hf_checkpoint(tmp_path / "m", args, random_weights(args, 0))
     shutil.copyfile(sp_file, path / "tokenizer.model")
     tokenizer = Tokenizer(path / "tokenizer.model")
-    llm = llama(export_gguf(path, tmp_path / "m.gguf"), 64)
+    llm = llama(export_dir(path, tmp_path / "m.gguf"), 64)
     for text in TEXTS:
         assert llm.tokenize(text.encode("utf-8"), add_bos=True, special=True) == (
             tokenizer.encode(text)

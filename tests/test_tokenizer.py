@@ -9,7 +9,7 @@ import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from elm_mlx.generation.tokenizer import StreamingDetokenizer, Tokenizer
+from elm_mlx.formats.tokenizer import StreamingDetokenizer, Tokenizer
 
 _FIXTURE = [HealthCheck.function_scoped_fixture]
 

@@ -3,7 +3,8 @@
 This entry point loads the system OpenBLAS before anything imports MLX (MLX's CPU
 matmuls then use it), then hands over to `app`, where the parser and the command
 modules (`info`, `generate`, `convert`, `train`, ...) live. Each command module
-pairs `_add_<name>(subparsers)` with `_run_<name>(args)` in its `COMMANDS`.
+lists its commands in `COMMANDS`, a `Command` each: help lines, `_add_<name>(parser)`
+for its flags and `_run_<name>(args)`.
 Library errors become one `error: ...` line and exit status 1; usage errors exit 2.
 """
 

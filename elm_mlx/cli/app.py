@@ -30,8 +30,9 @@ def build_parser() -> argparse.ArgumentParser:
     )
     parser.add_argument("--version", action="version", version=f"elm-mlx {__version__}")
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
-    for add, _ in COMMANDS.values():
-        add(sub)
+    for name, command in COMMANDS.items():
+        p = sub.add_parser(name, help=command.help, description=command.description)
+        command.add_flags(p)
     return parser
 
 
@@ -68,4 +69,4 @@ def _flag_hint(e: BaseException, args) -> str:
 
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
-    return run(COMMANDS[args.command][1], args)
+    return run(COMMANDS[args.command].run, args)

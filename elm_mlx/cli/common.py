@@ -1,15 +1,30 @@
-"""What every elm-mlx command shares: the CLI's own error, faults as one line, stderr
-logging and the --model default."""
+"""What every elm-mlx command shares: the command record, the model flags and their
+loading, the CLI's own error, faults as one line, stderr logging and the --model default."""
 
 from __future__ import annotations
 
+import argparse
 import os
 import signal
 import sys
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from contextlib import contextmanager
+from dataclasses import dataclass
+from pathlib import Path
 
 from ..formats.modeldir import default_model_path
+from ..generation.loading import load_for_generation
+
+
+@dataclass(frozen=True)
+class Command:
+    """One subcommand: `help` is its line in `elm-mlx --help`, `description` opens its own
+    --help, `add_flags(parser)` adds its flags and `run(args)` does the work."""
+
+    help: str
+    description: str
+    add_flags: Callable[[argparse.ArgumentParser], None]
+    run: Callable[[argparse.Namespace], None]
 
 
 class CliError(Exception):
@@ -29,6 +44,48 @@ USER_ERRORS: tuple[type[BaseException], ...] = (
 def model_path(model: str | None) -> str:
     """The --model value, or the shipped nano model when none is given."""
     return str(default_model_path()) if model is None else model
+
+
+def display_name(path: str) -> str:
+    """A model's name where a server or a file reports it: its directory's or hub id's last part."""
+    return Path(path.rstrip("/\\")).name or path
+
+
+def add_model_flags(p: argparse.ArgumentParser, model_help: str) -> None:
+    """--model, --adapter-path and --dtype: the model a command loads for generation."""
+    p.add_argument("--model", help=model_help)
+    p.add_argument("--adapter-path", help="LoRA adapters trained by `elm-mlx lora` to apply")
+    p.add_argument(
+        "--dtype",
+        choices=["auto", "float32", "bfloat16", "float16"],
+        default="auto",
+        help="compute dtype of a float model (auto: float32 on the CPU, where MLX's "
+        "half-precision kernels are slow; bfloat16 on a GPU); quantized models keep theirs",
+    )
+
+
+def add_decoding_flags(p: argparse.ArgumentParser, verbose_help: str) -> None:
+    """--no-fast-path and -v, for the commands that decode with `load_model`."""
+    p.add_argument(
+        "--no-fast-path",
+        action="store_true",
+        help="on the CPU, decode with MLX's own kernels instead of the numpy/BLAS path",
+    )
+    p.add_argument("-v", "--verbose", action="store_true", help=verbose_help)
+
+
+def load_model(args: argparse.Namespace):
+    """(model, tokenizer) of the model flags, loaded for generation; -v prints what was chosen."""
+    model, tokenizer, report = load_for_generation(
+        args.model,
+        adapter_path=args.adapter_path,
+        dtype=args.dtype,
+        fast_path=not args.no_fast_path,
+    )
+    if args.verbose:
+        for line in report.lines():
+            print(line, file=sys.stderr)
+    return model, tokenizer
 
 
 @contextmanager

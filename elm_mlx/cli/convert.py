@@ -7,21 +7,20 @@ from pathlib import Path
 
 from ..formats.convert import convert, quantize_dir
 from ..formats.corenet import convert_corenet
+from ..formats.modeldir import load, progress_bar, require_tokenizer
 from ..quant import quality as qq
-from ..quant.quantize import RECIPES, GroupSizeError, QuantizeSpec, bits_per_weight, dir_size
-from .common import CliError, flag_names, log
+from ..quant.quantize import (
+    RECIPES,
+    GroupSizeError,
+    QuantizeSpec,
+    bits_per_weight,
+    dir_size,
+    matrix_shapes,
+)
+from .common import CliError, Command, flag_names, log
 
 
-def _add_convert(sub) -> None:
-    p = sub.add_parser(
-        "convert",
-        help="convert an OpenELM checkpoint (HF layout) into an MLX model directory",
-        description="Convert apple/OpenELM-* (a hub id or a local directory with config.json and "
-        "model.safetensors, sharded safetensors or pytorch_model.bin) into an MLX model "
-        "directory that elm_mlx and mlx-lm load. Apple's repos ship no tokenizer: pass the "
-        "Llama-2 SentencePiece tokenizer.model with --tokenizer. A CoreNet checkpoint comes "
-        "in with --corenet-checkpoint model.pt --corenet-config its_training.yaml.",
-    )
+def _add_convert(p) -> None:
     p.add_argument("--hf-path", help="hub id (apple/OpenELM-270M) or local dir")
     p.add_argument("--corenet-checkpoint", metavar="PT", help="CoreNet .pt state dict (instead "
                    "of --hf-path; read with torch.load(weights_only=True))")  # fmt: skip
@@ -44,17 +43,24 @@ def _add_convert(sub) -> None:
     p.add_argument(
         "-q", "--quantize", action="store_true", help="quantize tensor by tensor while converting"
     )
-    p.add_argument("--q-bits", type=int, help="bits per weight: 4 (default) or 8")
+    _add_quant_flags(p, "--q-")
+
+
+def _add_quant_flags(p, prefix: str) -> None:
+    """`{prefix}bits`, `{prefix}group-size`, `{prefix}recipe` and `{prefix}scales-dtype`."""
+    p.add_argument(f"{prefix}bits", type=int, help="bits per weight: 4 (default) or 8")
     p.add_argument(
-        "--q-group-size",
+        f"{prefix}group-size",
         type=int,
         help="32, 64 or 128 (default: 64, or the largest below it that fits the model)",
     )
     p.add_argument(
-        "--q-recipe", metavar="NAME|FILE", help="mixed-precision recipe (see elm-mlx quantize)"
+        f"{prefix}recipe",
+        metavar="NAME|FILE",
+        help="mixed-precision recipe: mixed-4-8, embed-8 or a JSON file",
     )
     p.add_argument(
-        "--q-scales-dtype",
+        f"{prefix}scales-dtype",
         choices=["float32", "bfloat16", "float16"],
         help="dtype of scales and biases (default: float32 on CPU, the model's dtype on GPU)",
     )
@@ -106,34 +112,13 @@ def _convert_quant_spec(args):
             flags = ", ".join("--" + f.replace("_", "-") for f in given)
             raise CliError(f"{flags} only work with -q/--quantize")
         return None
-    return _quant_spec(
-        args.q_bits, args.q_group_size, args.q_recipe, args.q_scales_dtype, prefix="--q-"
-    )
+    return _quant_spec(args, "--q-")
 
 
-def _add_quantize(sub) -> None:
-    p = sub.add_parser(
-        "quantize",
-        help="quantize a float model directory (4/8-bit, mixed recipes, sensitivity scan)",
-        description="Affine group quantization recorded in config.json as mlx-lm records it. "
-        "Recipes: mixed-4-8, embed-8, or a JSON file (module path or pattern -> "
-        "{bits, group_size} or false). --scan measures each matrix's damage on --eval-text "
-        "and writes the least-damage recipe for --target-bpw.",
-    )
+def _add_quantize(p) -> None:
     p.add_argument("--model", required=True, help="float model directory")
     p.add_argument("--out", required=True, help="output directory (written atomically)")
-    p.add_argument("--bits", type=int, help="4 (default) or 8")
-    p.add_argument(
-        "--group-size",
-        type=int,
-        help="32, 64 or 128 (default: 64, or the largest below it that fits the model)",
-    )
-    p.add_argument("--recipe", metavar="NAME|FILE", help="mixed-precision recipe")
-    p.add_argument(
-        "--scales-dtype",
-        choices=["float32", "bfloat16", "float16"],
-        help="dtype of scales and biases (default: float32 on CPU, the model's dtype on GPU)",
-    )
+    _add_quant_flags(p, "--")
     p.add_argument("--scan", action="store_true", help="build a recipe from a sensitivity scan")
     p.add_argument("--target-bpw", type=float, help="bits per weight the scanned recipe meets")
     p.add_argument("--report", action="store_true", help="print quality against the float model")
@@ -144,14 +129,15 @@ def _add_quantize(sub) -> None:
 
 def _run_quantize(args) -> None:
     _check_quantize_flags(args)
-    spec = _quant_spec(args.bits, args.group_size, args.recipe, args.scales_dtype)
-    windows = None
+    spec = _quant_spec(args, "--")
+    float_model = windows = None
     if args.eval_text:
-        windows = qq.text_windows(args.model, args.eval_text, max_tokens=args.eval_tokens)
+        float_model, tokenizer = load(args.model)
+        tokenizer = require_tokenizer(tokenizer, args.model)
+        windows = qq.text_windows(tokenizer, args.eval_text, max_tokens=args.eval_tokens)
     extra = {}
     if args.scan:
-        with flag_names(target_bpw="--target-bpw"):
-            spec.recipe = qq.scan_recipe(args.model, windows, spec, args.target_bpw, log)
+        spec.recipe = _scan(float_model, windows, spec, args.target_bpw)
         extra["quantize_recipe.json"] = spec.recipe.to_json()
     with _group_size_flag("--group-size"):
         model = quantize_dir(
@@ -160,7 +146,21 @@ def _run_quantize(args) -> None:
     print(f"{args.out}: {bits_per_weight(model):.3f} bits per weight, "
           f"{dir_size(args.out) / 1e6:.1f} MB")  # fmt: skip
     if args.report:
-        print(qq.report(args.model, args.out, model, windows))
+        print(qq.report(float_model, model, windows, float_dir=args.model, quant_dir=args.out))
+
+
+def _scan(model, windows, spec, target_bpw):
+    """The least-damage recipe; a progress bar on a terminal, else a line per matrix."""
+    with progress_bar(len(matrix_shapes(model.args)), "scan", log, unit="matrix") as bar:
+
+        def progress(path: str, bits: int, kl: float) -> None:
+            if bar:
+                bar(1)
+            else:
+                log(f"scan {path} at {bits} bits: mean KL {kl:.3g}")
+
+        with flag_names(target_bpw="--target-bpw", model="--model"):
+            return qq.scan_recipe(model, windows, spec, target_bpw, log=log, progress=progress)
 
 
 def _check_quantize_flags(args) -> None:
@@ -172,8 +172,12 @@ def _check_quantize_flags(args) -> None:
         raise CliError("--scan and --report need --eval-text FILE (held-out text)")
 
 
-def _quant_spec(bits, group_size, recipe, scales_dtype, prefix: str = "--"):
-    """The QuantizeSpec of the flags `{prefix}bits`, `{prefix}group-size`, `{prefix}recipe`."""
+def _quant_spec(args, prefix: str):
+    """The QuantizeSpec of the flags `_add_quant_flags(p, prefix)` added."""
+    bits, group_size, recipe, scales_dtype = (
+        getattr(args, prefix.lstrip("-").replace("-", "_") + name)
+        for name in ("bits", "group_size", "recipe", "scales_dtype")
+    )
     if recipe is not None and bits is not None:
         raise CliError(f"{prefix}bits conflicts with {prefix}recipe: the recipe sets the bits")
     is_file = recipe is not None and recipe not in RECIPES and Path(recipe).is_file()
@@ -201,6 +205,23 @@ def _group_size_flag(flag: str):
 
 
 COMMANDS = {
-    "convert": (_add_convert, _run_convert),
-    "quantize": (_add_quantize, _run_quantize),
+    "convert": Command(
+        help="convert an OpenELM checkpoint (HF layout) into an MLX model directory",
+        description="Convert apple/OpenELM-* (a hub id or a local directory with config.json and "
+        "model.safetensors, sharded safetensors or pytorch_model.bin) into an MLX model "
+        "directory that elm_mlx and mlx-lm load. Apple's repos ship no tokenizer: pass the "
+        "Llama-2 SentencePiece tokenizer.model with --tokenizer. A CoreNet checkpoint comes "
+        "in with --corenet-checkpoint model.pt --corenet-config its_training.yaml.",
+        add_flags=_add_convert,
+        run=_run_convert,
+    ),
+    "quantize": Command(
+        help="quantize a float model directory (4/8-bit, mixed recipes, sensitivity scan)",
+        description="Affine group quantization recorded in config.json as mlx-lm records it. "
+        "Recipes: mixed-4-8, embed-8, or a JSON file (module path or pattern -> "
+        "{bits, group_size} or false). --scan measures each matrix's damage on --eval-text "
+        "and writes the least-damage recipe for --target-bpw.",
+        add_flags=_add_quantize,
+        run=_run_quantize,
+    ),
 }

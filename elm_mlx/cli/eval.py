@@ -14,20 +14,11 @@ from ..evaluation.scoring import process_group
 from ..formats.files import write_json
 from ..generation.loading import load_for_generation
 from ..runtime.fastpath import CpuDecoder
-from .common import CliError
+from .common import CliError, Command, add_model_flags
 
 
-def _add_model_flags(p) -> None:
-    p.add_argument(
-        "--model", help="model directory or hub id, float or quantized (default: the nano model)"
-    )
-    p.add_argument("--adapter-path", help="LoRA adapters trained by `elm-mlx lora` to apply")
-    p.add_argument(
-        "--dtype",
-        choices=["auto", "float32", "bfloat16", "float16"],
-        default="auto",
-        help="compute dtype of a float model (auto: float32 on the CPU, bfloat16 on a GPU)",
-    )
+def _add_scoring_flags(p) -> None:
+    add_model_flags(p, "model directory or hub id, float or quantized (default: the nano model)")
     p.add_argument(
         "--batch-size", type=int, default=16, help="most sequences in one forward pass (16)"
     )
@@ -38,17 +29,8 @@ def _add_model_flags(p) -> None:
     )
 
 
-def _add_eval(sub) -> None:
-    p = sub.add_parser(
-        "eval",
-        help="score a model on lm-evaluation-harness tasks",
-        description="Run lm-evaluation-harness tasks on a model and print a results table. "
-        f"--tasks paper runs {', '.join(PAPER_TASKS)} (zero-shot) and puts the numbers "
-        "published on the OpenELM model cards beside ours. Tasks that need a download "
-        "fail offline with one line. Under `mlx.launch -n N` the requests are split between "
-        f"the processes. Needs lm-eval ({EVAL_HINT.split(': ', 1)[1]}).",
-    )
-    _add_model_flags(p)
+def _add_eval(p) -> None:
+    _add_scoring_flags(p)
     p.add_argument(
         "--tasks",
         required=True,
@@ -165,15 +147,8 @@ def _batch_size(n: int) -> int:
     return n
 
 
-def _add_perplexity(sub) -> None:
-    p = sub.add_parser(
-        "perplexity",
-        help="perplexity of a model on a text or jsonl file",
-        description="Score every token of a .txt file (one document) or a .jsonl file "
-        '({"text": ...} per line, each a document) over windows of the model\'s context; '
-        "print tokens scored, mean negative log-likelihood, perplexity and tokens/s.",
-    )
-    _add_model_flags(p)
+def _add_perplexity(p) -> None:
+    _add_scoring_flags(p)
     p.add_argument("--data", required=True, help="a .txt or .jsonl file")
     p.add_argument(
         "--stride",
@@ -212,6 +187,22 @@ def _run_perplexity(args) -> None:
 
 
 COMMANDS = {
-    "eval": (_add_eval, _run_eval),
-    "perplexity": (_add_perplexity, _run_perplexity),
+    "eval": Command(
+        help="score a model on lm-evaluation-harness tasks",
+        description="Run lm-evaluation-harness tasks on a model and print a results table. "
+        f"--tasks paper runs {', '.join(PAPER_TASKS)} (zero-shot) and puts the numbers "
+        "published on the OpenELM model cards beside ours. Tasks that need a download "
+        "fail offline with one line. Under `mlx.launch -n N` the requests are split between "
+        f"the processes. Needs lm-eval ({EVAL_HINT.split(': ', 1)[1]}).",
+        add_flags=_add_eval,
+        run=_run_eval,
+    ),
+    "perplexity": Command(
+        help="perplexity of a model on a text or jsonl file",
+        description="Score every token of a .txt file (one document) or a .jsonl file "
+        '({"text": ...} per line, each a document) over windows of the model\'s context; '
+        "print tokens scored, mean negative log-likelihood, perplexity and tokens/s.",
+        add_flags=_add_perplexity,
+        run=_run_perplexity,
+    ),
 }

@@ -2,22 +2,16 @@
 
 from __future__ import annotations
 
-import sys
+from pathlib import Path
 
-from ..formats.gguf import FILE_TYPES, export_gguf
+from ..formats.gguf import FILE_TYPES, check_out, export_gguf
+from ..formats.modeldir import require_tokenizer
 from ..generation.loading import is_instruct
-from .common import model_path
+from ..training.finetune import load_fused
+from .common import Command, display_name, log, model_path
 
 
-def _add_export_gguf(sub) -> None:
-    p = sub.add_parser(
-        "export-gguf",
-        help="write a model as a GGUF file for llama.cpp (LM Studio, Ollama, ...)",
-        description="Write a model directory as a GGUF file (architecture openelm) with the "
-        "tokenizer from its tokenizer.model. Quantized models are de-quantized first; "
-        "--adapter-path fuses LoRA/DoRA adapters on the way. Instruct models (a directory "
-        "name containing 'instruct') get the chat template unless --no-chat-template.",
-    )
+def _add_export_gguf(p) -> None:
     p.add_argument("--model", help="model directory or hub id (default: the shipped nano model)")
     p.add_argument("--out", required=True, help="output .gguf file (written atomically)")
     p.add_argument(
@@ -40,17 +34,30 @@ def _add_export_gguf(sub) -> None:
 
 
 def _run_export_gguf(args) -> None:
-    model = model_path(args.model)
-    template = is_instruct(model) if args.chat_template is None else args.chat_template
+    path = model_path(args.model)
+    template = is_instruct(path) if args.chat_template is None else args.chat_template
+    check_out(Path(args.out).expanduser().absolute(), args.force)  # before the work
+    model, tokenizer = load_fused(path, args.adapter_path, de_quantize=True, log=log)
     export_gguf(
         model,
+        require_tokenizer(tokenizer, path),
         args.out,
+        name=display_name(path),
         type_name=args.type,
-        adapter_path=args.adapter_path,
         chat_template=template,
         force=args.force,
-        log=lambda line: print(line, file=sys.stderr, flush=True),
+        log=log,
     )
 
 
-COMMANDS = {"export-gguf": (_add_export_gguf, _run_export_gguf)}
+COMMANDS = {
+    "export-gguf": Command(
+        help="write a model as a GGUF file for llama.cpp (LM Studio, Ollama, ...)",
+        description="Write a model directory as a GGUF file (architecture openelm) with the "
+        "tokenizer from its tokenizer.model. Quantized models are de-quantized first; "
+        "--adapter-path fuses LoRA/DoRA adapters on the way. Instruct models (a directory "
+        "name containing 'instruct') get the chat template unless --no-chat-template.",
+        add_flags=_add_export_gguf,
+        run=_run_export_gguf,
+    ),
+}

@@ -7,9 +7,9 @@ import sys
 from contextlib import closing
 
 from ..generation.generate import ChatSession, chat_prompt, stream_generate
-from ..generation.loading import generation_settings, is_instruct, load_for_generation
+from ..generation.loading import generation_settings, is_instruct
 from ..model.cache import ContextLengthError
-from .common import CliError, Terminated
+from .common import CliError, Command, Terminated, add_decoding_flags, add_model_flags, load_model
 
 _INSTRUCT_RULE = (
     "The chat template is applied when the --model name (directory or hub id) contains "
@@ -26,12 +26,13 @@ _FLAGS = {
 
 
 def _add_generation_flags(p) -> None:
-    p.add_argument(
-        "--model",
-        help="model directory or hub id, with tokenizer.model (default: the shipped nano "
-        "model, a small base model trained on Shakespeare's plays, no chat template)",
+    add_model_flags(
+        p,
+        "model directory or hub id, with tokenizer.model (default: the shipped nano model, a "
+        "small base model trained on Shakespeare's plays, no chat template)",
     )
-    p.add_argument("--max-tokens", type=int, default=256, help="most tokens to generate (256)")
+    # No defaults here: what a flag leaves out comes from the model or GenerationSettings.
+    p.add_argument("--max-tokens", type=int, help="most tokens to generate (256)")
     p.add_argument(
         "--temp",
         type=float,
@@ -47,67 +48,29 @@ def _add_generation_flags(p) -> None:
         type=int,
         help="sample among the k most likely; 0 = off (default: generation_config.json, else 0)",
     )
+    p.add_argument("--min-p", type=float, help="drop tokens below min-p x the top one; 0 = off")
     p.add_argument(
-        "--min-p", type=float, default=0.0, help="drop tokens below min-p x the top one; 0 = off"
+        "--repetition-penalty", type=float, help="> 0; 1 = off (Apple's examples use 1.2)"
     )
-    p.add_argument(
-        "--repetition-penalty",
-        type=float,
-        default=1.0,
-        help="> 0; 1 = off (Apple's examples use 1.2)",
-    )
-    p.add_argument(
-        "--repetition-context-size", type=int, default=20, help="tokens the penalty sees (20)"
-    )
+    p.add_argument("--repetition-context-size", type=int, help="tokens the penalty sees (20)")
     p.add_argument("--seed", type=int, help="sampling seed (default: a fresh one per run)")
     p.add_argument("--max-kv-size", type=int, help="rotating KV window, to go past the context")
     p.add_argument("--system", help="system message (applies the chat template)")
-    p.add_argument("--adapter-path", help="LoRA adapters trained by `elm-mlx lora` to apply")
-    p.add_argument(
-        "--dtype",
-        choices=["auto", "float32", "bfloat16", "float16"],
-        default="auto",
-        help="compute dtype of a float model (auto: float32 on the CPU, where MLX's "
-        "half-precision kernels are slow; bfloat16 on a GPU); quantized models keep theirs",
-    )
-    p.add_argument(
-        "--no-fast-path",
-        action="store_true",
-        help="on the CPU, run MLX's own kernels instead of the numpy/BLAS decoding path",
-    )
-    p.add_argument(
-        "-v", "--verbose", action="store_true", help="model, BLAS, fast path and prompt details"
-    )
+    add_decoding_flags(p, "model, BLAS, fast path and prompt details")
 
 
-def _add_generate(sub) -> None:
-    p = sub.add_parser(
-        "generate",
-        help="generate text from a prompt, streamed to stdout",
-        description="Generate text from a prompt. Text streams to stdout; prompt and generation "
-        "speed and peak memory go to stderr. " + _INSTRUCT_RULE,
-    )
+def _add_generate(p) -> None:
     _add_generation_flags(p)
     p.add_argument("--prompt", required=True, help="prompt text, or - to read it from stdin")
     p.add_argument("--stop", action="append", metavar="TEXT", help="stop string (repeatable)")
     p.add_argument("--raw", action="store_true", help="never apply the chat template")
 
 
-def _generation_settings(args, **extra):
+def _generation_settings(args):
+    """The settings of the flags given, over the model's suggestions and the defaults."""
+    given = {name: getattr(args, name, None) for name in _FLAGS}  # chat has no --stop
     try:
-        return generation_settings(
-            args.model,
-            max_tokens=args.max_tokens,
-            temp=args.temp,
-            top_p=args.top_p,
-            top_k=args.top_k,
-            min_p=args.min_p,
-            repetition_penalty=args.repetition_penalty,
-            repetition_context_size=args.repetition_context_size,
-            seed=args.seed,
-            max_kv_size=args.max_kv_size,
-            **extra,
-        )
+        return generation_settings(args.model, **given)
     except ValueError as e:
         raise CliError(_flag_names(str(e))) from None
 
@@ -120,19 +83,6 @@ def _flag_names(message: str) -> str:
 
 def _context_message(e: ContextLengthError) -> str:
     return str(e).replace("max_kv_size", "--max-kv-size")
-
-
-def _load_for_generation(args):
-    model, tokenizer, report = load_for_generation(
-        args.model,
-        adapter_path=args.adapter_path,
-        dtype=args.dtype,
-        fast_path=not args.no_fast_path,
-    )
-    if args.verbose:
-        for line in report.lines():
-            print(line, file=sys.stderr)
-    return model, tokenizer
 
 
 def _utf8(raw: bytes, what: str = "input") -> str:
@@ -200,11 +150,11 @@ def _print_summary(last) -> None:
 def _run_generate(args) -> None:
     if args.raw and args.system is not None:
         raise CliError("--system needs the chat template; drop --raw")
-    settings = _generation_settings(args, stop=tuple(args.stop or ()))
+    settings = _generation_settings(args)
     prompt = _read_prompt(args.prompt)
     if args.system is not None:
         args.system = _utf8(os.fsencode(args.system), "--system")
-    model, tokenizer = _load_for_generation(args)
+    model, tokenizer = load_model(args)
     text = _prompt_text(tokenizer, prompt, args)
     if args.verbose:
         print(f"chat template: {'applied' if text != prompt else 'not applied'}", file=sys.stderr)
@@ -218,16 +168,7 @@ def _run_generate(args) -> None:
     _print_summary(last)
 
 
-def _add_chat(sub) -> None:
-    p = sub.add_parser(
-        "chat",
-        help="chat with an Instruct model (keeps the KV cache between turns)",
-        description="Interactive chat: one message per line on stdin; the reply streams to "
-        "stdout. The KV cache is kept between turns, so only the new turn is processed. "
-        "/reset starts over, /exit or Ctrl-D quits; Ctrl-C stops a reply, and at the prompt "
-        "quits. Without --model it runs the shipped nano model, a base model never tuned for "
-        "chat: for real answers pass a converted OpenELM-*-Instruct directory.",
-    )
+def _add_chat(p) -> None:
     _add_generation_flags(p)
 
 
@@ -235,7 +176,7 @@ def _run_chat(args) -> None:
     settings = _generation_settings(args)
     if args.system is not None:
         args.system = _utf8(os.fsencode(args.system), "--system")
-    model, tokenizer = _load_for_generation(args)
+    model, tokenizer = load_model(args)
     session = ChatSession(model, tokenizer, system=args.system, settings=settings)
     try:
         _chat_loop(session, sys.stdin.buffer, interactive=sys.stdin.isatty(), verbose=args.verbose)
@@ -297,6 +238,21 @@ def _chat_turn(session, message: str, verbose: bool) -> None:
 
 
 COMMANDS = {
-    "generate": (_add_generate, _run_generate),
-    "chat": (_add_chat, _run_chat),
+    "generate": Command(
+        help="generate text from a prompt, streamed to stdout",
+        description="Generate text from a prompt. Text streams to stdout; prompt and generation "
+        "speed and peak memory go to stderr. " + _INSTRUCT_RULE,
+        add_flags=_add_generate,
+        run=_run_generate,
+    ),
+    "chat": Command(
+        help="chat with an Instruct model (keeps the KV cache between turns)",
+        description="Interactive chat: one message per line on stdin; the reply streams to "
+        "stdout. The KV cache is kept between turns, so only the new turn is processed. "
+        "/reset starts over, /exit or Ctrl-D quits; Ctrl-C stops a reply, and at the prompt "
+        "quits. Without --model it runs the shipped nano model, a base model never tuned for "
+        "chat: for real answers pass a converted OpenELM-*-Instruct directory.",
+        add_flags=_add_chat,
+        run=_run_chat,
+    ),
 }

@@ -6,16 +6,10 @@ from pathlib import Path
 
 from ..formats.modeldir import read_config
 from ..model.config import PRESETS, describe, preset
-from .common import CliError, model_path
+from .common import CliError, Command, model_path
 
 
-def _add_info(sub) -> None:
-    p = sub.add_parser(
-        "info",
-        help="describe a model: per-layer widths and parameter count",
-        description="Print the per-layer table (query heads, KV heads, FFN width) and parameter "
-        "count of a published OpenELM (e.g. OpenELM-270M) or of a converted model directory.",
-    )
+def _add_info(p) -> None:
     p.add_argument(
         "model",
         nargs="?",
@@ -43,5 +37,11 @@ def _run_info(args) -> None:
 
 
 COMMANDS = {
-    "info": (_add_info, _run_info),
+    "info": Command(
+        help="describe a model: per-layer widths and parameter count",
+        description="Print the per-layer table (query heads, KV heads, FFN width) and parameter "
+        "count of a published OpenELM (e.g. OpenELM-270M) or of a converted model directory.",
+        add_flags=_add_info,
+        run=_run_info,
+    ),
 }

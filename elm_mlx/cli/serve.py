@@ -3,33 +3,27 @@
 from __future__ import annotations
 
 import os
-import sys
-from pathlib import Path
 
-from ..generation.loading import is_instruct, load_for_generation, sampling_defaults
-from .common import CliError, model_path
+from ..generation.loading import is_instruct, sampling_defaults
+from .common import (
+    CliError,
+    Command,
+    add_decoding_flags,
+    add_model_flags,
+    display_name,
+    load_model,
+    model_path,
+)
 
 API_KEY_ENV = "ELM_MLX_API_KEY"
 
 
-def _add_serve(sub) -> None:
-    p = sub.add_parser(
-        "serve",
-        help="serve a model over OpenAI's HTTP API (continuous batching, prompt cache)",
-        description="Serve one model over OpenAI's HTTP API: /v1/chat/completions, "
-        "/v1/completions, /v1/models and /health. Requests are decoded together (continuous "
-        "batching) and finished conversations' KV states are reused by later requests that "
-        "extend them. A model whose name contains 'instruct' gets its chat template; a base "
-        "model gets the message contents joined by newlines. Sampling settings a request "
-        "leaves out come from the model's generation_config.json. Needs the serve extra: "
-        "pip install 'elm-mlx[serve]'.",
+def _add_serve(p) -> None:
+    add_model_flags(
+        p,
+        "model directory or hub id, with tokenizer.model (default: the shipped nano model, a "
+        "small base model trained on Shakespeare's plays)",
     )
-    p.add_argument(
-        "--model",
-        help="model directory or hub id, with tokenizer.model (default: the shipped nano model, "
-        "a small base model trained on Shakespeare's plays)",
-    )
-    p.add_argument("--adapter-path", help="LoRA adapters trained by `elm-mlx lora` to apply")
     p.add_argument(
         "--model-name",
         help="the model id requests name and responses report (default: the directory name)",
@@ -64,18 +58,7 @@ def _add_serve(sub) -> None:
         default=10.0,
         help="seconds running requests may finish after SIGINT/SIGTERM (10)",
     )
-    p.add_argument(
-        "--dtype",
-        choices=["auto", "float32", "bfloat16", "float16"],
-        default="auto",
-        help="compute dtype of a float model (auto: float32 on the CPU, bfloat16 on a GPU)",
-    )
-    p.add_argument(
-        "--no-fast-path",
-        action="store_true",
-        help="on the CPU, decode with MLX's kernels instead of the numpy/BLAS path",
-    )
-    p.add_argument("-v", "--verbose", action="store_true", help="model, BLAS and fast path details")
+    add_decoding_flags(p, "model, BLAS and fast path details")
 
 
 def _check(args) -> None:
@@ -109,16 +92,8 @@ def _run_serve(args) -> None:
     app_mod, engine_mod, server_mod = _server_modules()
     path = model_path(args.model)
     api_key = args.api_key or os.environ.get(API_KEY_ENV) or None
-    model, tokenizer, report = load_for_generation(
-        args.model,
-        adapter_path=args.adapter_path,
-        dtype=args.dtype,
-        fast_path=not args.no_fast_path,
-    )
-    if args.verbose:
-        for line in report.lines():
-            print(line, file=sys.stderr)
-    name = args.model_name or Path(path.rstrip("/\\")).name
+    model, tokenizer = load_model(args)
+    name = args.model_name or display_name(path)
     config = app_mod.ServerConfig(
         model_id=name,
         aliases=frozenset({path, args.model} - {None}),
@@ -142,4 +117,17 @@ def _run_serve(args) -> None:
     )
 
 
-COMMANDS = {"serve": (_add_serve, _run_serve)}
+COMMANDS = {
+    "serve": Command(
+        help="serve a model over OpenAI's HTTP API (continuous batching, prompt cache)",
+        description="Serve one model over OpenAI's HTTP API: /v1/chat/completions, "
+        "/v1/completions, /v1/models and /health. Requests are decoded together (continuous "
+        "batching) and finished conversations' KV states are reused by later requests that "
+        "extend them. A model whose name contains 'instruct' gets its chat template; a base "
+        "model gets the message contents joined by newlines. Sampling settings a request "
+        "leaves out come from the model's generation_config.json. Needs the serve extra: "
+        "pip install 'elm-mlx[serve]'.",
+        add_flags=_add_serve,
+        run=_run_serve,
+    ),
+}

@@ -13,20 +13,10 @@ from ..training.finetune import finetune, fuse
 from ..training.lora import LoRAConfig
 from ..training.train_ops import TrainingOps
 from ..training.trainer import TrainArgs
-from .common import USER_ERRORS, CliError, log
+from .common import USER_ERRORS, CliError, Command, log
 
 
-def _add_lora(sub) -> None:
-    p = sub.add_parser(
-        "lora",
-        help="fine-tune with LoRA (QLoRA on a quantized model), DoRA (--dora) or fully (--full)",
-        description="Train adapters on DIR/train.jsonl, validating on DIR/valid.jsonl. Records: "
-        '{"text"}, {"prompt","completion"} or {"messages":[...]} (Instruct template). Writes '
-        "ADAPTER_PATH/adapters.safetensors (best validation), adapter_config.json, checkpoint/ "
-        "(for --resume; Ctrl-C or SIGTERM saves one), metrics.jsonl and loss.png (with "
-        "matplotlib: pip install 'elm-mlx[train]'). Data parallel: start it under "
-        "`mlx.launch -n N --backend ring`.",
-    )
+def _add_lora(p) -> None:
     p.add_argument("--model", required=True, help="model directory (float or quantized)")
     p.add_argument("--data", required=True, help="directory with train.jsonl and valid.jsonl")
     p.add_argument("--adapter-path", default="adapters", help="output directory (adapters)")
@@ -148,13 +138,7 @@ def _run_lora(args) -> None:
         say(f"test loss {result.test_loss:.4f} (final weights)")
 
 
-def _add_fuse(sub) -> None:
-    p = sub.add_parser(
-        "fuse",
-        help="merge trained adapters into the model and save a plain model directory",
-        description="Adds each LoRA update into its base weight. A quantized base is "
-        "re-quantized with its own settings unless --de-quantize writes a float model.",
-    )
+def _add_fuse(p) -> None:
     p.add_argument("--model", required=True, help="the base model directory")
     p.add_argument("--adapter-path", default="adapters", help="adapter directory (adapters)")
     p.add_argument("--save-path", required=True, help="output model directory")
@@ -172,6 +156,22 @@ def _run_fuse(args) -> None:
 
 
 COMMANDS = {
-    "lora": (_add_lora, _run_lora),
-    "fuse": (_add_fuse, _run_fuse),
+    "lora": Command(
+        help="fine-tune with LoRA (QLoRA on a quantized model), DoRA (--dora) or fully (--full)",
+        description="Train adapters on DIR/train.jsonl, validating on DIR/valid.jsonl. Records: "
+        '{"text"}, {"prompt","completion"} or {"messages":[...]} (Instruct template). Writes '
+        "ADAPTER_PATH/adapters.safetensors (best validation), adapter_config.json, checkpoint/ "
+        "(for --resume; Ctrl-C or SIGTERM saves one), metrics.jsonl and loss.png (with "
+        "matplotlib: pip install 'elm-mlx[train]'). Data parallel: start it under "
+        "`mlx.launch -n N --backend ring`.",
+        add_flags=_add_lora,
+        run=_run_lora,
+    ),
+    "fuse": Command(
+        help="merge trained adapters into the model and save a plain model directory",
+        description="Adds each LoRA update into its base weight. A quantized base is "
+        "re-quantized with its own settings unless --de-quantize writes a float model.",
+        add_flags=_add_fuse,
+        run=_run_fuse,
+    ),
 }

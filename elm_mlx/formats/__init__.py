@@ -1,1 +1,2 @@
-"""Model formats: MLX model directories, the hub, HF conversion."""
+"""Model formats: MLX model directories, the tokenizer file, the hub, HF and CoreNet
+conversion, GGUF export."""

@@ -33,6 +33,7 @@ from ..model.config import ModelArgs
 from ..quant import quantize as q
 from . import hub
 from . import modeldir as mio
+from .tokenizer import Tokenizer
 
 # Above this many parameters float16 overflows (OpenELM-3B needs bfloat16 or float32).
 FLOAT16_MAX_PARAMS = 2_000_000_000
@@ -177,8 +178,6 @@ def find_tokenizer(tokenizer: str | Path | None, source: Path) -> Path:
 
 def check_tokenizer(file: Path, args: ModelArgs) -> None:
     """A SentencePiece model whose ids all fit the model's vocabulary."""
-    from ..generation.tokenizer import Tokenizer
-
     size = Tokenizer(file).vocab_size
     if size > args.vocab_size:
         raise ValueError(

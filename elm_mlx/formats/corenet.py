@@ -24,6 +24,7 @@ import mlx.core as mx
 from ..model.config import ConfigError, ModelArgs, scaling_config
 from . import convert as cv
 from . import modeldir as mio
+from .tokenizer import Tokenizer
 
 SECTION = ("model", "language_modeling", "general_gpt")
 # CoreNet's GPTConfig defaults (general_gpt.py), where they differ from ModelArgs'.
@@ -162,8 +163,6 @@ def convert_corenet(
 ) -> Path:
     """Convert a CoreNet `.pt` state dict and its YAML config into the MLX model directory
     `mlx_path` (the same directory a Hugging Face conversion of the same weights gives)."""
-    from ..generation.tokenizer import Tokenizer
-
     start = time.perf_counter()
     checkpoint, out = Path(checkpoint), Path(mlx_path).expanduser().absolute()
     mio.check_target(out, force=force)

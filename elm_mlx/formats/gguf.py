@@ -6,8 +6,9 @@ RMSNorm epsilon, key/value lengths; `proj_1` split into `ffn_gate` and `ffn_up`;
 output tensor, since llama.cpp reads the head from `token_embd` (tied). The tokenizer is
 the SentencePiece model itself: pieces, scores, token types, special ids and add-BOS.
 
-Quantized MLX models are de-quantized first and adapters are fused on the way; the file
-is written tensor by tensor into a temporary sibling and renamed into place.
+The model comes in loaded, float, with any adapters fused (the CLI composes `load`,
+`load_adapters` and `fuse_lora(de_quantize=True)`: `training.finetune.load_fused`); the
+file is written tensor by tensor into a temporary sibling and renamed into place.
 """
 
 from __future__ import annotations
@@ -18,12 +19,12 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import mlx.core as mx
+import mlx.nn as nn
 import numpy as np
 from mlx.utils import tree_flatten
 
 from ..model.config import ModelArgs
 from . import files
-from . import modeldir as mio
 from .convert import FLOAT16_MAX_PARAMS
 
 ARCH = "openelm"
@@ -232,34 +233,20 @@ def add_tokenizer_metadata(
 # ---- export ---------------------------------------------------------------------------
 
 
-def load_float_model(model: str | Path, adapter_path: str | Path | None, log: Log | None):
-    """(model, tokenizer) with adapters fused and quantized layers de-quantized."""
-    from ..training.lora import fuse_lora, load_adapters
-
-    net, tokenizer = mio.load(model)
-    tokenizer = mio.require_tokenizer(tokenizer, model)
-    if net.args.quantization and log:
-        q = net.args.quantization
-        log(
-            f"{model} is quantized ({q.get('bits')} bits, group size {q.get('group_size')}): "
-            "de-quantizing it first; the GGUF holds the de-quantized weights"
-        )
-    if adapter_path is not None:
-        load_adapters(net, adapter_path)
-        if log:
-            log(f"fusing the adapters of {adapter_path}")
-    fuse_lora(net, de_quantize=True)
-    return net, tokenizer
-
-
-def check_exportable(args: ModelArgs, model: str | Path) -> None:
+def check_exportable(args: ModelArgs, weights: dict[str, mx.array], name: str) -> None:
     if not args.share_input_output_layers:
         raise ValueError(
-            f"{model} has an untied output head (lm_head); llama.cpp's openelm reads the head "
+            f"{name} has an untied output head (lm_head); llama.cpp's openelm reads the head "
             "from the token embeddings, so it cannot run this model"
         )
     if not args.normalize_qk_projections:
-        raise ValueError(f"{model} has no q_norm/k_norm; llama.cpp's openelm requires them")
+        raise ValueError(f"{name} has no q_norm/k_norm; llama.cpp's openelm requires them")
+    layered = next((k for k in weights if k.endswith((".scales", ".lora_a"))), None)
+    if args.quantization or layered:
+        raise ValueError(
+            f"`model` ({name}) has quantized or adapter layers ({layered or 'quantization'}); "
+            "fuse and de-quantize it first: fuse_lora(model, de_quantize=True)"
+        )
 
 
 def write_gguf(file: Path, plan: list[Planned], add_metadata: Callable) -> None:
@@ -280,39 +267,36 @@ def write_gguf(file: Path, plan: list[Planned], add_metadata: Callable) -> None:
     writer.close()
 
 
-def _name(model: str | Path) -> str:
-    return Path(str(model).rstrip("/\\")).name or str(model)
-
-
 def export_gguf(
-    model: str | Path,
+    model: nn.Module,
+    tokenizer,
     out: str | Path,
     *,
+    name: str,
     type_name: str = "f16",
-    adapter_path: str | Path | None = None,
     chat_template: bool = False,
     force: bool = False,
     log: Log | None = None,
 ) -> Path:
-    """Write `model` (a model directory or hub id) as the GGUF file `out`; returns `out`."""
+    """Write `model` (float, adapters fused) and its `tokenizer` (a `Tokenizer`) as the GGUF
+    file `out`, the model called `name` in it; returns `out`."""
     if type_name not in FILE_TYPES:
         choices = ", ".join(FILE_TYPES)
         raise ValueError(f"unsupported GGUF type {type_name!r}; choose one of {choices}")
     _gguf()
     start = time.perf_counter()
     out = Path(out).expanduser().absolute()
-    _check_out(out, force)
-    net, tokenizer = load_float_model(model, adapter_path, log)
-    args = net.args
-    check_exportable(args, model)
+    check_out(out, force)
+    args = model.args
+    weights = dict(tree_flatten(model.parameters()))
+    check_exportable(args, weights, name)
     if type_name == "f16" and args.num_parameters() > FLOAT16_MAX_PARAMS and log:
         log("warning: llama.cpp multiplies f16 weights in float16, which overflows in models "
             "of this size (3B); prefer bf16 or q8_0")  # fmt: skip
-    weights = dict(tree_flatten(net.parameters()))
     plan = plan_tensors(args, weights, type_name)
 
     def add_metadata(writer) -> None:
-        add_model_metadata(writer, args, type_name, _name(model))
+        add_model_metadata(writer, args, type_name, name)
         add_tokenizer_metadata(
             writer, tokenizer.model_file, args.vocab_size, chat_template=chat_template, log=log
         )
@@ -329,7 +313,8 @@ def export_gguf(
     return out
 
 
-def _check_out(out: Path, force: bool) -> None:
+def check_out(out: Path, force: bool) -> None:
+    """Refuse to write over a directory, or over a file unless `force`."""
     if out.is_dir():
         raise FileExistsError(f"{out} is a directory; give a file name such as model.gguf")
     if out.exists() and not force:

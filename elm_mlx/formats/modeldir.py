@@ -30,6 +30,7 @@ from ..model.config import ConfigError, ModelArgs
 from ..model.openelm import OpenELM
 from ..quant import quantize as q
 from . import files
+from .tokenizer import Tokenizer
 
 INDEX_FILE = "model.safetensors.index.json"
 TOKENIZER_FILE = "tokenizer.model"
@@ -212,8 +213,6 @@ def load_tokenizer(path: Path):
     """The Tokenizer of a model directory, or None when it has no tokenizer.model."""
     if not (Path(path) / TOKENIZER_FILE).is_file():
         return None
-    from ..generation.tokenizer import Tokenizer
-
     return Tokenizer(Path(path) / TOKENIZER_FILE)
 
 

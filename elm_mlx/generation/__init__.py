@@ -1,1 +1,1 @@
-"""Generation: tokenizer, sampling, generate_step / stream_generate, chat."""
+"""Generation: sampling, generate_step / stream_generate, chat, loading a model for it."""

@@ -13,6 +13,7 @@ from dataclasses import dataclass
 
 import mlx.core as mx
 
+from ..formats.tokenizer import StreamingDetokenizer, Tokenizer
 from ..model.cache import ContextLengthError
 from .sample import (
     LogitsProcessor,
@@ -24,7 +25,6 @@ from .sample import (
     make_sampler,
     make_vocab_limit,
 )
-from .tokenizer import StreamingDetokenizer, Tokenizer
 
 
 @dataclass(frozen=True)
@@ -301,20 +301,10 @@ class _Clock:
         )  # fmt: skip
 
 
-def generate(
-    model,
-    tokenizer: Tokenizer,
-    prompt: str | Sequence[int],
-    *,
-    cache: list | None = None,
-    settings: GenerationSettings | None = None,
-    **overrides,
-) -> str:
-    """The generated text (without the prompt, EOS or stop string)."""
-    responses = stream_generate(
-        model, tokenizer, prompt, cache=cache, settings=settings, **overrides
-    )
-    return "".join(r.text for r in responses)
+def generate(model, tokenizer: Tokenizer, prompt: str | Sequence[int], **kwargs) -> str:
+    """The text `stream_generate(model, tokenizer, prompt, **kwargs)` generates (without the
+    prompt, EOS or stop string)."""
+    return "".join(r.text for r in stream_generate(model, tokenizer, prompt, **kwargs))
 
 
 class ChatSession:

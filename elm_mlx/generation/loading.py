@@ -19,12 +19,12 @@ from ..formats.modeldir import (
     read_generation_config,
     require_tokenizer,
 )
+from ..formats.tokenizer import Tokenizer
 from ..runtime.blas import blas_description
 from ..runtime.device import default_dtype
 from ..runtime.fastpath import fast_decoder, fast_path_description
 from .generate import GenerationSettings
 from .sample import check_sampling
-from .tokenizer import Tokenizer
 
 # generation_config.json keys (Hugging Face's names) -> GenerationSettings fields.
 _SUGGESTED = {"temperature": "temp", "top_p": "top_p", "top_k": "top_k"}

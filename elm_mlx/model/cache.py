@@ -23,6 +23,7 @@ class KVCache:
     """Keys and values of one layer, preallocated in steps, bounded by `max_size`."""
 
     step = 256
+    _META = ("offset", "max_size")  # what `meta_state` records besides the arrays
 
     def __init__(self, max_size: int | None = None):
         self.keys: mx.array | None = None  # (B, n_kv, capacity, head_dim)
@@ -73,22 +74,29 @@ class KVCache:
     # ---- state, shared with mlx-lm's interface ---------------------------
     @property
     def state(self) -> list[mx.array]:
-        if self.keys is None:
-            return []
-        return [self.keys[..., : self.offset, :], self.values[..., : self.offset, :]]
+        return [] if self.keys is None else list(self._temporal())
 
     @state.setter
     def state(self, v: list[mx.array]) -> None:
         self.keys, self.values = v
-        self.offset = self.keys.shape[2]
+        self._filled(self.keys.shape[2])
 
     @property
     def meta_state(self) -> tuple[str, ...]:
-        return (str(self.offset), str(self.max_size or 0))
+        return tuple(str(getattr(self, name) or 0) for name in self._META)  # max_size None: 0
 
     @meta_state.setter
     def meta_state(self, v: tuple[str, ...]) -> None:
-        self.offset, self.max_size = int(v[0]), int(v[1]) or None
+        for name, value in zip(self._META, v, strict=True):
+            setattr(self, name, int(value) or (None if name == "max_size" else 0))
+
+    def _temporal(self) -> tuple[mx.array, mx.array]:
+        """Cached keys/values in temporal order."""
+        return self.keys[..., : self.offset, :], self.values[..., : self.offset, :]
+
+    def _filled(self, n: int) -> None:
+        """The buffers now hold `n` tokens (set from `state`)."""
+        self.offset = n
 
     def size(self) -> int:
         return self.offset
@@ -118,6 +126,8 @@ class RotatingKVCache(KVCache):
     and masked to the window.
     """
 
+    _META = ("offset", "max_size", "keep")
+
     def __init__(self, max_size: int, keep: int = 4):
         if not 0 <= keep < max_size:
             raise ValueError(f"keep={keep} must be >= 0 and < max_size={max_size}")
@@ -126,7 +136,6 @@ class RotatingKVCache(KVCache):
         self._idx = 0  # next ring slot to write
 
     def _temporal(self) -> tuple[mx.array, mx.array]:
-        """Cached keys/values in temporal order."""
         if self._idx == self.keys.shape[2] or self.offset < self.max_size:
             return self.keys[..., : min(self.offset, self.max_size), :], self.values[
                 ..., : min(self.offset, self.max_size), :
@@ -182,22 +191,8 @@ class RotatingKVCache(KVCache):
         k = mx.concatenate([cached, q[:, 0]])[None]  # positions of the keys attended to
         return (k <= q) & ((k < self.keep) | (k > q - (self.max_size - self.keep)))
 
-    @property
-    def state(self) -> list[mx.array]:
-        return [] if self.keys is None else list(self._temporal())
-
-    @state.setter
-    def state(self, v: list[mx.array]) -> None:
-        self.keys, self.values = v
-        self._idx = self.keys.shape[2]
-
-    @property
-    def meta_state(self) -> tuple[str, ...]:
-        return (str(self.offset), str(self.max_size), str(self.keep))
-
-    @meta_state.setter
-    def meta_state(self, v: tuple[str, ...]) -> None:
-        self.offset, self.max_size, self.keep = map(int, v)
+    def _filled(self, n: int) -> None:
+        self._idx = n  # `offset` comes from meta_state
 
     def is_trimmable(self) -> bool:
         return self.offset < self.max_size

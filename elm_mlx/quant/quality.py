@@ -19,7 +19,6 @@ import mlx.core as mx
 import mlx.nn as nn
 from mlx.utils import tree_unflatten
 
-from ..formats import modeldir as mio
 from ..model.config import ModelArgs
 from .quantize import (
     QuantizeError,
@@ -185,50 +184,43 @@ def recipe_for_target(
     return Recipe(low, group_size, {p: q for p, q in plan.items() if q.bits != low})
 
 
-# ---- model directories -----------------------------------------------------------
+# ---- loaded models (the CLI and examples/quantize_nano.py load them) --------------
 
 
 def text_windows(
-    model_dir: str | Path, text_file: str | Path, *, max_tokens: int = 4096, seq_len: int = 256
+    tokenizer, text_file: str | Path, *, max_tokens: int = 4096, seq_len: int = 256
 ) -> mx.array:
-    """Held-out text tokenized with the model directory's tokenizer, as token_windows."""
+    """Held-out text tokenized with `tokenizer` (a `Tokenizer`), as token_windows."""
     text_file = Path(text_file)
     if not text_file.is_file():
         raise FileNotFoundError(f"held-out text {text_file} not found; give a UTF-8 text file")
-    tokenizer = mio.require_tokenizer(mio.load_tokenizer(Path(model_dir)), model_dir)
     ids = tokenizer.encode(text_file.read_text(encoding="utf-8"))
     return token_windows(ids, seq_len, max_tokens)
 
 
 def scan_recipe(
-    model_dir: str | Path,
+    model: nn.Module,
     windows: mx.array,
     spec: QuantizeSpec,
     target_bpw: float,
-    log: mio.Log | None = None,
+    *,
+    log: Callable[[str], None] | None = None,
+    progress: Callable[[str, int, float], None] | None = None,
 ) -> Recipe:
-    """Scan the float model of `model_dir` and return the least-damage recipe for target_bpw."""
-    model, args = mio.load_model(model_dir)
+    """Scan the float `model` and return the least-damage recipe for `target_bpw`
+    (`progress` as in sensitivity_scan; `log` hears the group size note and the result)."""
+    args = model.args
     if args.quantization:
-        raise QuantizeError(f"{model_dir} is already quantized; scan its float model instead")
+        raise QuantizeError("`model` is already quantized; scan its float model instead")
     float_dtype = model.transformer.token_embeddings.weight.dtype
     scales_dtype = scales_dtype_for(spec, float_dtype)
-
     group_size = group_size_for(spec, args)
     note = group_size_note(spec, args)
     if log and note:
         log(note)
-    with mio.progress_bar(len(matrix_shapes(args)), "scan", log, unit="matrix") as bar:
-
-        def progress(path: str, bits: int, kl: float) -> None:
-            if bar:
-                bar(1)
-            elif log:
-                log(f"scan {path} at {bits} bits: mean KL {kl:.3g}")
-
-        damage = sensitivity_scan(
-            model, windows, group_size=group_size, scales_dtype=scales_dtype, progress=progress
-        )
+    damage = sensitivity_scan(
+        model, windows, group_size=group_size, scales_dtype=scales_dtype, progress=progress
+    )
     sizes = {"scales_bytes": scales_dtype.size, "float_bytes": float_dtype.size}
     recipe = recipe_for_target(args, damage, target_bpw, group_size=group_size, **sizes)
     if log:
@@ -239,10 +231,15 @@ def scan_recipe(
 
 
 def report(
-    float_dir: str | Path, quant_dir: str | Path, quant_model: nn.Module, windows: mx.array
+    float_model: nn.Module,
+    quant_model: nn.Module,
+    windows: mx.array,
+    *,
+    float_dir: str | Path,
+    quant_dir: str | Path,
 ) -> str:
-    """A table of bits per weight, size on disk, perplexity, mean KL and top-1 agreement."""
-    float_model, _ = mio.load_model(float_dir)
+    """A table of bits per weight, size on disk (of the models' directories), perplexity,
+    mean KL and top-1 agreement."""
     quality = compare(float_model, quant_model, windows)
     head = f"{'model':<10} {'bits/weight':>11} {'size MB':>9} {'perplexity':>11} "
     head += f"{'mean KL':>9} {'top-1 agree':>11}"

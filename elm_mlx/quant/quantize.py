@@ -38,7 +38,6 @@ import mlx.core as mx
 import mlx.nn as nn
 from mlx.utils import tree_flatten, tree_unflatten
 
-from ..formats.files import write_json
 from ..model.config import ModelArgs
 from ..runtime.device import default_scales_dtype
 from .qlayers import use_cpu_layers
@@ -163,9 +162,6 @@ class Recipe:
                     f"got {value!r}"
                 )
         return cls(bits, group_size, layers)
-
-    def save(self, path: str | Path) -> Path:
-        return write_json(path, self.to_json())
 
     @classmethod
     def load(cls, path: str | Path) -> Recipe:

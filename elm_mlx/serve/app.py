@@ -25,7 +25,7 @@ from starlette.requests import ClientDisconnect, Request
 from starlette.responses import JSONResponse, Response, StreamingResponse
 from starlette.routing import Route
 
-from ..generation.tokenizer import Tokenizer
+from ..formats.tokenizer import Tokenizer
 from .engine import Closed, Failed, Finished, Job, QueueFull, RowSettings, Token
 from .protocol import ApiError, ChatRequest, CompletionRequest, check_supported, validation_error
 

@@ -26,9 +26,9 @@ from dataclasses import dataclass, field
 import mlx.core as mx
 import numpy as np
 
-from ..generation.generate import StopFilter
-from ..generation.sample import make_logits_processors, make_sampler, make_vocab_limit
-from ..generation.tokenizer import StreamingDetokenizer, Tokenizer
+from ..formats.tokenizer import StreamingDetokenizer, Tokenizer
+from ..generation.generate import GenerationSettings, StopFilter
+from ..generation.sample import make_logits_processors, make_vocab_limit
 from .batch import decode_step
 from .prompt_cache import PromptCache
 
@@ -42,18 +42,9 @@ class Closed(Exception):
 
 
 @dataclass(frozen=True)
-class RowSettings:
-    """How one request samples and stops (already validated by the API layer)."""
+class RowSettings(GenerationSettings):
+    """How one request samples and stops: `generate`'s settings and OpenAI's extras."""
 
-    max_tokens: int
-    temp: float = 0.0
-    top_p: float = 1.0
-    top_k: int = 0
-    min_p: float = 0.0
-    seed: int | None = None
-    stop: tuple[str, ...] = ()
-    repetition_penalty: float = 1.0
-    repetition_context_size: int = 20
     presence_penalty: float = 0.0
     frequency_penalty: float = 0.0
     logit_bias: dict[int, float] = field(default_factory=dict)
@@ -115,8 +106,7 @@ class _Row:
         self.tokens = list(job.prompt)  # fed and to feed: prompt, then generated tokens
         self.fed = self.cached  # tokens in the caches
         self.generated = 0
-        key = None if s.seed is None else mx.random.key(s.seed)
-        self.sampler = make_sampler(s.temp, s.top_p, s.top_k, s.min_p, key=key)
+        self.sampler = s.sampler()
         self.processors = make_logits_processors(
             s.repetition_penalty, s.repetition_context_size, s.logit_bias
         )

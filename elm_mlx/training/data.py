@@ -319,14 +319,15 @@ def iterate_batches(
     *,
     seed: int = 0,
     start: int = 0,
-    rank: int = 0,
-    world_size: int = 1,
+    group: mx.distributed.Group | None = None,
     pad_to: int = 32,
 ) -> Iterator[Batch]:
-    """Endless training batches from batch number `start` on; this rank's rows only.
+    """Endless training batches from batch number `start` on; this process's rows of each
+    (`group`: the processes training together; None: this one alone).
 
     `dataset` must fill a batch that splits across the ranks (`check_batch_size`).
     """
+    rank, world_size = _place(group)
     per_epoch = len(dataset) // batch_size
     epoch, index = divmod(start, per_epoch)
     while True:
@@ -341,21 +342,26 @@ def iterate_eval_batches(
     batch_size: int,
     *,
     max_batches: int = 0,
-    rank: int = 0,
-    world_size: int = 1,
+    group: mx.distributed.Group | None = None,
     pad_to: int = 32,
 ) -> Iterator[Batch]:
     """Validation batches in length order; `max_batches` > 0 caps the number of global batches.
 
-    Each rank reads every `world_size`-th batch, so the ranks need not see
-    equally many; sum the losses over ranks afterwards.
+    Each process of `group` reads every `group.size()`-th batch, so they need not see
+    equally many; sum the losses over the group afterwards.
     """
+    rank, world_size = _place(group)
     order = sorted(range(len(dataset)), key=lambda i: dataset.lengths[i])
     batches = [order[i : i + batch_size] for i in range(0, len(order), batch_size)]
     if max_batches > 0:
         batches = batches[:max_batches]
     for rows in batches[rank::world_size]:
         yield make_batch(dataset, rows, 0, 1, pad_to)
+
+
+def _place(group: mx.distributed.Group | None) -> tuple[int, int]:
+    """(rank, number of processes) of this process in `group`."""
+    return (0, 1) if group is None else (group.rank(), group.size())
 
 
 def make_batch(

@@ -231,6 +231,28 @@ def _diverged(e: TrainingDiverged, path: Path, clean: bool) -> TrainingDiverged:
     return TrainingDiverged(e.what, e.step, e.saved_step, e.where, remedy)
 
 
+def load_fused(
+    model_path: str | Path,
+    adapter_path: str | Path | None = None,
+    *,
+    de_quantize: bool = False,
+    log: Callable[[str], None] | None = None,
+):
+    """(model, tokenizer or None) of `model_path` with the adapters in `adapter_path` merged
+    into its weights; `de_quantize` makes every layer float. `log` hears what is done."""
+    model, tokenizer = load(model_path)
+    q = model.args.quantization
+    if q and de_quantize and log:
+        log(f"{model_path} is quantized ({q.get('bits')} bits, group size {q.get('group_size')}): "
+            "de-quantizing it first")  # fmt: skip
+    if adapter_path is not None:
+        load_adapters(model, adapter_path)
+        if log:
+            log(f"fusing the adapters of {adapter_path}")
+    fuse_lora(model, de_quantize=de_quantize)
+    return model, tokenizer
+
+
 def fuse(
     model_path: str | Path,
     adapter_path: str | Path,
@@ -247,8 +269,7 @@ def fuse(
     """
     check_not_source(save_path, model_path, "`save_path`")
     check_target(Path(save_path).absolute(), force=force)  # before the work
-    model, tokenizer = load(model_path)
-    fuse_lora(load_adapters(model, adapter_path), de_quantize=de_quantize)
+    model, tokenizer = load_fused(model_path, adapter_path, de_quantize=de_quantize)
     tokenizer_file = tokenizer.model_file if tokenizer is not None else None
     return save_model(
         save_path, model, model.args, tokenizer=tokenizer_file, force=force,

@@ -201,9 +201,7 @@ def evaluate(
     was_training = model.training
     model.eval()
     total, count = mx.array(0.0), mx.array(0.0)
-    for b in iterate_eval_batches(
-        dataset, batch_size, max_batches=max_batches, rank=group.rank(), world_size=group.size()
-    ):
+    for b in iterate_eval_batches(dataset, batch_size, max_batches=max_batches, group=group):
         s, n = loss(model, b.tokens, b.spans)
         total, count = total + s, count + n
         mx.eval(total, count)
@@ -463,10 +461,10 @@ def _diverged(run: _Run, what: str) -> None:
 def _train_loop(run: _Run, stop: _StopFlag, loss: Loss, callback) -> None:
     a, s = run.args, run.state
     step = make_step(run.model, run.optimizer, a, run.group, loss)
+    start = s.step * a.grad_accum
     batches = iterate_batches(
-        run.train_set, a.batch_size, seed=a.seed, start=s.step * a.grad_accum,
-        rank=run.rank, world_size=run.world,
-    )  # fmt: skip
+        run.train_set, a.batch_size, seed=a.seed, start=start, group=run.group
+    )
     window_loss, window_tokens, window_time, window = 0.0, 0.0, 0.0, 0
     run.model.train()
     while s.step < a.iters:

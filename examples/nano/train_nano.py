@@ -190,7 +190,7 @@ def main() -> None:
     from elm_mlx.runtime.blas import preload_blas
 
     preload_blas()  # before MLX loads
-    from elm_mlx.generation.tokenizer import Tokenizer
+    from elm_mlx.formats.tokenizer import Tokenizer
 
     tic = time.perf_counter()
     if a.resume and (work / "corpus.json").is_file():
