@@ -217,6 +217,20 @@ def test_results_table_puts_published_numbers_beside_ours():
     )
 
 
+def test_published_rows_cover_every_size_and_their_averages_add_up():
+    from elm_mlx.evaluation.published import PAPER_TASKS, PUBLISHED, published_row
+    from elm_mlx.model.config import PRESETS, preset
+
+    assert sorted(PUBLISHED) == sorted(PRESETS)
+    for name, row in PUBLISHED.items():  # a check on the transcription from the card
+        mean = sum(row[t] for t in PAPER_TASKS) / len(PAPER_TASKS)
+        assert abs(mean - row["average"]) <= 0.005 + 1e-9, name
+        assert published_row(preset(name), name.lower())[0] == name
+    assert published_row(preset("OpenELM-3B"), "my-3b-q4")[1]["hellaswag"] == 72.44
+    card, row = published_row(preset("OpenELM-1_1B-Instruct"), "x/OpenELM-1_1B-Instruct")
+    assert card == "OpenELM-1_1B-Instruct" and row["arc_challenge"] == 37.97
+
+
 # ---- two processes ---------------------------------------------------------------------
 
 WORKER = textwrap.dedent(
@@ -387,6 +401,34 @@ def test_generate_until_stops_at_stop_strings_and_max_gen_toks(nano):
     cut = min(i for i in (free.find("\n\n"), free.find(",")) if i >= 0)
     assert stopped == free[:cut]
     assert len(tokenizer.encode(short, bos=False)) <= 3 and free.startswith(short)
+
+
+@pytest.mark.parametrize("fast", [False, True])
+def test_generate_until_batches_requests_each_as_generated_alone(nano, fast):
+    """Requests with their own stop strings, lengths and sampling, three rows per step (on
+    the numpy CPU path and on MLX's): each text equals `generate` on that request alone."""
+    from elm_mlx.generation.generate import generate
+
+    model, tokenizer = (load_for_generation(None)[:2]) if fast else nano
+    if isinstance(model, CpuDecoder) != fast:
+        pytest.skip("no numpy CPU path on this device")
+    lm = ElmLM(model=model, tokenizer=tokenizer, batch_size=3, progress=False)
+    asks = [
+        ("ROMEO:\n", {"until": ["\n"], "max_gen_toks": 30}),
+        ("JULIET:\nO Romeo, Romeo!", {"until": [",", "."], "max_gen_toks": 30}),
+        ("HAMLET:\n", {"until": ["<never>"], "max_gen_toks": 7}),
+        ("First Citizen:\n", {"until": ["\n\n"], "max_gen_toks": 40, "do_sample": True,
+                               "temperature": 0.8}),
+        ("KING HENRY:\nOnce more", {"until": "the", "max_gen_toks": 25}),
+    ]  # fmt: skip
+    got = lm.generate_until([Req(c, o) for c, o in asks], disable_tqdm=True)
+    for (context, o), text in zip(asks, got, strict=True):
+        temp = o.get("temperature", 0.0)
+        until = [o["until"]] if isinstance(o["until"], str) else o["until"]
+        alone = generate(model, tokenizer, context, max_tokens=o["max_gen_toks"], stop=until,
+                         temp=temp, seed=0 if temp else None)  # fmt: skip
+        assert text == alone, context
+    assert all(got) and len(set(got)) == len(got), got
 
 
 @pytest.mark.parametrize("kind", ["q8", "lora"])

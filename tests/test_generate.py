@@ -413,3 +413,28 @@ def test_closing_a_reply_early_keeps_it(tokenizer, chat_model):
     assert {c.offset for c in session.cache} == {fed}
     history = first_ids + reply
     assert history[:fed] + session.turn_ids("Go on")[: len(history) - fed] == history
+
+
+def test_generate_many_gives_each_prompt_what_generate_gives_it_alone(tokenizer):
+    """Rows of different lengths and settings decoded together, joining as others finish
+    (batch_size 2), prefilled in chunks of 3: each text equals `generate` on that prompt alone.
+    The padded vocabulary and the repetition penalty make every row carry logits processors."""
+    from elm_mlx.generation.batch import generate_many
+
+    args = tiny_args(vocab_size=tokenizer.vocab_size + 64)
+    weights = {k: v * (1 if "norm" in k else 8) for k, v in random_weights(args, seed=4).items()}
+    model = build(args, weights)
+    base = GenerationSettings(max_tokens=16, prefill_step=3)
+    asks = [
+        ("Once upon a time", base),
+        ("The quick brown fox jumps over the dog", dataclasses.replace(base, temp=0.8, seed=3)),
+        ("hello", dataclasses.replace(base, stop=("e", "a"))),
+        ("A", dataclasses.replace(base, max_tokens=0)),
+        ("It was", dataclasses.replace(base, repetition_penalty=1.5, max_tokens=11)),
+    ]
+    done = []
+    got = generate_many(model, tokenizer, [p for p, _ in asks], [s for _, s in asks],
+                        batch_size=2, on_done=done.append)  # fmt: skip
+    alone = [generate(model, tokenizer, p, settings=s) for p, s in asks]
+    assert got == alone
+    assert sorted(done) == list(range(len(asks))) and got[3] == "" and len(got[0]) > 10

@@ -307,12 +307,15 @@ def test_32_requests_8_at_a_time_equal_generate_alone(server, client, nano):
         gone = pool.submit(quitter)
         got = list(pool.map(ask, prompts))
         gone.result()
-    assert got == expected
-    deadline = time.monotonic() + 30  # its row goes at the step after its next token
-    while (health := httpx.get(server[0] + "/health").json())["running"]:
+    assert got == expected  # the others are not disturbed
+    deadline = time.monotonic() + 30  # the quitter's row does not linger
+    while (health := httpx.get(server[0] + "/health").json())["running"] or health["waiting"]:
         assert time.monotonic() < deadline, health
         time.sleep(0.05)
-    assert health["cancelled"] == 1  # dropped, not finished: 250 tokens take far longer
+    # Whether its row was dropped or had already written all 250 tokens depends on how soon a
+    # busy machine lets the server see the client go: test_serve_engine's
+    # test_a_client_that_leaves_mid_stream_has_its_row_dropped holds the row until then.
+    assert health["cancelled"] <= 1, health
 
 
 def test_prompt_cache_second_turn(client, nano):

@@ -4,6 +4,7 @@ cache, the Instruct chat template, queue limits and the install hint."""
 from __future__ import annotations
 
 import shutil
+import time
 
 import mlx.core as mx
 import numpy as np
@@ -11,7 +12,7 @@ import pytest
 
 pytest.importorskip("starlette")
 
-from elm_mlx.serve.batch import decode_step, numpy_batches  # noqa: E402
+from elm_mlx.generation.batch import decode_step, numpy_batches  # noqa: E402
 from elm_mlx.serve.prompt_cache import PromptCache  # noqa: E402
 
 
@@ -190,3 +191,94 @@ def test_a_failing_step_fails_its_requests_and_the_engine_keeps_serving(app_clie
     monkeypatch.setattr(engine_mod, "decode_step", real)
     r = client.post("/v1/completions", json=body)
     assert r.status_code == 200 and r.json()["usage"]["completion_tokens"] == 3
+
+
+def test_a_client_that_leaves_mid_stream_has_its_row_dropped(loaded, monkeypatch):
+    """Over real HTTP (uvicorn in a thread): once the leaving client's row has its first token,
+    decoding waits until the server has seen the client go, so the row cannot finish first
+    however busy the machine. It is dropped at the next step and counted once; a request sent
+    with it gets what `generate` gives it alone."""
+    import socket
+    import threading
+
+    import httpx
+    import uvicorn
+
+    import elm_mlx.serve.engine as engine_mod
+    from elm_mlx.generation.generate import generate
+    from elm_mlx.serve.app import ServerConfig, create_app
+    from elm_mlx.serve.engine import Engine, Job
+
+    model, tokenizer = loaded
+    long, tokens, left = 200, [], threading.Event()
+    real_init, real_cancel, real_step = Job.__init__, Job.cancel, engine_mod.decode_step
+
+    def init(job, prompt, settings, emit):  # count the leaving request's tokens
+        def counted(event):
+            if isinstance(event, engine_mod.Token):
+                tokens.append(event)
+            emit(event)
+
+        real_init(job, prompt, settings, counted if settings.max_tokens == long else emit)
+
+    def cancel(job):
+        real_cancel(job)
+        if job.settings.max_tokens == long:
+            left.set()
+
+    def gated(*args):
+        if tokens and not left.wait(60):
+            raise AssertionError("the server never saw the client go")
+        return real_step(*args)
+
+    monkeypatch.setattr(Job, "__init__", init)
+    monkeypatch.setattr(Job, "cancel", cancel)
+    monkeypatch.setattr(engine_mod, "decode_step", gated)
+    engine = Engine(model, tokenizer)
+    config = ServerConfig(model_id="tiny-Instruct", context_length=256)
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    uv = uvicorn.Server(
+        uvicorn.Config(create_app(engine, tokenizer, config), host="127.0.0.1", port=port,
+                       log_level="warning", lifespan="off")
+    )  # fmt: skip
+    engine.start()
+    thread = threading.Thread(target=uv.run, daemon=True)
+    thread.start()
+    try:
+        _until(lambda: uv.started or not thread.is_alive())
+        assert uv.started, "uvicorn did not start"
+        url = f"http://127.0.0.1:{port}/v1/completions"
+        no_eos = {str(tokenizer.eos_id): -100}  # the row could only end by the client going
+        beside = {"model": "tiny-Instruct", "prompt": "hello", "max_tokens": 6, "temperature": 0}
+        result = {}
+        other = threading.Thread(
+            target=lambda: result.update(httpx.post(url, json=beside, timeout=60).json())
+        )
+        other.start()
+        body = {"model": "tiny-Instruct", "prompt": "Once upon a time", "max_tokens": long,
+                "temperature": 0, "stream": True, "logit_bias": no_eos}  # fmt: skip
+        with httpx.stream("POST", url, json=body) as r:
+            lines = r.iter_lines()  # kept: dropping it would close the connection now
+            assert next(lines).startswith("data: ")
+            _until(lambda: tokens)  # its row has begun; now the client goes
+        other.join(60)
+        assert left.wait(30)
+        _until(lambda: not engine.stats()["running"])
+        assert engine.stats()["cancelled"] == 1
+        assert len(tokens) <= 2  # its first token, and the one of the step that was held
+        expected = generate(model, tokenizer, "hello", max_tokens=6, temp=0.0)
+        assert result["choices"][0]["text"] == expected
+    finally:
+        uv.should_exit = True
+        thread.join(10)
+        engine.close(0)
+        engine.join(10)
+
+
+def _until(condition, seconds: float = 30.0) -> None:
+    deadline = time.monotonic() + seconds
+    while not condition():
+        assert time.monotonic() < deadline, "timed out"
+        time.sleep(0.01)

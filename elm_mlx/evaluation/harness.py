@@ -22,7 +22,8 @@ from lm_eval.api.model import TemplateLM
 from lm_eval.api.registry import register_model
 from tqdm import tqdm
 
-from ..generation.generate import GenerationSettings, generate
+from ..generation.batch import generate_many
+from ..generation.generate import GenerationSettings
 from ..generation.loading import load_for_generation
 from ..runtime.fastpath import CpuDecoder
 from . import scoring
@@ -66,7 +67,7 @@ class ElmLM(TemplateLM):
             model, tokenizer, _ = load_for_generation(
                 pretrained, adapter_path=adapter_path, dtype=dtype
             )
-        self.generator = model  # may be the CPU fast path, for one sequence at a time
+        self.generator = model  # may be the CPU fast path, for generation
         self.model = model.model if isinstance(model, CpuDecoder) else model
         self.tokenizer = tokenizer
         self.batch_size = _positive_int(batch_size, "batch_size", default=16)
@@ -125,19 +126,23 @@ class ElmLM(TemplateLM):
         return totals
 
     def generate_until(self, requests, disable_tqdm: bool = False) -> list[str]:
+        """Each request's text as `generate` alone gives it, `batch_size` requests per step."""
         rank, size = (0, 1) if self.group is None else (self.group.rank(), self.group.size())
-        texts: dict[int, str] = {}
         mine = list(range(rank, len(requests), size))
+        asks = [self._generation(*requests[i].args) for i in mine]
         with self._bar(len(mine), disable_tqdm) as bar:
-            for i in mine:
-                context, options = requests[i].args
-                texts[i] = self._generate_one(context, dict(options))
-                bar.update(1)
+            out = generate_many(
+                self.generator, self.tokenizer, [ids for ids, _ in asks], [s for _, s in asks],
+                batch_size=self.batch_size, on_done=lambda _: bar.update(1),
+            )  # fmt: skip
+        texts = dict(zip(mine, out, strict=True))
         if size > 1:
             texts = _gather_texts(texts)
         return [texts[i] for i in range(len(requests))]
 
-    def _generate_one(self, context: str, options: dict) -> str:
+    def _generation(self, context: str, options: dict) -> tuple[list[int], GenerationSettings]:
+        """Prompt ids and settings of one request, from lm-eval's generation options."""
+        options = dict(options)
         until = options.pop("until", None) or []
         until = [until] if isinstance(until, str) else list(until)
         max_new = int(options.pop("max_gen_toks", self.max_gen_toks))
@@ -151,7 +156,7 @@ class ElmLM(TemplateLM):
             max_tokens=max_new, temp=temp, top_p=float(options.pop("top_p", 1.0) or 1.0),
             stop=tuple(s for s in until if s), seed=0 if temp > 0 else None,
         )  # fmt: skip
-        return generate(self.generator, self.tokenizer, ids, settings=settings)
+        return ids, settings
 
     def _bar(self, total: int, disable: bool):
         off = disable or not self.show_progress or (self.group is not None and self.group.rank())

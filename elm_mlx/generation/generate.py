@@ -147,7 +147,7 @@ def generate_step(
         return sampler(logprobs), logprobs[0]  # (1,), (vocab,)
 
     history = prompt  # tokens the processors see (prompt and generated so far)
-    y, logprobs = step(_prefill(model, prompt, cache, prefill_step), history)
+    y, logprobs = step(prefill(model, prompt, cache, prefill_step), history)
     mx.async_eval(y, logprobs)
     for n in range(max_tokens):
         if n + 1 < max_tokens:
@@ -159,7 +159,7 @@ def generate_step(
             y, logprobs = next_y, next_logprobs
 
 
-def _prefill(model, prompt: mx.array, cache, prefill_step: int) -> mx.array:
+def prefill(model, prompt: mx.array, cache, prefill_step: int) -> mx.array:
     """Feed all but the last prompt token in chunks of `prefill_step`; return the last one.
 
     Only the cache is evaluated, so no vocabulary-sized head is computed for the
@@ -208,10 +208,11 @@ def _overlap(text: str, stop: str) -> int:
     return 0
 
 
-class _TextStream:
+class TextStream:
     """Detokenizer plus stop-string filter: token ids in, printable text out."""
 
     def __init__(self, tokenizer: Tokenizer, stop: Sequence[str]):
+        self.eos_id = tokenizer.eos_id
         self.detok = StreamingDetokenizer(tokenizer)
         self.stops = StopFilter(stop)
 
@@ -221,6 +222,26 @@ class _TextStream:
     def finish(self) -> tuple[str, bool]:
         text, stopped = self.stops.push(self.detok.finalize())
         return (text, True) if stopped else (text + self.stops.flush(), False)
+
+    def step(self, token: int, last: bool) -> tuple[str, bool]:
+        """(the text `token` makes final, whether EOS or a stop string ended the text).
+
+        EOS adds no text; on the `last` token everything held back is let out.
+        """
+        if token == self.eos_id:
+            return self.finish()[0], True
+        text, stopped = self.add(token)
+        if last and not stopped:
+            text += self.finish()[0]
+        return text, stopped
+
+
+def processors_for(model, tokenizer: Tokenizer, settings: GenerationSettings) -> list:
+    """The logits processors of `settings`, plus a mask on ids the tokenizer has no text for."""
+    processors = settings.logits_processors()
+    if model.args.vocab_size > tokenizer.vocab_size:  # padded embeddings: ids with no text
+        processors.append(make_vocab_limit(tokenizer.vocab_size))
+    return processors
 
 
 def stream_generate(
@@ -243,9 +264,7 @@ def stream_generate(
     ids = tokenizer.encode(prompt) if isinstance(prompt, str) else [int(i) for i in prompt]
     cache = model.make_cache(settings.max_kv_size) if cache is None else cache
     budget = token_budget(model, cache, len(ids), settings.max_tokens)
-    processors = settings.logits_processors()
-    if model.args.vocab_size > tokenizer.vocab_size:  # padded embeddings: ids with no text
-        processors.append(make_vocab_limit(tokenizer.vocab_size))
+    processors = processors_for(model, tokenizer, settings)
     steps = generate_step(
         ids,
         model,
@@ -255,16 +274,11 @@ def stream_generate(
         cache=cache,
         prefill_step=settings.prefill_step,
     )
-    out, clock = _TextStream(tokenizer, settings.stop), _Clock(len(ids))
+    out, clock = TextStream(tokenizer, settings.stop), _Clock(len(ids))
     for n, (token, logprobs) in enumerate(steps, 1):
         clock.tick(n)
-        if token == tokenizer.eos_id:
-            text, reason = out.finish()[0], "stop"
-        else:
-            text, stopped = out.add(token)
-            reason = "stop" if stopped else _length_reason(n, budget, settings.max_tokens)
-            if reason in ("length", "context"):
-                text += out.finish()[0]
+        text, stopped = out.step(token, last=n >= budget)
+        reason = "stop" if stopped else _length_reason(n, budget, settings.max_tokens)
         yield clock.response(text, token, logprobs, reason)
         if reason is not None:
             return

@@ -3,7 +3,7 @@
 Each step: forget cancelled requests, prefill at most one chunk's worth of prompt
 tokens (`prefill_step`; whole chunks, cut where `generate` cuts them, so a long
 prompt never stalls the running rows for more than one chunk), then one batched
-forward pass (`batch.decode_step`) for every running row, each with its own
+forward pass (`generation.batch.decode_step`) for every running row, each with its own
 sampler, logits processors, stop strings, length limit and logprobs. A row's
 last prompt token goes through that batched pass, so a batch of one computes
 what `generate` computes. Finished rows hand their KV cache to the prompt cache.
@@ -26,10 +26,10 @@ from dataclasses import dataclass, field
 import mlx.core as mx
 import numpy as np
 
-from ..formats.tokenizer import StreamingDetokenizer, Tokenizer
-from ..generation.generate import GenerationSettings, StopFilter
+from ..formats.tokenizer import Tokenizer
+from ..generation.batch import decode_step
+from ..generation.generate import GenerationSettings, TextStream
 from ..generation.sample import make_logits_processors, make_vocab_limit
-from .batch import decode_step
 from .prompt_cache import PromptCache
 
 
@@ -116,8 +116,7 @@ class _Row:
             )
         if engine.model.args.vocab_size > tok.vocab_size:  # padded embeddings: ids with no text
             self.processors.append(make_vocab_limit(tok.vocab_size))
-        self.detok = StreamingDetokenizer(tok)
-        self.stops = StopFilter(s.stop)
+        self.text = TextStream(tok, s.stop)
 
     def chunks(self, step: int) -> list[tuple[int, int]]:
         """The prefill chunks left: all prompt tokens but the last, `step` at a time."""
@@ -168,6 +167,7 @@ class Engine:
         self.max_batch, self.max_queue, self.prefill_step = max_batch, max_queue, prefill_step
         self.prompt_cache = PromptCache(prompt_cache_bytes)
         self._waiting: deque[Job] = deque()
+        self._admitted: list[Job] = []  # taken from the queue, rows not built yet
         self._prefilling: list[_Row] = []
         self._running: list[_Row] = []
         self._wake = threading.Condition()
@@ -210,7 +210,7 @@ class Engine:
     def stats(self) -> dict:
         return {
             "waiting": len(self._waiting),
-            "running": len(self._running) + len(self._prefilling),
+            "running": len(self._running) + len(self._prefilling) + len(self._admitted),
             "cancelled": self._cancelled,
             "prompt_cache_entries": len(self.prompt_cache),
             "prompt_cache_bytes": self.prompt_cache.nbytes,
@@ -236,21 +236,24 @@ class Engine:
                 jobs.update((id(r.job), r.job) for r in self._running)
                 for job in jobs.values():
                     job.emit(Failed("internal error while generating; see the server log"))
-                self._prefilling, self._running = [], []
+                self._prefilling, self._running, self._admitted = [], [], []
                 mx.clear_cache()
 
     def _admit(self) -> list[Job]:
-        """Waiting jobs that fit in the batch (called holding the lock)."""
-        jobs = []
-        while self._waiting and len(self._running) + len(self._prefilling) + len(jobs) < (
-            self.max_batch
-        ):
-            job = self._waiting.popleft()
+        """Waiting jobs that fit in the batch (called holding the lock).
+
+        Here and in `_drop_cancelled` a job is counted before it leaves where it was:
+        `stats` (read from other threads without the lock) never misses one.
+        """
+        busy = len(self._running) + len(self._prefilling)
+        while self._waiting and busy + len(self._admitted) < self.max_batch:
+            job = self._waiting[0]
             if job.cancelled:
                 self._cancelled += 1
             else:
-                jobs.append(job)
-        return jobs
+                self._admitted.append(job)
+            self._waiting.popleft()
+        return self._admitted
 
     def _end_all(self) -> None:
         """The grace period is over: end every row now, refuse every waiting job."""
@@ -263,20 +266,20 @@ class Engine:
 
     def _step(self, admitted: list[Job]) -> None:
         self._prefilling += [_Row(job, self) for job in admitted]
+        self._admitted = []
         self._drop_cancelled()
         self._prefill()
         if self._running:
             self._decode()
 
     def _drop_cancelled(self) -> None:
-        dropped = 0
+        gone = {id(r) for r in self._prefilling + self._running if r.job.cancelled}
+        if not gone:
+            return
+        self._cancelled += len(gone)
         for rows in (self._prefilling, self._running):
-            kept = [r for r in rows if not r.job.cancelled]
-            dropped += len(rows) - len(kept)
-            rows[:] = kept
-        if dropped:  # their caches are garbage now: hand MLX's buffers back
-            self._cancelled += dropped
-            mx.clear_cache()
+            rows[:] = [r for r in rows if id(r) not in gone]
+        mx.clear_cache()  # their caches are garbage now: hand MLX's buffers back
 
     def _prefill(self) -> None:
         """Whole prefill chunks, `prefill_step` tokens per step in all (at least one chunk)."""
@@ -319,13 +322,9 @@ class Engine:
         row.tokens.append(token)
         row.generated += 1
         s = row.job.settings
-        if token == self.tokenizer.eos_id:
-            text, reason = self._flush(row)[0], "stop"
-        else:
-            text, stopped = row.stops.push(row.detok.add_token(token))
-            reason = "stop" if stopped else None
-            if reason is None and row.generated >= s.max_tokens:
-                reason, text = "length", text + self._flush(row)[0]
+        last = row.generated >= s.max_tokens
+        text, stopped = row.text.step(token, last)
+        reason = "stop" if stopped else "length" if last else None
         event = Token(text, token)
         if s.top_logprobs is not None:
             event.logprob = self._logprob(token, logprob)
@@ -334,10 +333,6 @@ class Engine:
         if reason is not None:
             self._finish(row, reason)
         return reason is not None
-
-    def _flush(self, row: _Row) -> tuple[str, bool]:
-        text, stopped = row.stops.push(row.detok.finalize())
-        return (text, True) if stopped else (text + row.stops.flush(), False)
 
     def _finish(self, row: _Row, reason: str, store: bool = True) -> None:
         prompt = len(row.job.prompt)

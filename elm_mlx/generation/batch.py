@@ -1,0 +1,148 @@
+"""Decoding many sequences at once, each with its own KV cache.
+
+`decode_step` is one step for many rows. Rows hold different numbers of tokens,
+so each keeps its own per-layer `KVCache` (the very caches `generate` uses: a
+prompt is prefilled into one as `generate` does it; no padding, no batched cache
+to merge or split when a row joins or leaves). What reads every weight, the
+projections and the feed-forward, runs once for all rows as a (B, d) product;
+only attention, which reads each row's own cache, runs row by row.
+
+Two paths with the same result: on the CPU, float32 plain layers go through the
+numpy kernels of `runtime.fastpath` (gemm over the rows, split over the cores);
+everything else (a GPU, quantized or LoRA layers, half precision) through the
+model's own MLX modules. A batch of one computes exactly what `generate` computes.
+
+`generate_many` is `generate` for a list of prompts, `batch_size` rows per step,
+each row with its own settings; the server's engine does the same with requests
+that come and go (`serve.engine`).
+"""
+
+from __future__ import annotations
+
+from collections import deque
+from collections.abc import Callable, Sequence
+
+import mlx.core as mx
+
+from ..formats.tokenizer import Tokenizer
+from ..runtime.fastpath import CpuDecoder
+from .generate import GenerationSettings, TextStream, prefill, processors_for, token_budget
+
+
+def numpy_batches(model) -> bool:
+    """Whether `decode_step` takes the numpy path for this model (as `generate` would)."""
+    return isinstance(model, CpuDecoder)
+
+
+def decode_step(model, tokens: list[int], caches: list[list]) -> mx.array:
+    """Logits (B, vocab) of the next token of each row.
+
+    `tokens[b]` is row b's newest token, not yet in its cache; `caches[b]` is that
+    row's per-layer cache list, which gains one position.
+    """
+    if not tokens:
+        raise ValueError("decode_step needs at least one row")
+    if isinstance(model, CpuDecoder):
+        logits = model.decode_rows(tokens, caches)
+        if logits is not None:
+            return logits
+        model = model.model
+    return _mlx_step(model, tokens, caches)
+
+
+def _mlx_step(model, tokens: list[int], caches: list[list]) -> mx.array:
+    t = model.transformer
+    h = t.token_embeddings(mx.array(tokens, mx.int32)[:, None])  # (B, 1, d)
+    for i, block in enumerate(t.layers):
+        attn = block.attn
+        qkv = attn.qkv_proj(block.attn_norm(h))  # (B, 1, qkv_out_dim)
+        rows = [attn.attend(qkv[b : b + 1], None, row[i]) for b, row in enumerate(caches)]
+        h = h + attn.out_proj(mx.concatenate(rows))  # (B, 1, d)
+        h = h + block.ffn(block.ffn_norm(h))
+    return model.head(t.norm(h))[:, 0]  # (B, vocab)
+
+
+# ---- many prompts ---------------------------------------------------------------
+
+
+class _Row:
+    """One prompt being decoded: its cache, sampler, processors and text so far."""
+
+    def __init__(self, model, tokenizer: Tokenizer, ids: list[int], s: GenerationSettings):
+        if s.max_kv_size is not None:
+            raise ValueError("generate_many keeps whole caches; leave max_kv_size unset")
+        self.caches = model.make_cache()
+        self.budget = token_budget(model, self.caches, len(ids), s.max_tokens)
+        self.sampler, self.processors = s.sampler(), processors_for(model, tokenizer, s)
+        self.text, self.out, self.history = TextStream(tokenizer, s.stop), [], list(ids)
+        self.token = ids[-1]  # the newest token, not yet in the caches
+        if self.budget > 0:  # the last prompt token goes through the batched step
+            prefill(model, mx.array(ids, mx.int32), self.caches, s.prefill_step)
+
+    def process(self, logits: mx.array) -> mx.array:  # (1, vocab)
+        history = mx.array(self.history, mx.int32) if self.processors else None
+        for p in self.processors:
+            logits = p(history, logits)
+        return logits
+
+    def take(self, token: int) -> bool:
+        """Add the sampled `token`; True when the text is complete."""
+        last = len(self.out) + 1 >= self.budget
+        text, stopped = self.text.step(token, last)
+        self.out.append(text)
+        self.token = token
+        self.history.append(token)
+        return stopped or last
+
+
+def generate_many(
+    model,
+    tokenizer: Tokenizer,
+    prompts: Sequence[str | Sequence[int]],
+    settings: Sequence[GenerationSettings],
+    *,
+    batch_size: int = 8,
+    on_done: Callable[[int], None] | None = None,
+) -> list[str]:
+    """The text `generate` gives each prompt with its settings, `batch_size` rows per step.
+
+    Prompts are text (encoded with BOS) or token ids. A row that finishes makes room
+    for the next prompt; `on_done(i)` is called as prompt i's text is complete.
+    """
+    if len(prompts) != len(settings):
+        raise ValueError(f"{len(prompts)} prompts but {len(settings)} settings")
+    if batch_size < 1:
+        raise ValueError(f"batch_size must be >= 1, got {batch_size}")
+    texts = [""] * len(prompts)
+    waiting, rows = deque(range(len(prompts))), {}
+    while waiting or rows:
+        while waiting and len(rows) < batch_size:
+            i = waiting.popleft()
+            p = prompts[i]
+            ids = tokenizer.encode(p) if isinstance(p, str) else [int(t) for t in p]
+            if not ids:
+                raise ValueError(f"prompt {i} is empty; give at least one token id")
+            rows[i] = _Row(model, tokenizer, ids, settings[i])
+            if rows[i].budget <= 0:
+                _done(rows, texts, i, on_done)
+        if rows:
+            _step(model, rows, texts, on_done)
+    return texts
+
+
+def _step(model, rows: dict[int, _Row], texts: list[str], on_done) -> None:
+    """One batched forward pass; every row samples its next token with its own settings."""
+    order = list(rows)
+    logits = decode_step(model, [rows[i].token for i in order], [rows[i].caches for i in order])
+    logits = mx.concatenate([rows[i].process(logits[b : b + 1]) for b, i in enumerate(order)])
+    logprobs = logits - mx.logsumexp(logits, axis=-1, keepdims=True)  # (B, vocab)
+    ys = mx.concatenate([rows[i].sampler(logprobs[b : b + 1]) for b, i in enumerate(order)])
+    for i, y in zip(order, ys.tolist(), strict=True):
+        if rows[i].take(y):
+            _done(rows, texts, i, on_done)
+
+
+def _done(rows: dict[int, _Row], texts: list[str], i: int, on_done) -> None:
+    texts[i] = "".join(rows.pop(i).out)
+    if on_done is not None:
+        on_done(i)
