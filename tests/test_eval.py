@@ -484,3 +484,28 @@ def test_without_lm_eval_the_command_says_how_to_install_it(monkeypatch, capsys)
     assert capsys.readouterr().err.strip() == (
         "error: evaluation needs lm-eval: pip install 'elm-mlx[eval]'"
     )
+
+
+def test_rolling_through_the_cpu_fast_path_equals_the_batched_mlx_path(nano):
+    """On the CPU, rolling windows go one at a time through the numpy prompt path."""
+    from elm_mlx.evaluation.perplexity import perplexity
+    from elm_mlx.runtime.fastpath import fast_decoder
+
+    model, tokenizer = nano
+    fast = fast_decoder(model)
+    if not isinstance(fast, CpuDecoder):
+        pytest.skip("MLX does not run on the CPU here: no numpy path")
+    text = SCENE.read_text()[:1800]
+    calls = []
+    forward = fast.forward
+    fast.forward = lambda *a: calls.append(1) or forward(*a)  # count numpy passes
+    via_numpy = ElmLM(model=fast, tokenizer=tokenizer, progress=False)
+    batched = ElmLM(model=model, tokenizer=tokenizer, progress=False, batch_size=8)
+    got = via_numpy.loglikelihood_rolling([Req(text)], disable_tqdm=True)[0]
+    want = batched.loglikelihood_rolling([Req(text)], disable_tqdm=True)[0]
+    n_windows = len(calls)
+    assert n_windows >= 3 and got == pytest.approx(want, rel=1e-5)
+    a = perplexity(fast, tokenizer, [text], stride=100)
+    b = perplexity(model, tokenizer, [text], stride=100)
+    assert len(calls) > n_windows and a.tokens == b.tokens
+    assert a.nll == pytest.approx(b.nll, rel=1e-5)

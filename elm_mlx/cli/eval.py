@@ -13,7 +13,6 @@ from ..evaluation.run import EVAL_HINT, EvalSettings, require_lm_eval, task_name
 from ..evaluation.scoring import process_group
 from ..formats.files import write_json
 from ..generation.loading import load_for_generation
-from ..runtime.fastpath import CpuDecoder
 from .common import CliError, Command, add_model_flags
 
 
@@ -163,8 +162,6 @@ def _run_perplexity(args) -> None:
     model, tokenizer, _ = load_for_generation(
         args.model, adapter_path=args.adapter_path, dtype=args.dtype
     )
-    if isinstance(model, CpuDecoder):  # batched scoring: MLX's kernels, not the one-row path
-        model = model.model
     group = process_group()
     show = group is None or group.rank() == 0
     with tqdm(unit="window", disable=not show, dynamic_ncols=True) as bar:

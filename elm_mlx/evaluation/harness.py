@@ -121,7 +121,15 @@ class ElmLM(TemplateLM):
                 windows.append(w)
                 owner.append(i)
         totals = [0.0] * len(requests)
-        for i, (logprob, _) in zip(owner, self.score(windows, disable_tqdm), strict=True):
+        with self._bar(len(windows), disable_tqdm) as bar:
+            scores = scoring.score(
+                self.generator,  # on the CPU: one window at a time through the numpy path
+                windows,
+                batch_size=1 if isinstance(self.generator, CpuDecoder) else self.batch_size,
+                group=self.group,
+                progress=bar.update,
+            )
+        for i, (logprob, _) in zip(owner, scores, strict=True):
             totals[i] += logprob
         return totals
 
