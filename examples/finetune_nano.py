@@ -1,6 +1,6 @@
 """LoRA fine-tune of the shipped nano model on The Devil's Dictionary; outputs before and after.
 
-    python examples/finetune_nano.py    # about 2 minutes on a 2-core CPU (busy machine)
+    python examples/finetune_nano.py    # about 35 s on a quiet 2-core CPU
 
 
     python examples/finetune_nano.py --data examples/data/devil_sample.jsonl \\
