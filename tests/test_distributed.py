@@ -2,14 +2,10 @@
 
 from __future__ import annotations
 
-import json
-import os
-import socket
-import subprocess
-import sys
 import textwrap
 from pathlib import Path
 
+import launch
 import mlx.core as mx
 import numpy as np
 import pytest
@@ -65,38 +61,10 @@ WORKER = SETUP + textwrap.dedent(
 )
 
 
-def free_ports(n: int) -> list[int]:
-    socks = [socket.socket() for _ in range(n)]
-    for s in socks:
-        s.bind(("127.0.0.1", 0))
-    ports = [s.getsockname()[1] for s in socks]
-    for s in socks:
-        s.close()
-    return ports
-
-
 def run_ranks(tmp_path: Path, world: int = 2) -> list[dict]:
-    hostfile = tmp_path / "hosts.json"
-    hostfile.write_text(json.dumps([[f"127.0.0.1:{p}"] for p in free_ports(world)]))
     script = tmp_path / "worker.py"
     script.write_text(WORKER)
-    env = {**os.environ, "MLX_HOSTFILE": str(hostfile), "PYTHONPATH": str(ROOT)}
-    procs = [
-        subprocess.Popen(
-            [sys.executable, str(script), str(tmp_path)],
-            env={**env, "MLX_RANK": str(r)},
-            stdout=subprocess.PIPE,
-            stderr=subprocess.STDOUT,
-        )
-        for r in range(world)
-    ]
-    try:
-        outputs = [p.communicate(timeout=240)[0].decode() for p in procs]
-    finally:
-        for p in procs:
-            p.kill()
-    for p, out in zip(procs, outputs, strict=True):
-        assert p.returncode == 0, out
+    launch.run_ranks(script, [str(tmp_path)], tmp_path, world)
     return [mx.load(str(tmp_path / f"rank{r}.safetensors")) for r in range(world)]
 
 

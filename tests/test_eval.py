@@ -16,6 +16,8 @@ import pytest
 
 pytest.importorskip("lm_eval")
 
+import launch  # noqa: E402
+
 from elm_mlx.evaluation import scoring  # noqa: E402
 from elm_mlx.evaluation.harness import ElmLM  # noqa: E402
 from elm_mlx.evaluation.run import format_table, table_rows  # noqa: E402
@@ -265,18 +267,6 @@ WORKER = textwrap.dedent(
 )
 
 
-def _free_ports(n: int) -> list[int]:
-    import socket
-
-    socks = [socket.socket() for _ in range(n)]
-    for s in socks:
-        s.bind(("127.0.0.1", 0))
-    ports = [s.getsockname()[1] for s in socks]
-    for s in socks:
-        s.close()
-    return ports
-
-
 def test_two_processes_give_the_results_of_one(tmp_path):
     script = tmp_path / "worker.py"
     script.write_text(WORKER)
@@ -285,26 +275,8 @@ def test_two_processes_give_the_results_of_one(tmp_path):
     subprocess.run(
         [sys.executable, str(script), str(tmp_path / "one"), str(TASK)], env=env, check=True
     )
-    hostfile = tmp_path / "hosts.json"
-    hostfile.write_text(json.dumps([[f"127.0.0.1:{p}"] for p in _free_ports(2)]))
     (tmp_path / "two").mkdir()
-    env.update(MLX_HOSTFILE=str(hostfile), MLX_WORLD_SIZE="2")
-    procs = [
-        subprocess.Popen(
-            [sys.executable, str(script), str(tmp_path / "two"), str(TASK)],
-            env={**env, "MLX_RANK": str(r)},
-            stdout=subprocess.PIPE,
-            stderr=subprocess.STDOUT,
-        )
-        for r in range(2)
-    ]
-    try:
-        outputs = [p.communicate(timeout=240)[0].decode() for p in procs]
-    finally:
-        for p in procs:
-            p.kill()
-    for p, out in zip(procs, outputs, strict=True):
-        assert p.returncode == 0, out
+    launch.run_ranks(script, [str(tmp_path / "two"), str(TASK)], tmp_path)
     one = json.loads((tmp_path / "one" / "rank0.json").read_text())
     ranks = [json.loads((tmp_path / "two" / f"rank{r}.json").read_text()) for r in range(2)]
     assert one["size"] == 1 and ranks[0]["size"] == 2
