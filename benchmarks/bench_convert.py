@@ -14,7 +14,6 @@ the machine skew wall times; memory is per process.
 from __future__ import annotations
 
 import argparse
-import io
 import json
 import os
 import shutil
@@ -49,25 +48,11 @@ MLX_LM = CHILD.format(
 )
 
 
-def tiny_tokenizer(file: Path) -> Path:
-    """A small SentencePiece model (the converter only copies it and checks its size)."""
-    import sentencepiece as spm
-
-    buf = io.BytesIO()
-    text = ["The quick brown fox jumps over the lazy dog.", "OpenELM runs on MLX."] * 50
-    spm.SentencePieceTrainer.train(
-        sentence_iterator=iter(text), model_writer=buf, vocab_size=300, byte_fallback=True,
-        model_type="bpe", minloglevel=2,
-    )  # fmt: skip
-    file.write_bytes(buf.getvalue())
-    return file
-
-
 def make_sources(work: Path) -> tuple[Path, Path]:
     """A float32 270M-shaped checkpoint and a bfloat16 copy, each with tokenizer.model."""
     import mlx.core as mx
 
-    from elm_mlx.testing import random_preset_checkpoint
+    from elm_mlx.testing import random_preset_checkpoint, tiny_tokenizer
 
     f32 = work / "src-float32"
     if not (f32 / "model.safetensors").exists():

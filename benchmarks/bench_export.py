@@ -15,7 +15,6 @@ tokens/s counts the tokens after the first. Threads: all cores for both runtimes
 from __future__ import annotations
 
 import argparse
-import io
 import json
 import os
 import resource
@@ -47,27 +46,13 @@ print(json.dumps({"seconds": seconds, "maxrss": rss * (1 if sys.platform == "dar
 """
 
 
-def tiny_tokenizer(file: Path) -> Path:
-    """A small SentencePiece model; the GGUF pads its vocabulary to the model's rows."""
-    import sentencepiece as spm
-
-    buf = io.BytesIO()
-    text = ["The quick brown fox jumps over the lazy dog.", "OpenELM runs on MLX."] * 50
-    spm.SentencePieceTrainer.train(
-        sentence_iterator=iter(text), model_writer=buf, vocab_size=300, byte_fallback=True,
-        model_type="bpe", minloglevel=2,
-    )  # fmt: skip
-    file.write_bytes(buf.getvalue())
-    return file
-
-
 def source(work: Path, quick: bool) -> Path:
     """The model to export: nano (quick) or 270M-shaped random float32 weights."""
     if quick:
         from elm_mlx.formats.modeldir import DEFAULT_MODEL
 
         return DEFAULT_MODEL
-    from elm_mlx.testing import random_preset_checkpoint
+    from elm_mlx.testing import random_preset_checkpoint, tiny_tokenizer
 
     path = work / "OpenELM-270M-random"
     if not (path / "model.safetensors").exists():

@@ -138,3 +138,20 @@ def random_preset_checkpoint(path: str | Path, name: str = "OpenELM-270M", seed:
     """A published model's exact shapes with random float32 weights (for benchmarks)."""
     args = preset(name)
     return write_hf_checkpoint(path, args, random_weights(args, seed))
+
+
+def tiny_tokenizer(file: str | Path, vocab_size: int = 300) -> Path:
+    """Write a small SentencePiece model (BPE, byte fallback) to `file`: enough for code that
+    copies, checks or pads a tokenizer, with no download."""
+    import io
+
+    import sentencepiece as spm
+
+    buf = io.BytesIO()
+    text = ["The quick brown fox jumps over the lazy dog.", "OpenELM runs on MLX."] * 50
+    spm.SentencePieceTrainer.train(
+        sentence_iterator=iter(text), model_writer=buf, vocab_size=vocab_size,
+        byte_fallback=True, model_type="bpe", minloglevel=2,
+    )  # fmt: skip
+    Path(file).write_bytes(buf.getvalue())
+    return Path(file)
