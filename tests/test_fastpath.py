@@ -323,3 +323,30 @@ def test_workers_stay_in_step_after_ctrl_c():
         seen = []
         fastpath._parallel(functools.partial(record, seen=seen), 64)
         assert sorted(seen) == list(range(64))
+
+
+def test_a_lost_wake_up_or_a_sigterm_never_hangs_the_pool():
+    """An interrupt landing between taking a share's wake-up and reading it used to lose
+    that share's outcome, and the caller then waited forever (seen under SIGTERM during
+    generation). Outcomes live in the job's slots: a job whose shares are all done returns
+    whatever is left in the wake-up queue; and the interrupt is re-raised as it came
+    (the CLI's SIGTERM, a KeyboardInterrupt subclass, must stay itself)."""
+    import threading
+
+    pool = fastpath._Workers(1)
+    done = threading.Event()
+    threading.Thread(target=lambda: (pool._wait([None, None], 2), done.set()), daemon=True).start()
+    assert done.wait(5), "waited for wake-ups of shares that had already finished"
+
+    class Term(KeyboardInterrupt):
+        pass
+
+    def share(lo, hi):
+        if lo == 0:  # the caller's own share
+            raise Term
+
+    with pytest.raises(Term):
+        pool.run(share, [(0, 1), (1, 2)])
+    seen = []
+    pool.run(lambda lo, hi: seen.append(lo), [(0, 1), (1, 2)])
+    assert sorted(seen) == [0, 1]

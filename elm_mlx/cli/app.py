@@ -10,7 +10,13 @@ from ..formats.files import OutputExistsError
 from ..formats.modeldir import DefaultModelMissingError
 from . import convert, export, generate, info, serve, train
 from . import eval as eval_cmd
-from .common import USER_ERRORS, Terminated, os_error_message, terminate_as_interrupt
+from .common import (
+    USER_ERRORS,
+    Terminated,
+    os_error_message,
+    quiet_stdout,
+    terminate_as_interrupt,
+)
 
 COMMANDS = {
     **info.COMMANDS,
@@ -42,6 +48,9 @@ def run(run_fn, args) -> int:
     try:
         with terminate_as_interrupt():
             run_fn(args)
+    except BrokenPipeError:  # the reader has gone (`| head`): stop quietly, like Unix tools
+        quiet_stdout()
+        return 0
     except USER_ERRORS as e:
         message = os_error_message(e) if isinstance(e, OSError) else str(e)
         print(f"error: {message}{_flag_hint(e, args)}", file=sys.stderr)

@@ -9,7 +9,15 @@ from contextlib import closing
 from ..generation.generate import ChatSession, chat_prompt, stream_generate
 from ..generation.loading import generation_settings, is_instruct
 from ..model.cache import ContextLengthError
-from .common import CliError, Command, Terminated, add_decoding_flags, add_model_flags, load_model
+from .common import (
+    CliError,
+    Command,
+    Terminated,
+    add_decoding_flags,
+    add_model_flags,
+    load_model,
+    quiet_stdout,
+)
 
 _INSTRUCT_RULE = (
     "The chat template is applied when the --model name (directory or hub id) contains "
@@ -120,15 +128,6 @@ def _write_reply(responses):
     return last
 
 
-def _quiet_stdout() -> None:
-    """After a broken pipe: send what stdout still holds to /dev/null, so that nothing
-    fails again when Python flushes it at exit."""
-    try:
-        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
-    except (OSError, ValueError):  # stdout without a file descriptor (captured)
-        pass
-
-
 def _print_summary(last) -> None:
     if last is None:
         print("generated no tokens", file=sys.stderr)
@@ -163,7 +162,7 @@ def _run_generate(args) -> None:
     except ContextLengthError as e:
         raise CliError(_context_message(e)) from None
     except BrokenPipeError:  # the reader has gone (`| head`): stop quietly, like Unix tools
-        _quiet_stdout()
+        quiet_stdout()
         return
     _print_summary(last)
 
@@ -181,7 +180,7 @@ def _run_chat(args) -> None:
     try:
         _chat_loop(session, sys.stdin.buffer, interactive=sys.stdin.isatty(), verbose=args.verbose)
     except BrokenPipeError:
-        _quiet_stdout()
+        quiet_stdout()
 
 
 def _chat_loop(session, lines, *, interactive: bool, verbose: bool = False) -> None:

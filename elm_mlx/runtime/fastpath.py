@@ -245,11 +245,17 @@ def _cores() -> int:
         return min(8, os.cpu_count() or 1)
 
 
+_PENDING = object()
+
+
 class _Workers:
     """Daemon threads that each run one share of a job; the caller runs the first share.
 
     Plain queues (C-implemented) keep a hand-off cheaper than concurrent.futures';
-    a decoded token has about 65 of them.
+    a decoded token has about 65 of them. Each share writes its outcome into its job's
+    own slot list, and the queue `done` only wakes the caller: a Ctrl-C or SIGTERM that
+    lands between taking a wake-up and reading it loses nothing, and a share of an
+    interrupted job can never be taken for one of the next job's.
     """
 
     def __init__(self, n: int):
@@ -260,38 +266,41 @@ class _Workers:
 
     def _serve(self, jobs: queue.SimpleQueue) -> None:
         while True:
-            fn, lo, hi = jobs.get()
+            fn, lo, hi, slots, i = jobs.get()
             try:
                 fn(lo, hi)
-                self.done.put(None)
+                slots[i] = None
             except BaseException as e:  # handed to the caller
-                self.done.put(e)
+                slots[i] = e
+            self.done.put(i)
 
     def run(self, fn, bounds: list[tuple[int, int]]) -> None:
+        slots = [_PENDING] * (len(bounds) - 1)
         sent = 0
         try:
-            for jobs, (lo, hi) in zip(self.jobs, bounds[1:], strict=False):
-                jobs.put((fn, lo, hi))
-                sent += 1
+            for i, (jobs, (lo, hi)) in enumerate(zip(self.jobs, bounds[1:], strict=False)):
+                jobs.put((fn, lo, hi, slots, i))
+                sent = i + 1
             fn(*bounds[0])
         finally:
-            errors = self._collect(sent)
-        for e in errors:
+            self._wait(slots, sent)
+        for e in slots:
             if e is not None:
                 raise e
 
-    def _collect(self, n: int) -> list:
-        """The outcomes of `n` shares, waited for even through Ctrl-C: an outcome left in
-        the queue would be taken for one of the next job's shares."""
-        outcomes, interrupted = [], False
-        while len(outcomes) < n:
+    def _wait(self, slots: list, n: int) -> None:
+        """Wait for the first `n` shares even through Ctrl-C or SIGTERM, then re-raise the
+        interrupt as it came: a share still running would race the next job."""
+        interrupt = None
+        while True:
             try:
-                outcomes.append(self.done.get())
-            except KeyboardInterrupt:
-                interrupted = True
-        if interrupted:
-            raise KeyboardInterrupt
-        return outcomes
+                if not any(s is _PENDING for s in slots[:n]):
+                    break
+                self.done.get()
+            except KeyboardInterrupt as e:  # Ctrl-C, or the CLI's SIGTERM (a subclass)
+                interrupt = e
+        if interrupt is not None:
+            raise interrupt
 
 
 @functools.cache
