@@ -481,3 +481,12 @@ def test_rolling_through_the_cpu_fast_path_equals_the_batched_mlx_path(nano):
     b = perplexity(model, tokenizer, [text], stride=100)
     assert len(calls) > n_windows and a.tokens == b.tokens
     assert a.nll == pytest.approx(b.nll, rel=1e-5)
+
+
+def test_cli_output_that_is_a_directory_fails_before_the_work(tmp_path):
+    r = _cli("eval", "--tasks", "nano_next_line", "--limit", "2", "--output", str(tmp_path))
+    assert r.returncode == 1
+    assert r.stderr.strip().splitlines() == [
+        f"error: --output {tmp_path} is a directory; give a file name such as "
+        f"{tmp_path}/results.json"
+    ]

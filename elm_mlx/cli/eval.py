@@ -134,9 +134,16 @@ def _json_ready(content):
 
 
 def _check_output(path: str | None) -> None:
+    """Before the work: the results file can be written where --output says."""
     from pathlib import Path
 
-    if path is not None and not Path(path).resolve().parent.is_dir():
+    if path is None:
+        return
+    if Path(path).is_dir():
+        raise CliError(
+            f"--output {path} is a directory; give a file name such as {path}/results.json"
+        )
+    if not Path(path).resolve().parent.is_dir():
         raise CliError(f"--output {path}: directory {Path(path).parent} does not exist")
 
 
