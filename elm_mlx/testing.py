@@ -155,3 +155,26 @@ def tiny_tokenizer(file: str | Path, vocab_size: int = 300) -> Path:
     )  # fmt: skip
     Path(file).write_bytes(buf.getvalue())
     return Path(file)
+
+
+def perturb_lora(model, std: float, seed: int = 0) -> None:
+    """Give every LoRA layer's `lora_b` (zero after `apply_lora`) random values of scale
+    `std`, so that the adapters change the model's output."""
+    import mlx.core as mx
+
+    for _, m in model.named_modules():
+        if hasattr(m, "lora_b"):
+            m.lora_b = std * mx.random.normal(m.lora_b.shape, key=mx.random.key(seed))
+
+
+def random_adapters(model_dir: str | Path, out: str | Path, config, std: float, seed: int = 0):
+    """Write adapters of `config` (a `training.lora.LoRAConfig`) with random `lora_b` for the
+    model in `model_dir` to the adapter directory `out`; returns `out`."""
+    from .formats.modeldir import load_model
+    from .training.lora import apply_lora, save_adapters
+
+    model, _ = load_model(Path(model_dir))
+    apply_lora(model, config)
+    perturb_lora(model, std, seed)
+    save_adapters(model, Path(out), config)
+    return Path(out)

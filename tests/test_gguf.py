@@ -236,16 +236,11 @@ def test_quantized_model_is_dequantized_first(tmp_path):
 
 
 def test_adapters_are_fused(tmp_path):
-    from elm_mlx.formats.modeldir import load_model
-    from elm_mlx.training.lora import LoRAConfig, apply_lora, save_adapters
+    from elm_mlx.testing import random_adapters
+    from elm_mlx.training.lora import LoRAConfig
 
-    model, _ = load_model(DEFAULT_MODEL)
     config = LoRAConfig(rank=4, scale=2.0, num_layers=2)
-    apply_lora(model, config)
-    for _, m in model.named_modules():
-        if hasattr(m, "lora_b"):
-            m.lora_b = 0.01 * mx.random.normal(m.lora_b.shape, key=mx.random.key(5))
-    save_adapters(model, tmp_path / "adapters", config)
+    random_adapters(DEFAULT_MODEL, tmp_path / "adapters", config, std=0.01, seed=5)
     file = export_dir(DEFAULT_MODEL, tmp_path / "a.gguf", type_name="f32",
                       adapter_path=tmp_path / "adapters")  # fmt: skip
     reader, _ = read(file)

@@ -214,15 +214,11 @@ def test_4_and_5_bit_quality_on_the_nano_model(tmp_root, type_name):
 
 def test_fused_adapters_match_unfused_lora(tmp_root, tmp_path):
     """An adapter fused on export gives llama.cpp the logits of the unfused LoRA model."""
-    from elm_mlx.training.lora import LoRAConfig, apply_lora, load_adapters, save_adapters
+    from elm_mlx.testing import random_adapters
+    from elm_mlx.training.lora import LoRAConfig, load_adapters
 
-    model, _ = load_model(DEFAULT_MODEL)
     config = LoRAConfig(rank=4, scale=2.0, num_layers=3)
-    apply_lora(model, config)
-    for _, m in model.named_modules():
-        if hasattr(m, "lora_b"):
-            m.lora_b = 0.02 * mx.random.normal(m.lora_b.shape, key=mx.random.key(3))
-    save_adapters(model, tmp_path / "adapters", config)
+    random_adapters(DEFAULT_MODEL, tmp_path / "adapters", config, std=0.02, seed=3)
     file = export_dir(DEFAULT_MODEL, tmp_path / "fused.gguf", type_name="f32",
                       adapter_path=tmp_path / "adapters")  # fmt: skip
     unfused, _ = load_model(DEFAULT_MODEL)
