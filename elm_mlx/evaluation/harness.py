@@ -122,13 +122,10 @@ class ElmLM(TemplateLM):
                 owner.append(i)
         totals = [0.0] * len(requests)
         with self._bar(len(windows), disable_tqdm) as bar:
-            scores = scoring.score(
-                self.generator,  # on the CPU: one window at a time through the numpy path
-                windows,
-                batch_size=1 if isinstance(self.generator, CpuDecoder) else self.batch_size,
-                group=self.group,
+            scores = scoring.score_windows(
+                self.generator, windows, batch_size=self.batch_size, group=self.group,
                 progress=bar.update,
-            )
+            )  # fmt: skip
         for i, (logprob, _) in zip(owner, scores, strict=True):
             totals[i] += logprob
         return totals

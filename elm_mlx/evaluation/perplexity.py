@@ -9,7 +9,6 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
-from ..runtime.fastpath import CpuDecoder
 from . import scoring
 
 
@@ -70,9 +69,7 @@ def perplexity(
 
     Windows hold the model's whole context; after the first, each scores the next
     `stride` tokens (default: half the context) with the rest of the window as left
-    context. Documents are scored separately. Given the CPU fast path
-    (`runtime.fastpath.CpuDecoder`), windows go one at a time through its numpy
-    prompt path, which beats padded batches there.
+    context. Documents are scored separately (`scoring.score_windows`).
     """
     max_length = model.args.max_context_length
     stride = max(1, max_length // 2) if stride is None else stride
@@ -82,9 +79,9 @@ def perplexity(
         ids = tokenizer.encode(doc, bos=False)
         windows.extend(scoring.rolling_windows(ids, prefix, max_length, stride))
     start = time.perf_counter()
-    if isinstance(model, CpuDecoder):
-        batch_size = 1
-    scores = scoring.score(model, windows, batch_size=batch_size, group=group, progress=progress)
+    scores = scoring.score_windows(
+        model, windows, batch_size=batch_size, group=group, progress=progress
+    )
     seconds = time.perf_counter() - start
     tokens = sum(len(cont) for _, cont in windows)
     if tokens == 0:

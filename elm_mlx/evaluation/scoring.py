@@ -240,6 +240,21 @@ def score(
     return results if size == 1 else _gather(results, batches, rank, size)
 
 
+def score_windows(
+    model,
+    windows: Sequence[Request],
+    *,
+    batch_size: int = 16,
+    group=None,
+    progress: Callable[[int], None] | None = None,
+) -> list[tuple[float, bool]]:
+    """`score` for rolling windows (long, each its own context): given the CPU fast path,
+    one window per forward pass through its numpy prompt path, which beats padded batches."""
+    if isinstance(model, CpuDecoder):
+        batch_size = 1
+    return score(model, windows, batch_size=batch_size, group=group, progress=progress)
+
+
 def _gather(results, batches, rank: int, size: int) -> list[tuple[float, bool]]:
     """Every process's results in every process: a sum where the others hold zeros."""
     mine = [0.0] * (2 * len(results))
