@@ -238,10 +238,14 @@ def _swap_in(tmp: Path, path: Path) -> None:
 
 
 @contextmanager
-def atomic_path(path: str | Path) -> Iterator[Path]:
+def atomic_path(path: str | Path, *, clean: bool = False, log: Log | None = None) -> Iterator[Path]:
     """A temporary sibling path (same suffix) to write `path` through; it replaces `path`
-    when the block ends and is removed on any exception."""
+    when the block ends and is removed on any exception. `clean` first removes leftovers
+    of killed runs writing `path` (`log` says so): for large outputs, not for side files
+    written every step."""
     path = Path(path)
+    if clean:
+        _clean(path, log)
     prefix = _partial_name(path.name)
     try:
         fd, name = tempfile.mkstemp(prefix=prefix, suffix=path.suffix, dir=path.parent)
