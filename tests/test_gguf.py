@@ -317,3 +317,16 @@ def test_cli(tmp_path, model_dir, capsys):
     shutil.copytree(DEFAULT_MODEL, instruct)
     assert cli.main(["export-gguf", "--model", str(instruct), "--out", str(out), "--force"]) == 0
     assert read(out)[1][gguf.Keys.Tokenizer.CHAT_TEMPLATE] == export.CHAT_TEMPLATE
+
+
+def test_a_killed_exports_leftover_is_removed_and_said(tmp_path):
+    import subprocess
+
+    dead = subprocess.Popen(["true"])
+    dead.wait()  # reaped: its id names no process now
+    leftover = tmp_path / f".m.gguf.partial-{dead.pid}-abcd1234.gguf"
+    leftover.write_bytes(b"half a file")
+    lines = []
+    export_dir(DEFAULT_MODEL, tmp_path / "m.gguf", type_name="f32", log=lines.append)
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["m.gguf"]
+    assert any(line.startswith("removed 1 unfinished output(s)") for line in lines), lines
