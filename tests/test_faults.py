@@ -333,3 +333,25 @@ def test_fuse_cleans_leftovers_and_reports_a_read_only_destination(mount, tmp_pa
     ro = mount("ro,size=1m")
     code, err = run_cli(capsys, *fuse, "--save-path", ro / "fused")
     assert code == 1 and one_error_line(err) == f"error: {ro / 'fused'}: Read-only file system"
+
+
+def test_a_failed_swap_puts_the_previous_output_back(tmp_path, monkeypatch):
+    """The second rename of a replacement fails: the old output must not stay hidden."""
+    from elm_mlx.formats import files
+
+    out = tmp_path / "out"
+    out.mkdir()
+    (out / "keep").write_text("old")
+    real = Path.rename
+
+    def rename(self, target):
+        if self.name.startswith(".out.partial-") and "-old-" not in self.name:
+            raise OSError(5, "Input/output error")  # the new output cannot take its place
+        return real(self, target)
+
+    monkeypatch.setattr(Path, "rename", rename)
+    with pytest.raises(OSError), files.atomic_dir(out, force=True) as tmp:
+        (tmp / "keep").write_text("new")
+    monkeypatch.setattr(Path, "rename", real)
+    assert (out / "keep").read_text() == "old"
+    assert [p.name for p in tmp_path.iterdir()] == ["out"]

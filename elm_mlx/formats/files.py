@@ -2,13 +2,13 @@
 
 A directory is written into a temporary sibling `.NAME.partial-PID-XXXX` and renamed
 into place when complete (`atomic_dir`); a single file goes through a temporary sibling
-and `os.replace` (`atomic_path`, `write_bytes`, `write_text`, `write_json`). Outputs get
+and `os.replace` (`atomic_path`, `write_text`, `write_json`). Outputs get
 the permissions the user's umask gives, as any file the user makes.
 
 The temporary name carries the owning process id, and an `.owner` file inside a
 partial directory records it with the process start time and host, so a later run can
 tell a leftover of a killed process from the work of a live one: `clean_stale_partials`
-removes the leftovers, and `atomic_dir` calls it before it starts.
+removes the leftovers, and `atomic_dir` and `atomic_path` call it before they start.
 """
 
 from __future__ import annotations
@@ -230,7 +230,12 @@ def _swap_in(tmp: Path, path: Path) -> None:
         return
     old = Path(tempfile.mkdtemp(prefix=_partial_name(path.name) + "old-", dir=path.parent))
     path.rename(old / path.name)
-    tmp.rename(path)
+    try:
+        tmp.rename(path)
+    except BaseException:
+        (old / path.name).rename(path)  # the previous output comes back
+        old.rmdir()
+        raise
     shutil.rmtree(old, ignore_errors=True)
 
 
@@ -238,14 +243,12 @@ def _swap_in(tmp: Path, path: Path) -> None:
 
 
 @contextmanager
-def atomic_path(path: str | Path, *, clean: bool = False, log: Log | None = None) -> Iterator[Path]:
+def atomic_path(path: str | Path, *, log: Log | None = None) -> Iterator[Path]:
     """A temporary sibling path (same suffix) to write `path` through; it replaces `path`
-    when the block ends and is removed on any exception. `clean` first removes leftovers
-    of killed runs writing `path` (`log` says so): for large outputs, not for side files
-    written every step."""
+    when the block ends and is removed on any exception. Leftovers of killed runs that
+    wrote `path` are removed first (`log` says so)."""
     path = Path(path)
-    if clean:
-        _clean(path, log)
+    _clean(path, log)
     prefix = _partial_name(path.name)
     try:
         fd, name = tempfile.mkstemp(prefix=prefix, suffix=path.suffix, dir=path.parent)
@@ -265,12 +268,6 @@ def atomic_path(path: str | Path, *, clean: bool = False, log: Log | None = None
         raise
 
 
-def write_bytes(path: str | Path, data: bytes) -> Path:
-    with atomic_path(path) as tmp:
-        tmp.write_bytes(data)
-    return Path(path)
-
-
 def write_text(path: str | Path, text: str) -> Path:
     with atomic_path(path) as tmp:
         tmp.write_text(text)
@@ -280,9 +277,3 @@ def write_text(path: str | Path, text: str) -> Path:
 def write_json(path: str | Path, content) -> Path:
     """`content` as indented JSON with a final newline (config-style files)."""
     return write_text(path, json.dumps(content, indent=2) + "\n")
-
-
-def copy_file(src: str | Path, path: str | Path) -> Path:
-    with atomic_path(path) as tmp:
-        shutil.copyfile(src, tmp)
-    return Path(path)

@@ -302,7 +302,7 @@ def export_gguf(
         )
 
     out.parent.mkdir(parents=True, exist_ok=True)
-    with files.atomic_path(out, clean=True, log=log) as tmp:
+    with files.atomic_path(out, log=log) as tmp:
         write_gguf(tmp, plan, add_metadata)
     if log:
         mb, seconds = out.stat().st_size / 1e6, time.perf_counter() - start

@@ -19,7 +19,6 @@ from __future__ import annotations
 
 import contextlib
 import copy
-import hashlib
 import shutil
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -28,6 +27,8 @@ from pathlib import Path
 import mlx.core as mx
 import mlx.nn as nn
 
+from ..formats.convert import sha256
+from ..formats.files import clean_stale_partials
 from ..formats.modeldir import carried_files, check_not_source, check_target, load, save_model
 from .checkpoint import CHECKPOINT_DIR, writing
 from .data import Dataset, load_datasets
@@ -76,11 +77,7 @@ def data_fingerprint(data_dir: str | Path, splits=("train", "valid")) -> dict[st
     for split in splits:
         file = Path(data_dir) / f"{split}.jsonl"
         if file.is_file():
-            digest = hashlib.sha256()
-            with file.open("rb") as f:
-                for block in iter(lambda: f.read(1 << 20), b""):
-                    digest.update(block)
-            found[file.name] = "sha256:" + digest.hexdigest()[:16]
+            found[file.name] = "sha256:" + sha256(file)[:16]
     return found
 
 
@@ -109,6 +106,7 @@ def check_adapter_path(
 
 def _remove_run_files(path: Path) -> None:
     for name in RUN_FILES:
+        clean_stale_partials(path, name)  # what killed runs left of it goes too
         target = path / name
         if target.is_dir():
             shutil.rmtree(target, ignore_errors=True)
@@ -269,7 +267,7 @@ def fuse(
     """
     check_not_source(save_path, model_path, "`save_path`")
     check_target(Path(save_path).absolute(), force=force)  # before the work
-    model, tokenizer = load_fused(model_path, adapter_path, de_quantize=de_quantize)
+    model, tokenizer = load_fused(model_path, adapter_path, de_quantize=de_quantize, log=log)
     tokenizer_file = tokenizer.model_file if tokenizer is not None else None
     return save_model(
         save_path, model, model.args, tokenizer=tokenizer_file, force=force,
