@@ -29,11 +29,6 @@ from ..runtime.fastpath import CpuDecoder
 from .generate import GenerationSettings, TextStream, prefill, processors_for, token_budget
 
 
-def numpy_batches(model) -> bool:
-    """Whether `decode_step` takes the numpy path for this model (as `generate` would)."""
-    return isinstance(model, CpuDecoder)
-
-
 def decode_step(model, tokens: list[int], caches: list[list]) -> mx.array:
     """Logits (B, vocab) of the next token of each row.
 

@@ -442,6 +442,11 @@ class CpuDecoder:
             return None
         if ids.shape[1] > 1 and not all(_numpy_cache(c) for c in cache or []):
             return None  # several tokens into e.g. a rotating window: MLX handles the mask
+        return self._current_views()
+
+    def _current_views(self) -> _Views | None:
+        """numpy views of the model's weights as they are now (weights may be replaced),
+        or None when its layers are not float32 plain layers."""
         sources = _sources(self.model)
         if sources is None:
             return None
@@ -465,7 +470,7 @@ class CpuDecoder:
         """Logits (B, vocab) of one new token for each of B sequences, each with its own
         per-layer cache list (which gains one position); None when the numpy path cannot
         take these rows (the caller then runs the model's MLX modules)."""
-        views = self._ready(mx.zeros((1, 1), mx.int32), None)
+        views = self._current_views() if on_cpu() else None
         if views is None or not all(_numpy_cache(c) for row in caches for c in row):
             return None
         args = self.model.args

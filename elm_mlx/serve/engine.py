@@ -196,7 +196,9 @@ class Engine:
         """Take no new jobs; let running ones finish for `grace` seconds, then end them."""
         with self._wake:
             self._closing = True
-            self._deadline = time.monotonic() + grace
+            self._deadline = min(
+                self._deadline, time.monotonic() + grace
+            )  # a 2nd signal never delays
             self._wake.notify()
 
     def join(self, timeout: float | None = None) -> None:
