@@ -78,7 +78,11 @@ class Finished:
 
 @dataclass
 class Failed:
+    """The job ended without a result: `status` is the HTTP status the API layer answers
+    with (503 while shutting down, 400 for a job the model cannot take, 500 for a bug)."""
+
     message: str
+    status: int = 500
 
 
 class Job:
@@ -260,7 +264,7 @@ class Engine:
     def _end_all(self) -> None:
         """The grace period is over: end every row now, refuse every waiting job."""
         for job in self._waiting:
-            job.emit(Failed("the server is shutting down"))
+            job.emit(Failed("the server is shutting down", 503))
         self._waiting.clear()
         for row in self._prefilling + self._running:
             self._finish(row, "length", store=False)
