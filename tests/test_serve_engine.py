@@ -3,6 +3,7 @@ cache, the Instruct chat template, queue limits and the install hint."""
 
 from __future__ import annotations
 
+import json
 import shutil
 import time
 
@@ -283,3 +284,48 @@ def _until(condition, seconds: float = 30.0) -> None:
     while not condition():
         assert time.monotonic() < deadline, "timed out"
         time.sleep(0.01)
+
+
+class _FailingEngine:
+    """Ends every job at once with `Failed(message, status)`: the app's side of a failure."""
+
+    closing = False
+
+    def __init__(self, model, message: str, status: int):
+        self.model, self.message, self.status = model, message, status
+
+    def submit(self, job) -> None:
+        from elm_mlx.serve.engine import Failed
+
+        job.emit(Failed(self.message, self.status))
+
+    def stats(self) -> dict:
+        return {}
+
+
+@pytest.mark.parametrize(
+    "status, message, kind, code",
+    [
+        (400, "the prompt needs a longer context than this model has", "invalid_request_error",
+         None),
+        (500, "a bug while shutting down a row", "server_error", None),  # the words don't matter
+        (503, "the model is being replaced", "server_error", "overloaded"),
+    ],
+)  # fmt: skip
+def test_a_failed_job_answers_with_the_engines_status(loaded, status, message, kind, code):
+    from starlette.testclient import TestClient
+
+    from elm_mlx.serve.app import ServerConfig, create_app
+
+    model, tokenizer = loaded
+    app = create_app(_FailingEngine(model, message, status), tokenizer, ServerConfig("tiny"))
+    client = TestClient(app)
+    body = {"model": "tiny", "prompt": "hello", "max_tokens": 3}
+    r = client.post("/v1/completions", json=body)
+    assert r.status_code == status, r.text
+    assert r.json()["error"] == {"message": message, "type": kind, "param": None, "code": code}
+    assert r.headers.get("retry-after") == ("1" if status == 503 else None)
+    r = client.post("/v1/completions", json={**body, "stream": True})
+    events = [json.loads(x.removeprefix("data: ")) for x in r.text.split("\n\n")[:-2]]
+    assert events[-1]["error"] == {"message": message, "type": kind, "param": None, "code": code}
+    assert r.text.endswith("data: [DONE]\n\n")

@@ -2,9 +2,10 @@
 
 Routes: POST /v1/chat/completions, POST /v1/completions, GET /v1/models,
 GET /v1/models/{id}, GET /health. Every failure is an OpenAI-style error body
-with its status (400 bad request, 401 key, 404 model or path, 413 body too
-large, 503 queue full or shutting down, with Retry-After); a client that goes
-away has its row cancelled. One access-log line per request goes to stderr.
+with its status (400 bad request or a job the model cannot take, 401 key, 404
+model or path, 413 body too large, 500 a bug, 503 queue full or shutting down,
+with Retry-After); a client that goes away has its row cancelled. One
+access-log line per request goes to stderr.
 """
 
 from __future__ import annotations
@@ -96,6 +97,14 @@ def _busy(message: str) -> ApiError:
     return ApiError(
         503, message, type="server_error", code="overloaded", headers={"Retry-After": "1"}
     )
+
+
+def _failed(event: Failed) -> ApiError:
+    """The error a job that ended without a result answers with, at the engine's status."""
+    if event.status == 503:
+        return _busy(event.message)
+    kind = "invalid_request_error" if event.status < 500 else "server_error"
+    return ApiError(event.status, event.message, type=kind)
 
 
 # ---- the access log -------------------------------------------------------------
@@ -360,11 +369,7 @@ class _Api:
                         raise ApiError(499, "client closed the request") from None
                     continue
                 if isinstance(event, Failed):
-                    raise (
-                        _busy(event.message)
-                        if "shutting down" in event.message
-                        else ApiError(500, event.message, type="server_error")
-                    )
+                    raise _failed(event)
                 if isinstance(event, Token):
                     result.text.append(event.text)
                     result.tokens.append(event)
@@ -381,7 +386,7 @@ class _Api:
             while True:
                 event = await channel.queue.get()
                 if isinstance(event, Failed):
-                    yield _sse(ApiError(503, event.message, type="server_error").body())
+                    yield _sse(_failed(event).body())
                     break
                 if isinstance(event, Token):
                     if event.text or event.logprob is not None:
