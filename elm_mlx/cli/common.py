@@ -5,15 +5,17 @@ from __future__ import annotations
 
 import argparse
 import os
+import re
 import signal
 import sys
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterator, Mapping
 from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 
 from ..formats.modeldir import default_model_path
 from ..generation.loading import load_for_generation
+from ..quant.quantize import GroupSizeError
 
 
 @dataclass(frozen=True)
@@ -88,15 +90,39 @@ def load_model(args: argparse.Namespace):
     return model, tokenizer
 
 
+def as_flags(
+    message: str, renames: Mapping[str, str] | None = None, *, leading: bool = False
+) -> str:
+    """A library message worded with this command's flags: each argument it names in
+    backticks, `name` or `name=value`, becomes `renames[name]` (default `--name-with-dashes`),
+    followed by the value unless that is True. With `leading`, a message that starts with a
+    bare name in `renames` (a settings check's own wording) starts with its flag instead."""
+    renames = renames or {}
+
+    def flag(m: re.Match) -> str:
+        name, value = m[1], m[2]
+        text = renames.get(name, "--" + name.replace("_", "-"))
+        return text if value in (None, "True") else f"{text} {value}"
+
+    text = re.sub(r"`([a-z_]+)(?:=([^`]*))?`", flag, message)
+    name, space, rest = text.partition(" ")
+    return renames[name] + space + rest if leading and name in renames else text
+
+
 @contextmanager
-def flag_names(**flags: str) -> Iterator[None]:
-    """Library messages name arguments as `name`; say this command's flags instead."""
+def flag_names(
+    renames: Mapping[str, str] | None = None, *, leading: bool = False
+) -> Iterator[None]:
+    """A user error raised in the block, worded with flags (`as_flags`) where its message names
+    arguments, and a group size error's fix with the command's flag (`renames["group_size"]`);
+    any other error goes on as it was."""
+    renames = renames or {}
     try:
         yield
     except USER_ERRORS as e:
-        text = str(e)
-        for name, flag in flags.items():
-            text = text.replace(f"`{name}`", flag)
+        text = as_flags(str(e), renames, leading=leading)
+        if isinstance(e, GroupSizeError) and e.fits is not None and "group_size" in renames:
+            text += f" ({renames['group_size']} {e.fits})"
         if text == str(e):
             raise
         raise CliError(text) from None

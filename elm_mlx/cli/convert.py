@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-from contextlib import contextmanager
 from pathlib import Path
 
 from ..formats.convert import convert, quantize_dir
@@ -11,13 +10,16 @@ from ..formats.modeldir import load, progress_bar, require_tokenizer
 from ..quant import quality as qq
 from ..quant.quantize import (
     RECIPES,
-    GroupSizeError,
     QuantizeSpec,
     bits_per_weight,
     dir_size,
     matrix_shapes,
 )
 from .common import CliError, Command, flag_names, log
+
+# The flag of a group size that does not fit, per command (convert's carry a `--q-` prefix).
+_Q_FLAGS = {"group_size": "--q-group-size"}
+_FLAGS = {"group_size": "--group-size"}
 
 
 def _add_convert(p) -> None:
@@ -73,7 +75,7 @@ def _run_convert(args) -> None:
     if corenet:
         _run_convert_corenet(args)
         return
-    with _group_size_flag("--q-group-size"), flag_names(tokenizer="--tokenizer", dtype="--dtype"):
+    with flag_names(_Q_FLAGS):
         convert(
             args.hf_path,
             args.mlx_path,
@@ -91,7 +93,7 @@ def _run_convert_corenet(args) -> None:
         raise CliError("--corenet-checkpoint and --corenet-config go together")
     if args.revision is not None:
         raise CliError("--revision is for --hf-path hub ids")
-    with _group_size_flag("--q-group-size"):
+    with flag_names(_Q_FLAGS):
         convert_corenet(
             args.corenet_checkpoint,
             args.corenet_config,
@@ -139,7 +141,7 @@ def _run_quantize(args) -> None:
     if args.scan:
         spec.recipe = _scan(float_model, windows, spec, args.target_bpw)
         extra["quantize_recipe.json"] = spec.recipe.to_json()
-    with _group_size_flag("--group-size"):
+    with flag_names(_FLAGS):
         model = quantize_dir(
             args.model, args.out, spec, force=args.force, extra_files=extra, log=log
         )
@@ -159,7 +161,7 @@ def _scan(model, windows, spec, target_bpw):
             else:
                 log(f"scan {path} at {bits} bits: mean KL {kl:.3g}")
 
-        with flag_names(target_bpw="--target-bpw", model="--model"):
+        with flag_names():
             return qq.scan_recipe(model, windows, spec, target_bpw, log=log, progress=progress)
 
 
@@ -191,17 +193,6 @@ def _quant_spec(args, prefix: str):
         recipe=recipe,
         scales_dtype=scales_dtype,
     )
-
-
-@contextmanager
-def _group_size_flag(flag: str):
-    """Name this command's group size flag in a group size error's fix."""
-    try:
-        yield
-    except GroupSizeError as e:
-        if e.fits is None:
-            raise
-        raise CliError(f"{e} ({flag} {e.fits})") from None
 
 
 COMMANDS = {

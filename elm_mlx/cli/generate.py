@@ -15,6 +15,7 @@ from .common import (
     Terminated,
     add_decoding_flags,
     add_model_flags,
+    flag_names,
     load_model,
     quiet_stdout,
 )
@@ -77,16 +78,8 @@ def _add_generate(p) -> None:
 def _generation_settings(args):
     """The settings of the flags given, over the model's suggestions and the defaults."""
     given = {name: getattr(args, name, None) for name in _FLAGS}  # chat has no --stop
-    try:
+    with flag_names(_FLAGS, leading=True):
         return generation_settings(args.model, **given)
-    except ValueError as e:
-        raise CliError(_flag_names(str(e))) from None
-
-
-def _flag_names(message: str) -> str:
-    """A library message that starts with a setting's name, starting with its flag instead."""
-    name, space, rest = message.partition(" ")
-    return _FLAGS[name] + space + rest if name in _FLAGS else message
 
 
 def _context_message(e: ContextLengthError) -> str:

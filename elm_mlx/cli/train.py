@@ -2,10 +2,6 @@
 
 from __future__ import annotations
 
-import re
-from collections.abc import Iterator
-from contextlib import contextmanager
-
 import mlx.core as mx
 
 from ..formats.modeldir import load, require_tokenizer
@@ -13,7 +9,7 @@ from ..training.finetune import finetune, fuse
 from ..training.lora import LoRAConfig
 from ..training.train_ops import TrainingOps
 from ..training.trainer import TrainArgs
-from .common import USER_ERRORS, CliError, Command, log
+from .common import Command, as_flags, flag_names, log
 
 
 def _add_lora(p) -> None:
@@ -96,32 +92,10 @@ _FLAGS = {
 }
 
 
-def flags(message: str) -> str:
-    """A library message with its `argument` names (backticks) worded as this command's flags."""
-
-    def flag(m: re.Match) -> str:
-        name, value = m[1], m[2]
-        text = _FLAGS.get(name, "--" + name.replace("_", "-"))
-        return text if value in (None, "True") else f"{text} {value}"
-
-    return re.sub(r"`([a-z_]+)(?:=([^`]*))?`", flag, message)
-
-
-@contextmanager
-def _as_flags() -> Iterator[None]:
-    """A library error whose message names arguments, reworded with flags (else as it was)."""
-    try:
-        yield
-    except USER_ERRORS as e:
-        if flags(str(e)) == str(e):
-            raise
-        raise CliError(flags(str(e))) from None
-
-
 def _run_lora(args) -> None:
     group = mx.distributed.init()
     say = print if group.rank() == 0 else (lambda *_: None)
-    with _as_flags():
+    with flag_names(_FLAGS):
         config, targs = _lora_config(args), _train_args(args)
         ops = TrainingOps(args.grad_checkpoint, args.recompute_attention)
         model, tokenizer = load(args.model)
@@ -129,7 +103,7 @@ def _run_lora(args) -> None:
             model, require_tokenizer(tokenizer, args.model), args.data, args.adapter_path,
             config, targs, ops=ops, resume=args.resume, force=args.force,
             max_seq_length=args.max_seq_length, mask_prompt=args.mask_prompt, group=group,
-            log=lambda line: say(flags(line)),
+            log=lambda line: say(as_flags(line, _FLAGS)),
         )  # fmt: skip
     state = result.state
     if state.best_val is not None:
@@ -147,7 +121,7 @@ def _add_fuse(p) -> None:
 
 
 def _run_fuse(args) -> None:
-    with _as_flags():
+    with flag_names(_FLAGS):
         fuse(
             args.model, args.adapter_path, args.save_path, de_quantize=args.de_quantize,
             force=args.force, log=log,
