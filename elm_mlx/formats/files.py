@@ -55,6 +55,16 @@ def user_mode(path: Path, *, directory: bool = False) -> None:
     os.chmod(path, (0o777 if directory else 0o666) & ~umask())
 
 
+def user_modes(root: Path) -> None:
+    """`user_mode` for `root` and everything under it (links left alone): MLX creates its
+    files 0644 whatever the umask."""
+    for parent, _, names in os.walk(root):
+        user_mode(Path(parent), directory=True)
+        for name in names:
+            if not (Path(parent) / name).is_symlink():
+                user_mode(Path(parent) / name)
+
+
 # ---- owners -----------------------------------------------------------------------
 
 
@@ -182,7 +192,8 @@ def atomic_dir(
     """A temporary sibling of `path` to write into, renamed to `path` when the block ends.
 
     An existing `path` is refused unless `force` (see `check_target`), and then replaced
-    only once the new one is complete. On any exception (Ctrl-C included) the temporary
+    only once the new one is complete. It and everything in it get the permissions the
+    umask gives (`user_modes`). On any exception (Ctrl-C included) the temporary
     directory is removed. Leftovers of killed runs are removed first (`log` says so)."""
     path = Path(path).absolute()
     check_target(path, force=force, marker=marker, kind=kind)
@@ -193,11 +204,11 @@ def atomic_dir(
     except OSError as e:
         raise _naming(e, path) from None
     try:
-        user_mode(tmp, directory=True)
         owner = {"pid": os.getpid(), "start": _start_time(os.getpid())}
         (tmp / OWNER_FILE).write_text(json.dumps({**owner, "host": socket.gethostname()}))
         yield tmp
         (tmp / OWNER_FILE).unlink()
+        user_modes(tmp)
         check_target(path, force=force, marker=marker, kind=kind)  # it may have appeared meanwhile
         _swap_in(tmp, path)
     except OSError as e:
