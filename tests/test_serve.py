@@ -4,6 +4,7 @@ and by raw HTTP, checked against `generate` alone and the model's own log-softma
 from __future__ import annotations
 
 import json
+import os
 import signal
 import socket
 import subprocess
@@ -37,17 +38,7 @@ def server(tmp_path_factory):
     with open(log, "wb") as err:
         proc = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=err)
     url = f"http://127.0.0.1:{port}"
-    deadline = time.monotonic() + 60
-    while True:
-        try:
-            if httpx.get(url + "/health", timeout=1).status_code == 200:
-                break
-        except httpx.TransportError:
-            pass
-        if proc.poll() is not None or time.monotonic() > deadline:
-            proc.kill()
-            pytest.fail(f"the server did not start:\n{log.read_text()}")
-        time.sleep(0.1)
+    _until_up(url, proc, log)
     yield url, proc, log
     if proc.poll() is None:
         proc.send_signal(signal.SIGTERM)
@@ -55,6 +46,20 @@ def server(tmp_path_factory):
             proc.wait(20)
         except subprocess.TimeoutExpired:
             proc.kill()
+
+
+def _until_up(url: str, proc: subprocess.Popen, log=None) -> None:
+    deadline = time.monotonic() + 60
+    while True:
+        try:
+            if httpx.get(url + "/health", timeout=1).status_code == 200:
+                return
+        except httpx.TransportError:
+            pass
+        if proc.poll() is not None or time.monotonic() > deadline:
+            proc.kill()
+            pytest.fail(f"the server did not start:\n{log.read_text() if log else ''}")
+        time.sleep(0.1)
 
 
 @pytest.fixture(scope="module")
@@ -351,3 +356,26 @@ def test_access_log_and_sigterm_ends_streams_and_exits_0(server):
     assert '"POST /v1/completions" 200 prompt=3 completion=24' in text
     assert '"GET /v1/nothing" 404' in text
     assert "Traceback" not in text
+
+
+def test_a_server_whose_stderr_reader_is_gone_keeps_serving_and_exits_0():
+    """stderr is a pipe nobody reads: the banner, each access-log line and the shutdown
+    notice cannot be written and are dropped; requests are served and SIGTERM exits 0."""
+    port = _free_port()
+    read_end, write_end = os.pipe()
+    os.close(read_end)
+    cmd = [sys.executable, "-m", "elm_mlx.cli", "serve", "--port", str(port)]
+    proc = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=write_end)
+    os.close(write_end)
+    url = f"http://127.0.0.1:{port}"
+    try:
+        _until_up(url, proc)
+        body = {"model": "nano", "prompt": "ROMEO:", "max_tokens": 4}
+        for _ in range(2):
+            r = httpx.post(url + "/v1/completions", json=body, timeout=60)
+            assert r.json()["usage"]["completion_tokens"] == 4, r.text
+        proc.send_signal(signal.SIGTERM)
+        assert proc.wait(20) == 0
+    finally:
+        if proc.poll() is None:
+            proc.kill()

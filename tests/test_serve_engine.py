@@ -329,3 +329,51 @@ def test_a_failed_job_answers_with_the_engines_status(loaded, status, message, k
     events = [json.loads(x.removeprefix("data: ")) for x in r.text.split("\n\n")[:-2]]
     assert events[-1]["error"] == {"message": message, "type": kind, "param": None, "code": code}
     assert r.text.endswith("data: [DONE]\n\n")
+
+
+class _BrokenPipe:
+    """stderr whose reader has gone."""
+
+    def write(self, text: str) -> int:
+        raise BrokenPipeError(32, "Broken pipe")
+
+    def flush(self) -> None:
+        raise BrokenPipeError(32, "Broken pipe")
+
+
+class _BrokenModel:
+    """A model whose every computation fails: the engine logs a traceback and fails the job."""
+
+    def __init__(self, model):
+        self.args, self.make_cache = model.args, model.make_cache
+
+    def __call__(self, *args, **kwargs):
+        raise RuntimeError("boom")
+
+    def __getattr__(self, name: str):
+        raise RuntimeError("boom")
+
+
+def test_the_engines_failures_are_logged_to_a_broken_stderr_without_stopping_it(
+    loaded, monkeypatch
+):
+    import queue
+    import sys
+
+    from elm_mlx.serve.engine import Engine, Failed, Job, RowSettings
+    from elm_mlx.serve.server import forgiving_stderr
+
+    model, tokenizer = loaded
+    monkeypatch.setattr(sys, "stderr", _BrokenPipe())
+    events = queue.Queue()
+    with forgiving_stderr():
+        engine = Engine(_BrokenModel(model), tokenizer)
+        engine.start()
+        try:
+            for prompt in ([5, 6, 7], [8]):  # the engine thread lives on after the first
+                engine.submit(Job(prompt, RowSettings(max_tokens=3), events.put))
+                assert isinstance(events.get(timeout=30), Failed)
+                print("a line nobody reads", file=sys.stderr, flush=True)
+        finally:
+            engine.close(0)
+            engine.join(10)

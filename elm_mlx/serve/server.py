@@ -4,13 +4,19 @@ On the first signal the engine takes no new requests, running rows get `grace`
 seconds to finish and are then ended (finish_reason "length"), every stream
 ends with `data: [DONE]`, and `serve` returns normally (exit status 0). A
 second Ctrl-C forces the exit.
+
+While serving, stderr (the banner, the access log, tracebacks of the engine's
+failures, uvicorn's own messages) drops a line it cannot write: a server whose
+log reader has gone keeps serving.
 """
 
 from __future__ import annotations
 
+import os
 import signal
 import sys
 import threading
+from collections.abc import Iterator
 from contextlib import contextmanager
 
 import uvicorn
@@ -49,10 +55,67 @@ class _Server(uvicorn.Server):
                 signal.signal(s, handler)
 
 
+class _Stderr:
+    """A stream that drops what it cannot write (a closed stream, a pipe whose reader has
+    gone) and from then on writes nothing; its descriptor then points at /dev/null, so
+    that neither the lines written to it directly nor the flush at exit fail again."""
+
+    def __init__(self, stream):
+        self.stream, self.broken = stream, stream is None
+
+    def write(self, text: str) -> int:
+        if not self.broken:
+            try:
+                return self.stream.write(text)
+            except (OSError, ValueError):  # ValueError: the stream is closed
+                self._give_up()
+        return len(text)
+
+    def flush(self) -> None:
+        if not self.broken:
+            try:
+                self.stream.flush()
+            except (OSError, ValueError):
+                self._give_up()
+
+    def isatty(self) -> bool:
+        return not self.broken and self.stream.isatty()
+
+    def __getattr__(self, name: str):
+        return getattr(self.stream, name)
+
+    def _give_up(self) -> None:
+        self.broken = True
+        try:
+            null = os.open(os.devnull, os.O_WRONLY)
+            try:
+                os.dup2(null, self.stream.fileno())
+            finally:
+                os.close(null)
+        except (AttributeError, OSError, ValueError):  # no descriptor: dropping is enough
+            pass
+
+
+@contextmanager
+def forgiving_stderr() -> Iterator[None]:
+    """Within the block, sys.stderr drops the lines it cannot write instead of raising."""
+    original = sys.stderr
+    sys.stderr = _Stderr(original)
+    try:
+        yield
+    finally:
+        sys.stderr = original
+
+
 def serve(
     app, engine: Engine, *, host: str, port: int, grace: float = 10.0, name: str = ""
 ) -> None:
     """Serve `app` on host:port until a signal; the engine is started and joined here."""
+    with forgiving_stderr():  # before uvicorn.Config: its log handlers take sys.stderr
+        _serve(app, engine, host=host, port=port, grace=grace, name=name)
+
+
+def _serve(app, engine: Engine, *, host: str, port: int, grace: float, name: str) -> None:
     config = uvicorn.Config(
         app,
         host=host,
