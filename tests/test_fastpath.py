@@ -350,3 +350,77 @@ def test_a_lost_wake_up_or_a_sigterm_never_hangs_the_pool():
     seen = []
     pool.run(lambda lo, hi: seen.append(lo), [(0, 1), (1, 2)])
     assert sorted(seen) == [0, 1]
+
+
+def _rows_agree(model, lengths, steps=4, tol=1e-5) -> None:
+    """decode_rows over rows of different lengths against each row alone on the MLX path."""
+    rng = np.random.default_rng(2)
+    fast = CpuDecoder(model)
+    prompts = [rng.integers(0, model.args.vocab_size, n).tolist() for n in lengths]
+    rows, plain = [model.make_cache() for _ in prompts], [model.make_cache() for _ in prompts]
+    for p, c, ref in zip(prompts, rows, plain, strict=True):
+        fast(mx.array(p)[None], cache=c)
+        model(mx.array(p)[None], cache=ref)
+    tokens = [1] * len(prompts)
+    for _ in range(steps):
+        got = fast.decode_rows(tokens, rows)  # (B, vocab)
+        for b, t in enumerate(tokens):
+            want = model(mx.array([[t]]), cache=plain[b])[0, -1]
+            assert rel_err(got[b], want) < tol, b
+        tokens = np.asarray(mx.argmax(got, axis=-1)).tolist()
+    for row, ref in zip(rows, plain, strict=True):
+        assert row[0].offset == ref[0].offset
+        assert rel_err(row[-1].state[0], ref[-1].state[0]) < tol
+
+
+@pytest.mark.parametrize("blocked", [True, False])
+def test_rows_in_column_blocks_or_whole_match(blocked, monkeypatch):
+    """A few rows go through the products in column blocks or whole, as timed; both agree
+    with the MLX path (the tiny weights are timed and shared out as a large model's are)."""
+    monkeypatch.setattr(fastpath._RowBlocks, "TIMED_BYTES", 0)
+    monkeypatch.setattr(fastpath._RowBlocks, "WORK", 2048)  # blocks of a few columns
+    monkeypatch.setattr(fastpath, "_SMALL_WEIGHT", 0)
+    monkeypatch.setattr(fastpath, "_row_blocks", fastpath._RowBlocks())
+    fastpath._row_blocks.faster.update({n: blocked for n in range(2, 65)})
+    model = build(tiny_args(num_gqa_groups=2, tied=False))
+    x = np.random.default_rng(0).standard_normal((3, 64), dtype=np.float32)
+    w = np.random.default_rng(1).standard_normal((64, 200), dtype=np.float32)
+    assert (fastpath._row_blocks.size(x, w) is not None) == blocked
+    np.testing.assert_allclose(fastpath._matvec(x, w), x @ w, rtol=1e-5, atol=1e-5)
+    _rows_agree(model, [5, 17, 2, 40, 9])
+
+
+def test_rows_share_out_long_caches_by_heads(monkeypatch):
+    """Few rows with long caches: their KV heads are shared out over the cores."""
+    monkeypatch.setattr(fastpath, "_SPLIT_KV", 0)
+    calls = []
+    real = fastpath._parallel
+    monkeypatch.setattr(fastpath, "_parallel", lambda fn, n: (calls.append(n), real(fn, n)))
+    model = build(tiny_args(num_gqa_groups=1, tied=True))  # several KV heads per layer
+    _rows_agree(model, [30])
+    assert calls, "the attention was never shared out"
+    _rows_agree(model, [30, 3, 12])
+
+
+def test_appending_in_place_never_reaches_a_cache_it_was_seeded_from(model):
+    """Caches seeded from a kept cache's keys (the server's prompt cache) decode into their
+    own buffers: the kept cache and a sibling seeded from it are unchanged."""
+    fast = CpuDecoder(model)
+    kept = model.make_cache()
+    fast(mx.array([[3, 4, 5, 6, 7, 8]]), cache=kept)
+    before = [np.array(c.keys) for c in kept]  # the whole buffer, room past `offset` too
+
+    def seeded(n: int) -> list:
+        caches = model.make_cache()
+        for c, k in zip(caches, kept, strict=True):
+            c.state = [k.keys[..., :n, :], k.values[..., :n, :]]
+        return caches
+
+    a, b = seeded(4), seeded(4)
+    fast.decode_rows([9, 10], [a, b])
+    fast.decode_rows([11, 12], [a, b])
+    for c, was in zip(kept, before, strict=True):
+        np.testing.assert_array_equal(np.array(c.keys), was)
+    fresh = model.make_cache()
+    fast(mx.array([[3, 4, 5, 6, 10, 12]]), cache=fresh)
+    assert rel_err(b[-1].state[0], fresh[-1].state[0]) < 1e-6

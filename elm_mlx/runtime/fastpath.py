@@ -10,10 +10,13 @@ vectorised one. benchmarks/README.md has the measurements.
 `CpuDecoder(model)` is the model with a numpy forward pass: zero-copy views of
 the model's MLX weights (`np.asarray` of a CPU array shares its memory), products
 split over the cores with BLAS on one thread each (gemv for one token, gemm for a
-prompt chunk), blocked causal attention. The KV cache stays the model's MLX
-`KVCache`: new keys/values are appended lazily and evaluated once per call together
-with MLX's own RoPE cos/sin. Rotating caches, quantized or LoRA layers, other
-dtypes, batches and GPU devices take the model's normal MLX path.
+prompt chunk, column blocks for a few rows where the BLAS is faster so), blocked
+causal attention. The KV cache stays the model's MLX `KVCache`: new keys/values are
+written into its buffer in place while it has room (`_append`), and RoPE uses MLX's
+own cos/sin. `decode_rows` is one token for each of several sequences, each with its
+own cache. Quantized or LoRA layers, other dtypes and GPU devices take the model's
+normal MLX path; a rotating cache takes MLX's attention for one token and the MLX
+path for a prompt.
 
 `fast_decoder(model)` makes the wrapper where it applies; generation code is
 handed the model it should call (`generation.loading.load_for_generation`
@@ -28,6 +31,7 @@ import glob
 import os
 import queue
 import threading
+import time
 from contextlib import contextmanager
 from dataclasses import dataclass
 
@@ -105,17 +109,72 @@ def _matvec(x: np.ndarray, w: np.ndarray) -> np.ndarray:
     Each share is a contiguous row block of the weight; BLAS runs on one thread per
     share (gemv for one row, gemm for a prompt chunk). OpenBLAS's own threads spin
     between calls, which on a busy machine costs several times the work, and would
-    compete with the pool for the cores.
+    compete with the pool for the cores. A small weight stays on the calling thread.
+    A few rows (a batch of sequences) may go in column blocks (`_row_blocks`).
     """
     if _openblas_threads() is None:  # a BLAS we cannot keep on one thread: let it thread
         return x @ w
     out = np.empty((x.shape[0], w.shape[1]), np.float32)
+    block = _row_blocks.size(x, w)
 
     def cols(lo: int, hi: int) -> None:
-        np.matmul(x, w[:, lo:hi], out=out[:, lo:hi])
+        for a in range(lo, hi, block or hi - lo):
+            b = hi if block is None else min(hi, a + block)
+            np.matmul(x, w[:, a:b], out=out[:, a:b])
 
-    _parallel(cols, w.shape[1])
+    if w.nbytes < _SMALL_WEIGHT:
+        cols(0, w.shape[1])
+    else:
+        _parallel(cols, w.shape[1])
     return out
+
+
+_SMALL_WEIGHT = 1 << 19  # bytes below which a product is not worth a hand-off to a worker
+
+
+class _RowBlocks:
+    """Whether a product of a few rows runs faster in column blocks, by row count.
+
+    OpenBLAS (0.3.x, AVX-512 kernels) multiplies a few rows by a large matrix several
+    times slower than its bandwidth allows, but has fast kernels for products of up to
+    about a million multiply-adds; other BLAS builds may not. The first large product
+    of each row count is timed both ways, and the faster is kept for that count.
+    """
+
+    WORK = 1_000_000  # multiply-adds per block
+    TIMED_BYTES = 1 << 22  # weights this large are timed
+
+    def __init__(self):
+        self.faster: dict[int, bool] = {}
+
+    def size(self, x: np.ndarray, w: np.ndarray) -> int | None:
+        """Columns per block for x @ w, or None for one product."""
+        m, k = x.shape
+        if not 2 <= m <= 64:
+            return None
+        block = max(16, self.WORK // (m * k) // 16 * 16)
+        if block >= w.shape[1]:
+            return None
+        if m not in self.faster:
+            if w.nbytes < self.TIMED_BYTES:
+                return None
+            self.faster[m] = self._time(x, w, block) < self._time(x, w, None)
+        return block if self.faster[m] else None
+
+    @staticmethod
+    def _time(x: np.ndarray, w: np.ndarray, block: int | None) -> float:
+        n = w.shape[1] if block is None else block
+        out = np.empty((x.shape[0], w.shape[1]), np.float32)
+        best = float("inf")
+        for _ in range(2):
+            start = time.perf_counter()
+            for a in range(0, w.shape[1], n):
+                np.matmul(x, w[:, a : a + n], out=out[:, a : a + n])
+            best = min(best, time.perf_counter() - start)
+        return best
+
+
+_row_blocks = _RowBlocks()
 
 
 def _rms_norm(x: np.ndarray, weight: np.ndarray, eps: float) -> np.ndarray:
@@ -163,49 +222,27 @@ def _halves(x: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
     return x[..., :h], x[..., h:]
 
 
-def _sdpa(q: np.ndarray, k: np.ndarray, v: np.ndarray, keys, values, scale: float) -> np.ndarray:
-    """One query position against cached keys/values (n_kv, T, hd) plus its own k, v.
-
-    q: (n_q, hd); k, v: (n_kv, hd). Query head h reads KV head h // (n_q / n_kv).
-    Returns (1, n_q * hd). KV heads are shared out over the cores; the cache is
-    never copied.
-    """
-    n_kv, hd = k.shape
-    qg = (q * scale).reshape(n_kv, -1, hd)  # (n_kv, rep, hd)
-    if keys is None or keys.shape[1] == 0:
-        return np.broadcast_to(v[:, None], qg.shape).reshape(1, -1)  # softmax over one key
-    out = np.empty_like(qg)
-
-    def groups(g0: int, g1: int) -> None:
-        out[g0:g1] = _one_query(qg[g0:g1], k[g0:g1], v[g0:g1], keys[g0:g1], values[g0:g1])
-
-    _parallel(groups, n_kv)
-    return out.reshape(1, -1)  # heads in order
+def _row_attention(q: np.ndarray, keys: np.ndarray, values: np.ndarray) -> np.ndarray:
+    """One query position of one sequence: q (g, rep, hd), already scaled, against its
+    cached keys/values (g, T, hd), the newest position included. Returns (g, rep, hd)."""
+    s = q @ keys.transpose(0, 2, 1)  # (g, rep, T)
+    s -= s.max(axis=-1, keepdims=True)
+    np.exp(s, out=s)
+    out = s @ values  # (g, rep, hd)
+    out /= s.sum(axis=-1, keepdims=True)
+    return out
 
 
-def _one_query(qg, k, v, keys, values) -> np.ndarray:
-    """qg (g, rep, hd) against keys/values (g, T, hd) and the new k, v (g, hd)."""
-    s_new = (qg @ k[:, :, None])[..., 0]  # (g, rep)
-    s_old = keys @ qg.transpose(0, 2, 1)  # (g, T, rep): BLAS sees tall products
-    s_old = np.ascontiguousarray(s_old.transpose(0, 2, 1))  # (g, rep, T): rows to reduce
-    m = np.maximum(s_old.max(axis=-1), s_new)  # (g, rep)
-    s_old -= m[..., None]
-    p_old, p_new = np.exp(s_old, out=s_old), np.exp(s_new - m)
-    z = p_old.sum(axis=-1) + p_new  # (g, rep)
-    out = values.transpose(0, 2, 1) @ p_old.transpose(0, 2, 1)  # (g, hd, rep)
-    return (out.transpose(0, 2, 1) + p_new[..., None] * v[:, None]) / z[..., None]
-
-
-def _causal_sdpa(q: np.ndarray, keys: np.ndarray, values: np.ndarray, scale: float) -> np.ndarray:
+def _causal_sdpa(q: np.ndarray, keys: np.ndarray, values: np.ndarray) -> np.ndarray:
     """Causal attention of L new positions, the last L of keys/values (n_kv, T, hd).
 
-    q: (L, n_q, hd); query head h reads KV head h // (n_q / n_kv). The query heads
+    q: (L, n_q, hd), already scaled; query head h reads KV head h // (n_q / n_kv). The query heads
     are shared out over the CPU's cores. Returns (L, n_q * hd).
     """
     L, n_q, hd = q.shape
     n_kv = keys.shape[0]
     rep = n_q // n_kv
-    qh = (q * scale).transpose(1, 0, 2)  # (n_q, L, hd)
+    qh = q.transpose(1, 0, 2)  # (n_q, L, hd)
     out = np.empty((n_q, L, hd), np.float32)
 
     def heads(h0: int, h1: int) -> None:
@@ -355,58 +392,118 @@ def _numpy_cache(cache) -> bool:
     )
 
 
-def _attention(w: _LayerViews, qkv: np.ndarray, cache, eps: float, tables: dict) -> np.ndarray:
-    """(L, qkv_out_dim) -> (L, q * head_dim); appends these positions to `cache`."""
-    if not _numpy_cache(cache):  # one token into e.g. a rotating window: MLX's attention
-        out = w.attn.attend(mx.array(qkv)[None], None, cache)  # (1, 1, q * head_dim)
-        mx.eval(out)
-        return np.asarray(out)[0]
-    L = qkv.shape[0]
-    n_q, n_kv, hd = w.attn.n_heads, w.attn.n_kv_heads, w.attn.head_dim
-    qkv = qkv.reshape(L, n_q + 2 * n_kv, hd)
+_SPLIT_KV = 1 << 19  # cached key elements from which decode attention is shared out
+
+
+def _append(cache, k: np.ndarray, v: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """Append k, v (n_kv, L, hd) to a plain float32 `cache` (or none); return every cached
+    key and value (n_kv, T, hd), the new ones last, as views of the cache's buffers.
+
+    While the buffer has room, the new positions are written into MLX's memory in place
+    (a CPU array's numpy view is its memory): positions past `offset` belong to this
+    cache alone, since a cache seeded from another's keys (`state`) holds exactly its
+    `offset` positions and grows into a fresh buffer. Growing is MLX's `update_and_fetch`.
+    """
+    if cache is None:
+        return k, v
+    end = cache.offset + k.shape[1]
+    if cache.keys is not None and end <= cache.keys.shape[2]:
+        keys, values = np.asarray(cache.keys), np.asarray(cache.values)  # evaluates if pending
+        if all(a.flags.c_contiguous and a.flags.writeable for a in (keys, values)):
+            keys[0, :, cache.offset : end] = k
+            values[0, :, cache.offset : end] = v
+            cache.offset = end
+            return keys[0, :, :end], values[0, :, :end]
+    keys, values = cache.update_and_fetch(mx.array(k)[None], mx.array(v)[None])
+    return np.asarray(keys)[0], np.asarray(values)[0]  # (n_kv, T, hd)
+
+
+def _split_qkv(w: _LayerViews, qkv: np.ndarray, eps: float, cos, sin):
+    """(N, qkv_out_dim) -> q (N, n_q, hd) scaled, k and v (N, n_kv, hd): QK-norm, RoPE."""
+    a = w.attn
+    n_q, n_kv = a.n_heads, a.n_kv_heads
+    qkv = qkv.reshape(qkv.shape[0], n_q + 2 * n_kv, a.head_dim)
     qk, v = qkv[:, : n_q + n_kv], qkv[:, n_q + n_kv :]
     if w.qk_norm is not None:
         qk = _rms_norm(qk, w.qk_norm, eps)  # q_norm and k_norm in one pass
-    qk = _rope(qk, *tables[0 if cache is None else cache.offset])
-    q, k = qk[:, :n_q], qk[:, n_q:]
-    k, v = k.transpose(1, 0, 2), v.transpose(1, 0, 2)  # (n_kv, L, hd)
-    keys = values = None
-    if cache is not None and cache.keys is not None:
-        keys = np.asarray(cache.keys)[0, :, : cache.offset]  # (n_kv, T, hd), no copy
-        values = np.asarray(cache.values)[0, :, : cache.offset]
-    if L == 1:
-        out = _sdpa(q[0], k[:, 0], v[:, 0], keys, values, w.attn.scale)
+    qk = _rope(qk, cos, sin)
+    return qk[:, :n_q] * a.scale, qk[:, n_q:], v
+
+
+def _prompt_attention(w: _LayerViews, qkv: np.ndarray, cache, eps: float, tables) -> np.ndarray:
+    """L new positions of one sequence: (L, qkv_out_dim) -> (L, q * head_dim); appends them
+    to `cache`."""
+    offset = 0 if cache is None else cache.offset
+    q, k, v = _split_qkv(w, qkv, eps, *tables[offset])
+    keys, values = _append(cache, k.transpose(1, 0, 2), v.transpose(1, 0, 2))
+    return _causal_sdpa(q, keys, values)
+
+
+def _decode_attention(w: _LayerViews, qkv: np.ndarray, caches: list, eps: float, tables):
+    """One new position for each of B sequences: (B, qkv_out_dim) -> (B, q * head_dim);
+    row b's key and value are appended to `caches[b]`.
+
+    The norms and RoPE run once for all rows; only the scores against each row's own
+    cache run row by row, shared out over the cores when the caches are long. A row
+    whose cache numpy does not handle (a rotating window) takes MLX's attention.
+    """
+    a = w.attn
+    B, n_kv, hd = len(caches), a.n_kv_heads, a.head_dim
+    offsets = [0 if c is None else c.offset for c in caches]
+    cos, sin = (np.concatenate(t) for t in zip(*(tables[o] for o in offsets), strict=True))
+    q, k, v = _split_qkv(w, qkv, eps, cos, sin)
+    q = q.reshape(B, n_kv, -1, hd)  # (B, n_kv, rep, hd): query head h reads KV head h // rep
+    out = np.empty_like(q)
+    cached = []
+    for b, c in enumerate(caches):
+        if _numpy_cache(c):
+            cached.append(_append(c, k[b][:, None], v[b][:, None]))
+        else:
+            o = a.attend(mx.array(qkv[b : b + 1])[None], None, c)  # (1, 1, q * head_dim)
+            mx.eval(o)
+            out[b] = np.asarray(o).reshape(n_kv, -1, hd)
+            cached.append(None)
+    items = [(b, 0, n_kv) for b in range(B) if cached[b] is not None]
+    size = sum(cached[b][0].size for b, _, _ in items)
+    if size >= _SPLIT_KV and len(items) < _cores():  # few long rows: share out their heads
+        parts = min(_cores(), n_kv)
+        items = [(b, n_kv * i // parts, n_kv * (i + 1) // parts) for b, _, _ in items
+                 for i in range(parts)]  # fmt: skip
+
+    def run(lo: int, hi: int) -> None:
+        for b, g0, g1 in items[lo:hi]:
+            keys, values = cached[b]
+            out[b, g0:g1] = _row_attention(q[b, g0:g1], keys[g0:g1], values[g0:g1])
+
+    if size >= _SPLIT_KV:
+        _parallel(run, len(items))
     else:
-        if keys is not None:
-            k, v = np.concatenate([keys, k], axis=1), np.concatenate([values, v], axis=1)
-        out = _causal_sdpa(q, k, v, w.attn.scale)
-        k, v = k[:, -L:], v[:, -L:]
-    del keys, values  # the views must not outlive the buffers the update may replace
-    if cache is not None:
-        cache.update_and_fetch(mx.array(k)[None], mx.array(v)[None])  # (1, n_kv, L, hd)
-    return out
+        run(0, len(items))
+    return out.reshape(B, -1)  # heads in order
 
 
-def _prepare(cache: list, n: int, head_dim: int, base: float) -> dict:
-    """Evaluate pending cache updates; MLX's RoPE cos/sin for the next `n` positions.
+def _rope_tables(offsets, n: int, head_dim: int, base: float, memo: dict) -> dict:
+    """MLX's RoPE cos/sin (n, 1, head_dim / 2) for `n` positions from each offset.
 
     RoPE of [1, ..., 1, 0, ..., 0] is exactly [cos, sin], so the numpy rotation uses
-    the very values MLX's kernel uses. One MLX evaluation per call.
+    the very values MLX's kernel uses. One-position tables are kept in `memo`; the
+    missing ones take one MLX evaluation.
     """
+    tables = {o: memo[o] for o in offsets if n == 1 and o in memo}
+    missing = sorted(set(offsets) - tables.keys())
+    if not missing:
+        return tables
     half = head_dim // 2
-    unit = mx.array([1.0] * half + [0.0] * half)
-    unit = mx.broadcast_to(unit, (1, 1, n, head_dim))
-    offsets = {0 if c is None else c.offset for c in cache}
-    rows = {
-        o: mx.fast.rope(unit, head_dim, traditional=False, base=base, scale=1.0, offset=o)
-        for o in offsets
-    }
-    pending = [a for c in cache if _numpy_cache(c) and c is not None for a in c.state]
-    mx.eval(list(rows.values()), pending)
-    tables = {}
-    for o, r in rows.items():
-        cos, sin = np.split(np.asarray(r).reshape(n, 1, head_dim), 2, axis=-1)  # (n, 1, half)
-        tables[o] = cos, sin
+    unit = mx.broadcast_to(mx.array([1.0] * half + [0.0] * half), (1, 1, n, head_dim))
+    rows = [
+        mx.fast.rope(unit, head_dim, traditional=False, base=base, scale=1.0, offset=o)
+        for o in missing
+    ]
+    mx.eval(rows)
+    for o, r in zip(missing, rows, strict=True):
+        tables[o] = tuple(np.split(np.array(r).reshape(n, 1, head_dim), 2, axis=-1))
+        if n == 1:
+            memo[o] = tables[o]
     return tables
 
 
@@ -416,14 +513,15 @@ class CpuDecoder:
     Drop-in for the model in generation code: calling it is `model(ids, cache=cache)`,
     and every other attribute (`args`, `make_cache`, `layers`...) is the model's.
     A single sequence (batch 1) of float32 plain layers takes the numpy path (checked
-    on every call: weights may be replaced); a prompt chunk returns its logits as a
-    lazy MLX product (never computed when only the cache is wanted), one token
-    returns them computed.
+    on every call: weights may be replaced), and `decode_rows` many of them; a prompt
+    chunk returns its logits as a lazy MLX product (never computed when only the cache
+    is wanted), one token returns them computed.
     """
 
     def __init__(self, model: OpenELM):
         self.model = model
         self._views: _Views | None = None
+        self._tables: dict = {}  # one-position RoPE tables by offset
 
     def __getattr__(self, name: str):
         if name == "model":  # not set yet (e.g. during copying)
@@ -459,12 +557,17 @@ class CpuDecoder:
         """Logits (1, L, vocab) for token ids (L,), appending to `cache` (one per layer)."""
         args = self.model.args
         cache = cache or [None] * len(views.layers)
-        tables = _prepare(cache, len(tokens), args.head_dim, args.rope_freq_constant)
+        tables = self._rope(cache, len(tokens))
         with _one_blas_thread():  # the pool shares the work out instead
             h = _blocks(views, views.embed[tokens], [cache], args.rms_norm_eps, tables)
             if len(tokens) == 1:
                 return mx.array(_matvec(h, views.head))[None]  # (1, 1, vocab)
         return self.model.head(mx.array(h)[None])  # lazy (1, L, vocab)
+
+    def _rope(self, caches: list, n: int) -> dict:
+        offsets = {0 if c is None else c.offset for c in caches}
+        args = self.model.args
+        return _rope_tables(offsets, n, args.head_dim, args.rope_freq_constant, self._tables)
 
     def decode_rows(self, tokens: list[int], caches: list[list]) -> mx.array | None:
         """Logits (B, vocab) of one new token for each of B sequences, each with its own
@@ -474,9 +577,7 @@ class CpuDecoder:
         if views is None or not all(_numpy_cache(c) for row in caches for c in row):
             return None
         args = self.model.args
-        tables = _prepare(
-            [c for row in caches for c in row], 1, args.head_dim, args.rope_freq_constant
-        )
+        tables = self._rope([c for row in caches for c in row], 1)
         with _one_blas_thread():
             h = views.embed[np.asarray(tokens, np.int32)]  # (B, d)
             h = _blocks(views, h, caches, args.rms_norm_eps, tables)
@@ -484,16 +585,18 @@ class CpuDecoder:
 
 
 def _blocks(views: _Views, h: np.ndarray, rows: list[list], eps: float, tables: dict) -> np.ndarray:
-    """Every block and the final norm: (N, d) -> (N, d) for len(rows) sequences of N / len(rows)
-    tokens each, row b's tokens in its per-layer caches `rows[b]`. The products read each
-    weight once for all rows; attention runs row by row over the row's own cache."""
-    n = h.shape[0] // len(rows)
+    """Every block and the final norm, (N, d) -> (N, d): N tokens of one sequence
+    (`rows` = [its per-layer caches]), or one new token for each of N sequences (row
+    b's per-layer caches `rows[b]`). The products read each weight once for all rows."""
+    if len(rows) > 1 and len(rows) != h.shape[0]:
+        raise ValueError(f"{len(rows)} sequences take one token each, got {h.shape[0]}")
     for i, w in enumerate(views.layers):
         qkv = _matvec(_rms_norm(h, w.attn_norm, eps), w.qkv)  # (N, (q + 2 kv) * head_dim)
-        attn = [
-            _attention(w, qkv[b * n : (b + 1) * n], r[i], eps, tables) for b, r in enumerate(rows)
-        ]
-        h = h + _matvec(attn[0] if len(attn) == 1 else np.concatenate(attn), w.out)
+        if h.shape[0] == len(rows):  # one new token per sequence
+            attn = _decode_attention(w, qkv, [r[i] for r in rows], eps, tables)
+        else:
+            attn = _prompt_attention(w, qkv, rows[0][i], eps, tables)
+        h = h + _matvec(attn, w.out)
         g = _matvec(_rms_norm(h, w.ffn_norm, eps), w.proj_1)  # (N, 2 * ffn_dim)
         h = h + _matvec(_glu(g), w.proj_2)
     return _rms_norm(h, views.norm, eps)
