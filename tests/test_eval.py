@@ -490,3 +490,18 @@ def test_cli_output_that_is_a_directory_fails_before_the_work(tmp_path):
         f"error: --output {tmp_path} is a directory; give a file name such as "
         f"{tmp_path}/results.json"
     ]
+
+
+def test_cli_output_that_exists_is_replaced_only_with_force(tmp_path):
+    out = tmp_path / "results.json"
+    out.write_text("earlier results\n")
+    argv = ["eval", "--tasks", "nano_next_line", "--limit", "2", "--no-progress", "--output"]
+    r = _cli(*argv, str(out))
+    assert r.returncode == 1 and r.stdout == ""  # refused before the work
+    assert r.stderr.strip().splitlines() == [
+        f"error: --output {out} already exists; pass --force to replace it"
+    ]
+    assert out.read_text() == "earlier results\n"
+    r = _cli(*argv, str(out), "--force")
+    assert r.returncode == 0, r.stderr
+    assert json.loads(out.read_text())["tasks"] == ["nano_next_line"]

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import sys
+from pathlib import Path
 
 from tqdm import tqdm
 
@@ -11,7 +12,7 @@ from ..evaluation.perplexity import perplexity, read_documents
 from ..evaluation.published import PAPER_TASKS
 from ..evaluation.run import EVAL_HINT, EvalSettings, require_lm_eval, task_names
 from ..evaluation.scoring import process_group
-from ..formats.files import write_json
+from ..formats.files import OutputExistsError, write_json
 from ..generation.loading import load_for_generation
 from .common import CliError, Command, add_model_flags
 
@@ -48,6 +49,7 @@ def _add_eval(p) -> None:
         help="directory of your own lm-eval YAML tasks (repeatable)",
     )
     p.add_argument("--output", help="write the results as JSON to this file")
+    p.add_argument("--force", action="store_true", help="replace an existing --output")
     p.add_argument("--seed", type=int, default=0, help="seed of lm-eval's sampling (0)")
     p.add_argument(
         "--max-gen-toks", type=int, default=256, help="generation cap of tasks that set none"
@@ -78,7 +80,7 @@ def _run_eval(args) -> None:
         seed=args.seed,
         include_paths=tuple(args.include_path),
     )
-    _check_output(args.output)
+    _check_output(args.output, args.force)
     tasks = prepare_tasks(settings)
     lm = ElmLM(
         args.model,
@@ -133,10 +135,9 @@ def _json_ready(content):
     return json.loads(json.dumps(content, default=str))
 
 
-def _check_output(path: str | None) -> None:
-    """Before the work: the results file can be written where --output says."""
-    from pathlib import Path
-
+def _check_output(path: str | None, force: bool) -> None:
+    """Before the work: the results file can be written where --output says, and replaces
+    a file only with --force."""
     if path is None:
         return
     if Path(path).is_dir():
@@ -145,6 +146,8 @@ def _check_output(path: str | None) -> None:
         )
     if not Path(path).resolve().parent.is_dir():
         raise CliError(f"--output {path}: directory {Path(path).parent} does not exist")
+    if Path(path).exists() and not force:
+        raise OutputExistsError(f"--output {path} already exists", replaceable=True)
 
 
 def _batch_size(n: int) -> int:
