@@ -319,6 +319,29 @@ def test_32_requests_8_at_a_time_equal_generate_alone(server, client, nano):
     assert health["cancelled"] == before + 1, health  # ...it was dropped, not decoded to the end
 
 
+def test_a_client_that_leaves_a_non_streaming_request_has_its_row_cancelled(server, nano):
+    before = httpx.get(server[0] + "/health").json()["cancelled"]
+    no_eos = {str(nano[1].eos_id): -100}  # the row can only end by its client going
+    body = json.dumps({"model": "nano", "prompt": "ROMEO:", "max_tokens": 250,
+                       "logit_bias": no_eos}).encode()  # fmt: skip
+    port = int(server[0].rsplit(":", 1)[1])
+    with socket.create_connection(("127.0.0.1", port), timeout=30) as s:
+        s.sendall(
+            b"POST /v1/completions HTTP/1.1\r\nHost: 127.0.0.1\r\n"
+            + f"Authorization: Bearer {KEY}\r\nContent-Type: application/json\r\n".encode()
+            + f"Content-Length: {len(body)}\r\n\r\n".encode()
+            + body
+        )
+        deadline = time.monotonic() + 30
+        while not httpx.get(server[0] + "/health").json()["running"]:  # its row has begun
+            assert time.monotonic() < deadline, "the request never ran"
+            time.sleep(0.01)
+    health = _idle(server)  # the client has gone: its row does not decode to the end
+    assert health["cancelled"] == before + 1, health
+    r = _post(server, "/v1/completions", {"model": "nano", "prompt": "A", "max_tokens": 3})
+    assert r.json()["usage"]["completion_tokens"] == 3  # still serving
+
+
 def _idle(server, seconds: float = 30.0) -> dict:
     """/health once no request runs or waits."""
     deadline = time.monotonic() + seconds

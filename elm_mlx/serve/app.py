@@ -360,14 +360,12 @@ class _Api:
 
     async def _collect(self, request: Request, job: Job, channel: _Channel) -> _Result:
         result = _Result()
+        watch = asyncio.create_task(_on_disconnect(request, channel))
         try:
             while True:
-                try:
-                    event = await asyncio.wait_for(channel.queue.get(), 0.5)
-                except asyncio.TimeoutError:
-                    if await request.is_disconnected():
-                        raise ApiError(499, "client closed the request") from None
-                    continue
+                event = await channel.queue.get()
+                if event is _GONE:
+                    raise ApiError(499, "client closed the request")
                 if isinstance(event, Failed):
                     raise _failed(event)
                 if isinstance(event, Token):
@@ -377,6 +375,7 @@ class _Api:
                     result.finished = event
                     return result
         finally:
+            watch.cancel()
             job.cancel()  # no-op once finished; frees the row when the client left
 
     async def _stream(self, job: Job, channel: _Channel, fmt, include_usage: bool, state):
@@ -400,6 +399,16 @@ class _Api:
             yield "data: [DONE]\n\n"
         finally:
             job.cancel()
+
+
+_GONE = object()  # on a channel's queue: the client has disconnected
+
+
+async def _on_disconnect(request: Request, channel: _Channel) -> None:
+    """Put _GONE on the channel once the client disconnects (its body is read already)."""
+    while (await request.receive())["type"] != "http.disconnect":
+        pass
+    channel.queue.put_nowait(_GONE)
 
 
 def _too_large(size: int, limit: int) -> ApiError:
