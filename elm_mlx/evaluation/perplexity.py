@@ -33,7 +33,14 @@ def read_documents(path: str | Path) -> list[str]:
     path = Path(path)
     if not path.is_file():
         raise FileNotFoundError(f"data file {path} not found")
-    text = path.read_text(encoding="utf-8")
+    raw = path.read_bytes()
+    try:
+        text = raw.decode("utf-8")
+    except UnicodeDecodeError as e:
+        raise ValueError(
+            f"{path} is not UTF-8 text (byte 0x{raw[e.start]:02x} at position {e.start}); "
+            "convert it to UTF-8 first (for example: iconv -f LATIN1 -t UTF-8)"
+        ) from None
     if path.suffix != ".jsonl":
         docs = [text]
     else:
