@@ -14,7 +14,7 @@ from ..evaluation.run import EVAL_HINT, EvalSettings, require_lm_eval, task_name
 from ..evaluation.scoring import process_group
 from ..formats.files import OutputExistsError, write_json
 from ..generation.loading import load_for_generation
-from .common import CliError, Command, add_model_flags
+from .common import CliError, Command, add_model_flags, flag_names
 
 
 def _add_scoring_flags(p) -> None:
@@ -168,19 +168,25 @@ def _add_perplexity(p) -> None:
 
 
 def _run_perplexity(args) -> None:
+    if args.stride is not None and args.stride < 1:  # before anything loads
+        raise CliError(f"--stride must be >= 1, got {args.stride}")
+    batch_size = _batch_size(args.batch_size)
     documents = read_documents(args.data)
     model, tokenizer, _ = load_for_generation(
         args.model, adapter_path=args.adapter_path, dtype=args.dtype
     )
     group = process_group()
     show = group is None or group.rank() == 0
-    with tqdm(unit="window", disable=not show, dynamic_ncols=True) as bar:
+    with (
+        tqdm(unit="window", disable=not show, dynamic_ncols=True) as bar,
+        flag_names({"stride": "--stride"}, leading=True),
+    ):  # a stride longer than the model's context
         result = perplexity(
             model,
             tokenizer,
             documents,
             stride=args.stride,
-            batch_size=_batch_size(args.batch_size),
+            batch_size=batch_size,
             add_bos=not args.no_bos,
             group=group,
             progress=bar.update,
