@@ -27,6 +27,7 @@ import mlx.core as mx
 from ..formats.tokenizer import Tokenizer
 from ..runtime.fastpath import CpuDecoder
 from .generate import GenerationSettings, TextStream, prefill, processors_for, token_budget
+from .sample import greedy
 
 
 def decode_step(model, tokens: list[int], caches: list[list]) -> mx.array:
@@ -57,28 +58,65 @@ def _mlx_step(model, tokens: list[int], caches: list[list]) -> mx.array:
     return model.head(t.norm(h))[:, 0]  # (B, vocab)
 
 
+# ---- sampling many rows ---------------------------------------------------------
+
+
+class RowSampling:
+    """One row's sampler and logits processors, over its token history.
+
+    `history` is the row's own list of token ids (prompt, then generated), which the
+    caller appends to; the processors see it as it is at each step.
+    """
+
+    def __init__(self, model, tokenizer: Tokenizer, s: GenerationSettings, history: list[int]):
+        self.sampler = s.sampler()
+        self.processors = processors_for(model, tokenizer, s, n_prompt=len(history))
+        self.history = history
+
+    def process(self, logits: mx.array) -> mx.array:  # (1, vocab)
+        history = mx.array(self.history, mx.int32)
+        for p in self.processors:
+            logits = p(history, logits)
+        return logits
+
+
+def sample_rows(logits: mx.array, rows: Sequence[RowSampling]) -> tuple[mx.array, mx.array]:
+    """(next token of each row (B,), log-probabilities (B, vocab) it was drawn from).
+
+    Each row's processors and sampler act on its own row; greedy rows with nothing to
+    process (the common case) share one pass over the batch.
+    """
+    if any(r.processors for r in rows):
+        logits = mx.concatenate(
+            [r.process(logits[b : b + 1]) if r.processors else logits[b : b + 1]
+             for b, r in enumerate(rows)]
+        )  # fmt: skip
+    logprobs = logits - mx.logsumexp(logits, axis=-1, keepdims=True)  # (B, vocab)
+    ys = mx.argmax(logprobs, axis=-1)  # (B,)
+    if any(r.sampler is not greedy for r in rows):
+        ys = mx.concatenate(
+            [ys[b : b + 1] if r.sampler is greedy else r.sampler(logprobs[b : b + 1])
+             for b, r in enumerate(rows)]
+        )  # fmt: skip
+    return ys, logprobs
+
+
 # ---- many prompts ---------------------------------------------------------------
 
 
 class _Row:
-    """One prompt being decoded: its cache, sampler, processors and text so far."""
+    """One prompt being decoded: its cache, sampling and text so far."""
 
     def __init__(self, model, tokenizer: Tokenizer, ids: list[int], s: GenerationSettings):
         if s.max_kv_size is not None:
             raise ValueError("generate_many keeps whole caches; leave max_kv_size unset")
         self.caches = model.make_cache()
         self.budget = token_budget(model, self.caches, len(ids), s.max_tokens)
-        self.sampler, self.processors = s.sampler(), processors_for(model, tokenizer, s)
-        self.text, self.out, self.history = TextStream(tokenizer, s.stop), [], list(ids)
+        self.sampling = RowSampling(model, tokenizer, s, list(ids))
+        self.text, self.out = TextStream(tokenizer, s.stop), []
         self.token = ids[-1]  # the newest token, not yet in the caches
         if self.budget > 0:  # the last prompt token goes through the batched step
             prefill(model, mx.array(ids, mx.int32), self.caches, s.prefill_step)
-
-    def process(self, logits: mx.array) -> mx.array:  # (1, vocab)
-        history = mx.array(self.history, mx.int32) if self.processors else None
-        for p in self.processors:
-            logits = p(history, logits)
-        return logits
 
     def take(self, token: int) -> bool:
         """Add the sampled `token`; True when the text is complete."""
@@ -86,7 +124,7 @@ class _Row:
         text, stopped = self.text.step(token, last)
         self.out.append(text)
         self.token = token
-        self.history.append(token)
+        self.sampling.history.append(token)
         return stopped or last
 
 
@@ -129,9 +167,7 @@ def _step(model, rows: dict[int, _Row], texts: list[str], on_done) -> None:
     """One batched forward pass; every row samples its next token with its own settings."""
     order = list(rows)
     logits = decode_step(model, [rows[i].token for i in order], [rows[i].caches for i in order])
-    logits = mx.concatenate([rows[i].process(logits[b : b + 1]) for b, i in enumerate(order)])
-    logprobs = logits - mx.logsumexp(logits, axis=-1, keepdims=True)  # (B, vocab)
-    ys = mx.concatenate([rows[i].sampler(logprobs[b : b + 1]) for b, i in enumerate(order)])
+    ys, _ = sample_rows(logits, [rows[i].sampling for i in order])
     for i, y in zip(order, ys.tolist(), strict=True):
         if rows[i].take(y):
             _done(rows, texts, i, on_done)

@@ -62,7 +62,9 @@ class GenerationSettings:
         key = None if self.seed is None else mx.random.key(self.seed)
         return make_sampler(self.temp, self.top_p, self.top_k, self.min_p, key=key)
 
-    def logits_processors(self) -> list[LogitsProcessor]:
+    def logits_processors(self, n_prompt: int = 0) -> list[LogitsProcessor]:
+        """The processors these settings ask for; `n_prompt`: how many of the tokens a
+        processor sees are the prompt (settings that act on generated tokens only)."""
         return make_logits_processors(self.repetition_penalty, self.repetition_context_size)
 
 
@@ -236,9 +238,11 @@ class TextStream:
         return text, stopped
 
 
-def processors_for(model, tokenizer: Tokenizer, settings: GenerationSettings) -> list:
+def processors_for(
+    model, tokenizer: Tokenizer, settings: GenerationSettings, n_prompt: int = 0
+) -> list:
     """The logits processors of `settings`, plus a mask on ids the tokenizer has no text for."""
-    processors = settings.logits_processors()
+    processors = settings.logits_processors(n_prompt)
     if model.args.vocab_size > tokenizer.vocab_size:  # padded embeddings: ids with no text
         processors.append(make_vocab_limit(tokenizer.vocab_size))
     return processors

@@ -138,6 +138,20 @@ def make_logits_processors(
     return processors
 
 
+def make_penalties(n_prompt: int, presence: float, frequency: float) -> LogitsProcessor:
+    """OpenAI's presence and frequency penalties over the generated tokens (those after
+    the first `n_prompt`): a seen token loses `presence`, and `frequency` per occurrence."""
+
+    def process(tokens: mx.array, logits: mx.array) -> mx.array:
+        out = tokens[n_prompt:]
+        if out.size == 0:
+            return logits
+        counts = mx.zeros((logits.shape[-1],), mx.float32).at[out].add(1.0)  # (vocab,)
+        return logits - (presence * (counts > 0) + frequency * counts).astype(logits.dtype)
+
+    return process
+
+
 def make_vocab_limit(n_valid: int) -> LogitsProcessor:
     """Never sample ids >= `n_valid`: embedding rows past the tokenizer's vocabulary."""
 

@@ -27,9 +27,10 @@ import mlx.core as mx
 import numpy as np
 
 from ..formats.tokenizer import Tokenizer
-from ..generation.batch import decode_step
-from ..generation.generate import GenerationSettings, TextStream
-from ..generation.sample import make_logits_processors, make_vocab_limit
+from ..generation.batch import RowSampling, decode_step, sample_rows
+from ..generation.generate import GenerationSettings, TextStream, token_budget
+from ..generation.sample import LogitsProcessor, make_logits_processors, make_penalties
+from ..model.cache import ContextLengthError
 from .prompt_cache import PromptCache
 
 
@@ -49,6 +50,16 @@ class RowSettings(GenerationSettings):
     frequency_penalty: float = 0.0
     logit_bias: dict[int, float] = field(default_factory=dict)
     top_logprobs: int | None = None  # None: no logprobs; 0-20: the chosen token plus that many
+
+    def logits_processors(self, n_prompt: int = 0) -> list[LogitsProcessor]:
+        processors = make_logits_processors(
+            self.repetition_penalty, self.repetition_context_size, self.logit_bias
+        )
+        if self.presence_penalty or self.frequency_penalty:
+            processors.append(
+                make_penalties(n_prompt, self.presence_penalty, self.frequency_penalty)
+            )
+        return processors
 
 
 @dataclass
@@ -99,54 +110,30 @@ class Job:
 
 
 class _Row:
-    """A job being prefilled or decoded, with its caches and text state."""
+    """A job being prefilled or decoded, with its caches and text state.
+
+    Raises ContextLengthError when the prompt does not fit the model's context; the
+    length limit is cut to what fits.
+    """
 
     def __init__(self, job: Job, engine: Engine):
-        s, tok = job.settings, engine.tokenizer
+        s, model = job.settings, engine.model
         self.job = job
-        self.caches, self.cached = engine.prompt_cache.fetch(job.prompt, engine.model.make_cache)
+        self.caches, self.cached = engine.prompt_cache.fetch(job.prompt, model.make_cache)
         if self.caches is None:
-            self.caches = engine.model.make_cache()
+            self.caches = model.make_cache()
+        n_new = len(job.prompt) - self.cached
+        self.max_tokens = token_budget(model, self.caches, n_new, s.max_tokens)
         self.tokens = list(job.prompt)  # fed and to feed: prompt, then generated tokens
         self.fed = self.cached  # tokens in the caches
         self.generated = 0
-        self.sampler = s.sampler()
-        self.processors = make_logits_processors(
-            s.repetition_penalty, s.repetition_context_size, s.logit_bias
-        )
-        if s.presence_penalty or s.frequency_penalty:
-            self.processors.append(
-                _penalties(len(job.prompt), s.presence_penalty, s.frequency_penalty)
-            )
-        if engine.model.args.vocab_size > tok.vocab_size:  # padded embeddings: ids with no text
-            self.processors.append(make_vocab_limit(tok.vocab_size))
-        self.text = TextStream(tok, s.stop)
+        self.sampling = RowSampling(model, engine.tokenizer, s, self.tokens)
+        self.text = TextStream(engine.tokenizer, s.stop)
 
     def chunks(self, step: int) -> list[tuple[int, int]]:
         """The prefill chunks left: all prompt tokens but the last, `step` at a time."""
         end = len(self.job.prompt) - 1
         return [(lo, min(lo + step, end)) for lo in range(self.fed, end, step)]
-
-    def process(self, logits: mx.array) -> mx.array:
-        if not self.processors:
-            return logits
-        history = mx.array(self.tokens, mx.int32)
-        for p in self.processors:
-            logits = p(history, logits)
-        return logits
-
-
-def _penalties(n_prompt: int, presence: float, frequency: float):
-    """OpenAI's presence and frequency penalties over the generated tokens."""
-
-    def process(tokens: mx.array, logits: mx.array) -> mx.array:
-        out = tokens[n_prompt:]
-        if out.size == 0:
-            return logits
-        counts = mx.zeros((logits.shape[-1],), mx.float32).at[out].add(1.0)  # (vocab,)
-        return logits - (presence * (counts > 0) + frequency * counts).astype(logits.dtype)
-
-    return process
 
 
 class Engine:
@@ -271,7 +258,11 @@ class Engine:
         self._prefilling, self._running = [], []
 
     def _step(self, admitted: list[Job]) -> None:
-        self._prefilling += [_Row(job, self) for job in admitted]
+        for job in admitted:
+            try:
+                self._prefilling.append(_Row(job, self))
+            except ContextLengthError as e:
+                job.emit(Failed(str(e), 400))
         self._admitted = []
         self._drop_cancelled()
         self._prefill()
@@ -309,32 +300,35 @@ class Engine:
         logits = decode_step(self.model, [r.tokens[r.fed] for r in rows], [r.caches for r in rows])
         for r in rows:
             r.fed += 1
-        logprobs = mx.concatenate([r.process(logits[i : i + 1]) for i, r in enumerate(rows)])
-        logprobs = logprobs - mx.logsumexp(logprobs, axis=-1, keepdims=True)  # (B, vocab)
-        ys = mx.concatenate([r.sampler(logprobs[i : i + 1]) for i, r in enumerate(rows)])  # (B,)
-        chosen = mx.take_along_axis(logprobs, ys[:, None], axis=-1)[:, 0]  # (B,)
-        mx.eval(ys, chosen)
+        ys, logprobs = sample_rows(logits, [r.sampling for r in rows])  # (B,), (B, vocab)
+        if any(r.job.settings.top_logprobs is not None for r in rows):
+            chosen = mx.take_along_axis(logprobs, ys[:, None], axis=-1)[:, 0]  # (B,)
+            mx.eval(ys, chosen)
+            chosen = chosen.tolist()
+        else:
+            chosen = [None] * len(rows)
         done = []
-        for i, (r, y, lp) in enumerate(zip(rows, ys.tolist(), chosen.tolist(), strict=True)):
-            if self._emit_token(r, y, lp, logprobs[i]):
+        for i, (r, y, lp) in enumerate(zip(rows, ys.tolist(), chosen, strict=True)):
+            if self._emit_token(r, y, lp, logprobs, i):
                 done.append(r)
         for r in done:
             rows.remove(r)
         if done:
             mx.clear_cache()
 
-    def _emit_token(self, row: _Row, token: int, logprob: float, logprobs: mx.array) -> bool:
-        """Send one token's text; True when the row is finished (and reported)."""
+    def _emit_token(self, row: _Row, token: int, logprob, logprobs: mx.array, i: int) -> bool:
+        """Send one token's text (and its logprobs, row `i` of `logprobs`, when asked for);
+        True when the row is finished (and reported)."""
         row.tokens.append(token)
         row.generated += 1
         s = row.job.settings
-        last = row.generated >= s.max_tokens
+        last = row.generated >= row.max_tokens
         text, stopped = row.text.step(token, last)
         reason = "stop" if stopped else "length" if last else None
         event = Token(text, token)
         if s.top_logprobs is not None:
             event.logprob = self._logprob(token, logprob)
-            event.top = self._top(logprobs, s.top_logprobs)
+            event.top = self._top(logprobs[i], s.top_logprobs)
         row.job.emit(event)
         if reason is not None:
             self._finish(row, reason)
