@@ -109,7 +109,7 @@ def app_client(loaded, instruct_dir):
     def make(**engine_kw):
         model, tokenizer = loaded
         engine = Engine(model, tokenizer, **engine_kw)
-        config = ServerConfig(model_id="tiny-Instruct", chat_template=True, context_length=256)
+        config = ServerConfig(model_id="tiny-Instruct", chat_template=True)
         engine.start()
         engines.append(engine)
         return TestClient(create_app(engine, tokenizer, config)), engine
@@ -149,6 +149,21 @@ def test_queue_full_and_shutting_down_are_503_with_retry_after(app_client):
     r = client.post("/v1/completions", json=body)
     assert r.status_code == 503 and "shutting down" in r.json()["error"]["message"]
     assert client.get("/health").status_code == 503
+
+
+def test_the_apps_context_limit_is_the_models(app_client, loaded):
+    model, tokenizer = loaded
+    client, _ = app_client()  # nothing but the model says how long its context is
+    context, n = model.args.max_context_length, len(tokenizer.encode("hello"))
+    assert context != 2048  # not the default of ModelArgs
+    body = {"model": "tiny-Instruct", "prompt": "hello", "max_tokens": context - n + 1}
+    r = client.post("/v1/completions", json=body)
+    assert r.status_code == 400 and r.json()["error"]["code"] == "context_length_exceeded"
+    assert f"has {n} tokens" in r.text and f"{context + 1} in all" in r.text
+    assert f"{context}-token context" in r.text
+    body = {"model": "tiny-Instruct", "prompt": [5] * context}  # no room for one token
+    r = client.post("/v1/completions", json=body)
+    assert r.status_code == 400 and f"context is {context} tokens" in r.text
 
 
 def test_missing_web_stack_names_the_extra(monkeypatch):
@@ -237,7 +252,7 @@ def test_a_client_that_leaves_mid_stream_has_its_row_dropped(loaded, monkeypatch
     monkeypatch.setattr(Job, "cancel", cancel)
     monkeypatch.setattr(engine_mod, "decode_step", gated)
     engine = Engine(model, tokenizer)
-    config = ServerConfig(model_id="tiny-Instruct", context_length=256)
+    config = ServerConfig(model_id="tiny-Instruct")
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         port = s.getsockname()[1]

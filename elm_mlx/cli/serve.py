@@ -101,7 +101,6 @@ def _run_serve(args) -> None:
         defaults=sampling_defaults(path),
         api_key=api_key,
         max_body_bytes=int(args.max_body_mb * 2**20),
-        context_length=model.args.max_context_length,
     )
     engine = engine_mod.Engine(
         model,

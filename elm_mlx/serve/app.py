@@ -41,7 +41,6 @@ class ServerConfig:
     defaults: dict = field(default_factory=dict)  # generation_config.json: temp, top_p, top_k
     api_key: str | None = None
     max_body_bytes: int = 4 * 2**20
-    context_length: int = 2048
     created: int = field(default_factory=lambda: int(time.time()))
 
     def knows(self, name: str) -> bool:
@@ -167,6 +166,7 @@ class _Result:
 class _Api:
     def __init__(self, engine, tokenizer: Tokenizer, config: ServerConfig):
         self.engine, self.tokenizer, self.config = engine, tokenizer, config
+        self.context = engine.model.args.max_context_length  # as the model defines it
 
     async def health(self, request: Request) -> Response:
         if self.engine.closing:
@@ -301,7 +301,7 @@ class _Api:
             raise ApiError(400, f"{param}: {e}", param=param) from None
 
     def _settings(self, req, prompt: list[int], max_tokens: int | None, top) -> RowSettings:
-        context, n = self.config.context_length, len(prompt)
+        context, n = self.context, len(prompt)
         if max_tokens is None:
             max_tokens = context - n
             if max_tokens < 1:
