@@ -2,11 +2,12 @@
 
 from __future__ import annotations
 
+import shutil
 from pathlib import Path
 
 import pytest
 
-from elm_mlx.cli import common
+from elm_mlx.cli import common, main
 from elm_mlx.cli.common import CliError, as_flags, flag_names
 from elm_mlx.quant.quantize import GroupSizeError
 
@@ -73,3 +74,56 @@ def test_only_the_shared_helper_rewords_library_names():
         for copy in ("re.sub(", "GroupSizeError", "def _as_flags", "def _flag_names",
                      "def _group_size_flag", "def flags("):  # fmt: skip
             assert copy not in text, f"{file.name}: {copy}"
+
+
+# ---- outputs without a tokenizer -------------------------------------------------------
+
+
+def without_tokenizer(src: Path, dst: Path) -> Path:
+    shutil.copytree(src, dst, ignore=shutil.ignore_patterns("tokenizer.model"))
+    return dst
+
+
+def tokenizer_warnings(err: str) -> list[str]:
+    return [line for line in err.splitlines() if "tokenizer.model" in line]
+
+
+def test_quantizing_a_model_without_a_tokenizer_says_how_to_add_one(tmp_path, capsys):
+    from elm_mlx.formats.modeldir import DEFAULT_MODEL
+
+    bare = without_tokenizer(Path(DEFAULT_MODEL), tmp_path / "bare")
+    assert main(["quantize", "--model", str(bare), "--out", str(tmp_path / "q")]) == 0
+    assert tokenizer_warnings(capsys.readouterr().err) == [
+        f"warning: {tmp_path / 'q'} has no tokenizer.model (its input model has none), so "
+        "`elm-mlx generate` cannot use it; copy the Llama-2 SentencePiece tokenizer.model "
+        f"into {tmp_path / 'q'}"
+    ]
+    # With the tokenizer copied in, the quantized model generates.
+    shutil.copyfile(Path(DEFAULT_MODEL) / "tokenizer.model", tmp_path / "q" / "tokenizer.model")
+    argv = ["generate", "--model", str(tmp_path / "q"), "--prompt", "ROMEO:", "--max-tokens", "2"]
+    assert main(argv) == 0
+    # A model with its tokenizer quantizes without a warning.
+    assert main(["quantize", "--model", str(DEFAULT_MODEL), "--out", str(tmp_path / "q2")]) == 0
+    assert tokenizer_warnings(capsys.readouterr().err) == []
+
+
+@pytest.mark.parametrize("tokenizer", [True, False], ids=["with", "without"])
+def test_fusing_into_a_model_without_a_tokenizer_says_how_to_add_one(
+    tmp_path, model_dir, capsys, tokenizer
+):
+    from elm_mlx.formats.modeldir import load
+    from elm_mlx.training.lora import LoRAConfig, apply_lora, save_adapters
+
+    base = model_dir if tokenizer else without_tokenizer(model_dir, tmp_path / "bare")
+    model, _ = load(base)
+    config = LoRAConfig(rank=2)
+    apply_lora(model, config, seed=0)
+    save_adapters(model, tmp_path / "adapters", config)
+    fused = tmp_path / "fused"
+    argv = ["fuse", "--model", str(base), "--adapter-path", str(tmp_path / "adapters")]
+    assert main([*argv, "--save-path", str(fused)]) == 0
+    warnings = tokenizer_warnings(capsys.readouterr().err)
+    assert len(warnings) == (0 if tokenizer else 1), warnings
+    if not tokenizer:
+        assert warnings[0].startswith(f"warning: {fused} has no tokenizer.model")
+        assert warnings[0].endswith(f"copy the Llama-2 SentencePiece tokenizer.model into {fused}")

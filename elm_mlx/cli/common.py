@@ -13,7 +13,7 @@ from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 
-from ..formats.modeldir import default_model_path
+from ..formats.modeldir import TOKENIZER_FILE, default_model_path
 from ..generation.loading import load_for_generation
 from ..quant.quantize import GroupSizeError
 
@@ -131,6 +131,17 @@ def flag_names(
 def log(line: str) -> None:
     """A progress or notice line on stderr (stdout stays for results)."""
     print(line, file=sys.stderr, flush=True)
+
+
+def warn_without_tokenizer(out: str | Path) -> None:
+    """One warning line when the model directory just written at `out` has no tokenizer.model
+    (its input had none): generate, chat, serve and perplexity cannot use it as it is."""
+    if not (Path(out) / TOKENIZER_FILE).is_file():
+        log(
+            f"warning: {out} has no tokenizer.model (its input model has none), so "
+            f"`elm-mlx generate` cannot use it; copy the Llama-2 SentencePiece tokenizer.model "
+            f"into {out}"
+        )
 
 
 def os_error_message(e: OSError) -> str:

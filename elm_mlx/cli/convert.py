@@ -15,7 +15,7 @@ from ..quant.quantize import (
     dir_size,
     matrix_shapes,
 )
-from .common import CliError, Command, flag_names, log
+from .common import CliError, Command, flag_names, log, warn_without_tokenizer
 
 # The flag of a group size that does not fit, per command (convert's carry a `--q-` prefix).
 _Q_FLAGS = {"group_size": "--q-group-size"}
@@ -147,6 +147,7 @@ def _run_quantize(args) -> None:
         )
     print(f"{args.out}: {bits_per_weight(model):.3f} bits per weight, "
           f"{dir_size(args.out) / 1e6:.1f} MB")  # fmt: skip
+    warn_without_tokenizer(args.out)
     if args.report:
         print(qq.report(float_model, model, windows, float_dir=args.model, quant_dir=args.out))
 

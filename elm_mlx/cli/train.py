@@ -9,7 +9,7 @@ from ..training.finetune import finetune, fuse
 from ..training.lora import LoRAConfig
 from ..training.train_ops import TrainingOps
 from ..training.trainer import TrainArgs
-from .common import Command, as_flags, flag_names, log
+from .common import Command, as_flags, flag_names, log, warn_without_tokenizer
 
 
 def _add_lora(p) -> None:
@@ -127,6 +127,7 @@ def _run_fuse(args) -> None:
             force=args.force, log=log,
         )  # fmt: skip
     print(f"fused {args.adapter_path} into {args.model}: wrote {args.save_path}")
+    warn_without_tokenizer(args.save_path)
 
 
 COMMANDS = {
