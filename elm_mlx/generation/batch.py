@@ -83,8 +83,9 @@ class RowSampling:
 def sample_rows(logits: mx.array, rows: Sequence[RowSampling]) -> tuple[mx.array, mx.array]:
     """(next token of each row (B,), log-probabilities (B, vocab) it was drawn from).
 
-    Each row's processors and sampler act on its own row; greedy rows with nothing to
-    process (the common case) share one pass over the batch.
+    Each row's processors and sampler act on its own row. Greedy rows with nothing to
+    process (the common case) share one argmax over the batch; the log-probabilities
+    are then returned lazily, computed only if the caller reads them.
     """
     if any(r.processors for r in rows):
         logits = mx.concatenate(
@@ -92,12 +93,13 @@ def sample_rows(logits: mx.array, rows: Sequence[RowSampling]) -> tuple[mx.array
              for b, r in enumerate(rows)]
         )  # fmt: skip
     logprobs = logits - mx.logsumexp(logits, axis=-1, keepdims=True)  # (B, vocab)
-    ys = mx.argmax(logprobs, axis=-1)  # (B,)
-    if any(r.sampler is not greedy for r in rows):
-        ys = mx.concatenate(
-            [ys[b : b + 1] if r.sampler is greedy else r.sampler(logprobs[b : b + 1])
-             for b, r in enumerate(rows)]
-        )  # fmt: skip
+    if all(r.sampler is greedy for r in rows):
+        return mx.argmax(logits, axis=-1), logprobs  # the argmax of each row's logprobs
+    ys = mx.argmax(logits, axis=-1)  # (B,)
+    ys = mx.concatenate(
+        [ys[b : b + 1] if r.sampler is greedy else r.sampler(logprobs[b : b + 1])
+         for b, r in enumerate(rows)]
+    )  # fmt: skip
     return ys, logprobs
 
 
