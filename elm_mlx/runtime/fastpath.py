@@ -122,27 +122,30 @@ def _matvec(x: np.ndarray, w: np.ndarray) -> np.ndarray:
             b = hi if block is None else min(hi, a + block)
             np.matmul(x, w[:, a:b], out=out[:, a:b])
 
-    if w.nbytes < _SMALL_WEIGHT:
+    if w.nbytes * max(1, x.shape[0] // 2) < _SMALL_WORK:
         cols(0, w.shape[1])
     else:
         _parallel(cols, w.shape[1])
     return out
 
 
-_SMALL_WEIGHT = 1 << 19  # bytes below which a product is not worth a hand-off to a worker
+# Weight bytes (times half the rows) below which a product is not worth the hand-off to
+# a worker: a few hundred microseconds of work.
+_SMALL_WORK = 1 << 22
 
 
 class _RowBlocks:
     """Whether a product of a few rows runs faster in column blocks, by row count.
 
     OpenBLAS (0.3.x, AVX-512 kernels) multiplies a few rows by a large matrix several
-    times slower than its bandwidth allows, but has fast kernels for products of up to
-    about a million multiply-adds; other BLAS builds may not. The first large product
-    of each row count is timed both ways, and the faster is kept for that count.
+    times slower than its bandwidth allows, but has direct kernels for products of up to
+    a million multiply-adds and up to about 128 output columns; other BLAS builds may
+    not. The first time a row count is seen, a product of that many rows is timed both
+    ways, and the faster way is kept for that count.
     """
 
-    WORK = 1_000_000  # multiply-adds per block
-    TIMED_BYTES = 1 << 22  # weights this large are timed
+    WORK = 1_000_000  # multiply-adds per block at most
+    COLUMNS = 128  # columns per block at most
 
     def __init__(self):
         self.faster: dict[int, bool] = {}
@@ -152,18 +155,27 @@ class _RowBlocks:
         m, k = x.shape
         if not 2 <= m <= 64:
             return None
-        block = max(16, self.WORK // (m * k) // 16 * 16)
-        if block >= w.shape[1]:
+        block = self._block(m, k)
+        if block is None or block >= w.shape[1]:
             return None
         if m not in self.faster:
-            if w.nbytes < self.TIMED_BYTES:
-                return None
-            self.faster[m] = self._time(x, w, block) < self._time(x, w, None)
+            self.faster[m] = self._blocks_win(m)
         return block if self.faster[m] else None
 
+    def _block(self, m: int, k: int) -> int | None:
+        block = min(self.COLUMNS, self.WORK // (m * k) // 8 * 8)
+        return block if block >= 8 else None
+
+    def _blocks_win(self, m: int) -> bool:
+        """Time m rows by a (1024, 2048) matrix, in blocks and whole (best of 2 each)."""
+        rng = np.random.default_rng(0)
+        x = rng.standard_normal((m, 1024), dtype=np.float32)
+        w = rng.standard_normal((2048, 1024), dtype=np.float32).T  # (in, out) like the views
+        block = self._block(m, 1024)
+        return block is not None and self._time(x, w, block) < self._time(x, w, w.shape[1])
+
     @staticmethod
-    def _time(x: np.ndarray, w: np.ndarray, block: int | None) -> float:
-        n = w.shape[1] if block is None else block
+    def _time(x: np.ndarray, w: np.ndarray, n: int) -> float:
         out = np.empty((x.shape[0], w.shape[1]), np.float32)
         best = float("inf")
         for _ in range(2):
