@@ -392,3 +392,32 @@ def test_the_engines_failures_are_logged_to_a_broken_stderr_without_stopping_it(
         finally:
             engine.close(0)
             engine.join(10)
+
+
+def test_events_queued_behind_a_write_leave_in_one_write_in_order():
+    """A stream whose client reads slower than the engine writes: the tokens that queued up
+    go out together, in order, each as its own server-sent event, and the stream ends."""
+    import asyncio
+    from types import SimpleNamespace
+
+    from elm_mlx.serve import app as app_mod
+    from elm_mlx.serve.engine import Finished, Job, RowSettings, Token
+
+    async def run() -> list[str]:
+        channel = app_mod._Channel()
+        for text in ("a", "b", "", "c"):
+            channel.queue.put_nowait(Token(text, 7))
+        channel.queue.put_nowait(Finished("stop", 3, 4, 0))
+        api = SimpleNamespace()  # _stream reads nothing of the app's own state
+        fmt = app_mod._TextFormat(app_mod.ServerConfig("tiny"))
+        job = Job([1], RowSettings(), channel.emit)
+        stream = app_mod._Api._stream(api, job, channel, fmt, True, {})
+        return [part async for part in stream]
+
+    parts = asyncio.run(run())
+    assert len(parts) == 3, parts  # the opening chunk, everything queued, [DONE]
+    events = [json.loads(e[len("data: ") :]) for e in parts[1].split("\n\n") if e]
+    assert [e["choices"][0]["text"] for e in events[:3]] == ["a", "b", "c"]  # "" is skipped
+    assert events[3]["choices"][0]["finish_reason"] == "stop"
+    assert events[4]["usage"]["completion_tokens"] == 4 and events[4]["choices"] == []
+    assert parts[2] == "data: [DONE]\n\n"

@@ -274,7 +274,7 @@ def _group_attention(q, keys, values, out, block: int = 64) -> None:
     """
     r, L, hd = q.shape
     past = keys.shape[0] - L
-    upper = np.triu(np.full((block, block), -np.inf, np.float32), k=1)  # (block, block)
+    upper = _causal_mask(block)  # (block, block)
     for lo in range(0, L, block):
         hi = min(L, lo + block)
         n, end = hi - lo, past + hi  # rows, keys visible to the last row
@@ -285,6 +285,14 @@ def _group_attention(q, keys, values, out, block: int = 64) -> None:
         z = s.sum(axis=-1, keepdims=True)  # (r, n, 1)
         o = s.reshape(r * n, end) @ values[:end]
         out[:, lo:hi] = o.reshape(r, n, hd) / z
+
+
+@functools.cache
+def _causal_mask(n: int) -> np.ndarray:
+    """(n, n): -inf above the diagonal, 0 elsewhere (read-only: it is shared)."""
+    mask = np.triu(np.full((n, n), -np.inf, np.float32), k=1)
+    mask.flags.writeable = False
+    return mask
 
 
 def _cores() -> int:

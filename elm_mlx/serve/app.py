@@ -379,26 +379,41 @@ class _Api:
             job.cancel()  # no-op once finished; frees the row when the client left
 
     async def _stream(self, job: Job, channel: _Channel, fmt, include_usage: bool, state):
+        """Server-sent events; what the engine sent while the last write was going out
+        leaves in one write."""
         stream_id = fmt.new_id()
         try:
             yield _sse(fmt.chunk(stream_id, first=True))
-            while True:
-                event = await channel.queue.get()
-                if isinstance(event, Failed):
-                    yield _sse(_failed(event).body())
+            ended = False
+            while not ended:
+                out = []
+                for event in await _available(channel.queue):
+                    if isinstance(event, Failed):
+                        out.append(_sse(_failed(event).body()))
+                    elif isinstance(event, Token):
+                        if event.text or event.logprob is not None:
+                            out.append(_sse(fmt.chunk(stream_id, token=event)))
+                        continue
+                    else:
+                        state["usage"] = (event.prompt_tokens, event.completion_tokens)
+                        out.append(_sse(fmt.chunk(stream_id, reason=event.reason)))
+                        if include_usage:
+                            out.append(_sse(fmt.usage_chunk(stream_id, event)))
+                    ended = True  # nothing follows a Failed or Finished event
                     break
-                if isinstance(event, Token):
-                    if event.text or event.logprob is not None:
-                        yield _sse(fmt.chunk(stream_id, token=event))
-                    continue
-                state["usage"] = (event.prompt_tokens, event.completion_tokens)
-                yield _sse(fmt.chunk(stream_id, reason=event.reason))
-                if include_usage:
-                    yield _sse(fmt.usage_chunk(stream_id, event))
-                break
+                if out:
+                    yield "".join(out)
             yield "data: [DONE]\n\n"
         finally:
             job.cancel()
+
+
+async def _available(queue: asyncio.Queue) -> list:
+    """The next event, and every one queued behind it."""
+    events = [await queue.get()]
+    while not queue.empty():
+        events.append(queue.get_nowait())
+    return events
 
 
 _GONE = object()  # on a channel's queue: the client has disconnected
