@@ -266,7 +266,7 @@ def _causal_sdpa(q: np.ndarray, keys: np.ndarray, values: np.ndarray) -> np.ndar
     return out.transpose(1, 0, 2).reshape(L, n_q * hd)
 
 
-def _group_attention(q, keys, values, out, block: int = 64) -> None:
+def _group_attention(q, keys, values, out, block: int = 128) -> None:
     """Query heads q (r, L, hd) of one KV head (T, hd) into out (r, L, hd).
 
     Queries go in blocks that score only the keys they may see; only the block's
