@@ -355,9 +355,15 @@ def main() -> None:
     work = Path(opts.workdir or tempfile.mkdtemp(prefix="bench_serve-"))
     work.mkdir(parents=True, exist_ok=True)
     print(f"logs and weights in {work}", file=sys.stderr)
+    print(f"{os.cpu_count()} cores; load average {_load()} before", flush=True)
     for name, path in model_dirs(work, opts.models.split(",")).items():
         print(f"benchmarking {name} ({path})", flush=True)
         bench_model(name, path, work, opts)
+    print(f"load average {_load()} after")
+
+
+def _load() -> str:
+    return " ".join(f"{x:.2f}" for x in os.getloadavg())
 
 
 if __name__ == "__main__":

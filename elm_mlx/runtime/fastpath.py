@@ -135,20 +135,20 @@ _SMALL_WORK = 1 << 22
 
 
 class _RowBlocks:
-    """Whether a product of a few rows runs faster in column blocks, by row count.
+    """Whether products of a few rows (2-64) run faster in column blocks.
 
     OpenBLAS (0.3.x, AVX-512 kernels) multiplies a few rows by a large matrix several
     times slower than its bandwidth allows, but has direct kernels for products of up to
     a million multiply-adds and up to about 128 output columns; other BLAS builds may
-    not. The first time a row count is seen, a product of that many rows is timed both
-    ways, and the faster way is kept for that count.
+    not. The first time it is asked, 8 rows by a fixed matrix are timed both ways (a few
+    milliseconds, once per process), and the faster way is kept.
     """
 
     WORK = 1_000_000  # multiply-adds per block at most
     COLUMNS = 128  # columns per block at most
 
     def __init__(self):
-        self.faster: dict[int, bool] = {}
+        self.faster: bool | None = None
 
     def size(self, x: np.ndarray, w: np.ndarray) -> int | None:
         """Columns per block for x @ w, or None for one product."""
@@ -158,21 +158,19 @@ class _RowBlocks:
         block = self._block(m, k)
         if block is None or block >= w.shape[1]:
             return None
-        if m not in self.faster:
-            self.faster[m] = self._blocks_win(m)
-        return block if self.faster[m] else None
+        if self.faster is None:
+            self.faster = self._blocks_win()
+        return block if self.faster else None
 
     def _block(self, m: int, k: int) -> int | None:
         block = min(self.COLUMNS, self.WORK // (m * k) // 8 * 8)
         return block if block >= 8 else None
 
-    def _blocks_win(self, m: int) -> bool:
-        """Time m rows by a (1024, 2048) matrix, in blocks and whole (best of 2 each)."""
-        rng = np.random.default_rng(0)
-        x = rng.standard_normal((m, 1024), dtype=np.float32)
-        w = rng.standard_normal((2048, 1024), dtype=np.float32).T  # (in, out) like the views
-        block = self._block(m, 1024)
-        return block is not None and self._time(x, w, block) < self._time(x, w, w.shape[1])
+    def _blocks_win(self) -> bool:
+        """Time 8 rows by a (1024, 2048) matrix in blocks and whole, best of 2 each."""
+        x = np.full((8, 1024), 0.5, np.float32)
+        w = np.full((2048, 1024), 0.25, np.float32).T  # (in, out), laid out like the views
+        return self._time(x, w, self._block(8, 1024)) < self._time(x, w, w.shape[1])
 
     @staticmethod
     def _time(x: np.ndarray, w: np.ndarray, n: int) -> float:
