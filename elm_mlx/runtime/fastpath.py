@@ -32,6 +32,7 @@ import os
 import queue
 import threading
 import time
+import weakref
 from contextlib import contextmanager
 from dataclasses import dataclass
 
@@ -70,16 +71,21 @@ class _Views:
 
 
 def _sources(model: OpenELM) -> tuple | None:
-    """The float32 weights the step reads (fixed order); None if a layer is not a plain one."""
-    t = model.transformer
-    mods = [t.token_embeddings, t.norm, model.output_head()[1]]
-    for block in t.layers:
-        a, f = block.attn, block.ffn
-        qk = [a.q_norm, a.k_norm] if "q_norm" in a else [None, None]
-        mods += [block.attn_norm, a.qkv_proj, *qk, a.out_proj, block.ffn_norm, f.proj_1, f.proj_2]
+    """The float32 weights the step reads (fixed order); None if a layer is not a plain one.
+
+    Checked on every call, so it reads the modules as the dicts they are (an MLX
+    module's attribute lookup costs several times a dict lookup).
+    """
+    t = model["transformer"]
+    mods = [t["token_embeddings"], t["norm"], model.output_head()[1]]
+    for block in t["layers"]:
+        a, f = block["attn"], block["ffn"]
+        qk = [a["q_norm"], a["k_norm"]] if "q_norm" in a else [None, None]
+        mods += [block["attn_norm"], a["qkv_proj"], *qk, a["out_proj"], block["ffn_norm"]]
+        mods += [f["proj_1"], f["proj_2"]]
     if any(m is not None and (type(m) not in _PLAIN or "bias" in m) for m in mods):
         return None  # quantized, LoRA or otherwise replaced layers
-    weights = tuple(None if m is None else m.weight for m in mods)
+    weights = tuple(None if m is None else m["weight"] for m in mods)
     if any(w is not None and w.dtype != mx.float32 for w in weights):
         return None
     return weights
@@ -426,14 +432,32 @@ def _append(cache, k: np.ndarray, v: np.ndarray) -> tuple[np.ndarray, np.ndarray
         return k, v
     end = cache.offset + k.shape[1]
     if cache.keys is not None and end <= cache.keys.shape[2]:
-        keys, values = np.asarray(cache.keys), np.asarray(cache.values)  # evaluates if pending
-        if all(a.flags.c_contiguous and a.flags.writeable for a in (keys, values)):
-            keys[0, :, cache.offset : end] = k
-            values[0, :, cache.offset : end] = v
+        buffers = _writable(cache)
+        if buffers is not None:
+            keys, values = buffers
+            keys[:, cache.offset : end] = k
+            values[:, cache.offset : end] = v
             cache.offset = end
-            return keys[0, :, :end], values[0, :, :end]
+            return keys[:, :end], values[:, :end]
     keys, values = cache.update_and_fetch(mx.array(k)[None], mx.array(v)[None])
     return np.asarray(keys)[0], np.asarray(values)[0]  # (n_kv, T, hd)
+
+
+# cache -> (its keys and values arrays, their writable numpy views (n_kv, capacity, hd) or None)
+_BUFFERS: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()
+
+
+def _writable(cache) -> tuple[np.ndarray, np.ndarray] | None:
+    """Views of the cache's whole buffers when they can be written in place (dense CPU
+    memory), kept until the cache's arrays are replaced."""
+    seen = _BUFFERS.get(cache)
+    if seen is not None and seen[0] is cache.keys and seen[1] is cache.values:
+        return seen[2]
+    keys, values = np.asarray(cache.keys), np.asarray(cache.values)  # evaluates if pending
+    dense = all(a.flags.c_contiguous and a.flags.writeable for a in (keys, values))
+    views = (keys[0], values[0]) if dense else None
+    _BUFFERS[cache] = (cache.keys, cache.values, views)
+    return views
 
 
 def _split_qkv(w: _LayerViews, qkv: np.ndarray, eps: float, cos, sin):
