@@ -58,6 +58,17 @@ def random_weights(args: ModelArgs, seed: int = 0, dtype=np.float32) -> dict[str
     return weights
 
 
+def random_model(args: ModelArgs, seed: int = 0):
+    """An OpenELM module holding `random_weights(args, seed)` (MLX imported here, on use)."""
+    import mlx.core as mx
+
+    from .model.openelm import OpenELM
+
+    model = OpenELM(args)
+    model.load_weights([(k, mx.array(v)) for k, v in random_weights(args, seed).items()])
+    return model
+
+
 def hf_config(args: ModelArgs, torch_dtype: str = "float32") -> dict:
     """config.json as Apple's OpenELM repos write it."""
     config = args.to_dict()

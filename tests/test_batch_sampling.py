@@ -11,16 +11,12 @@ import pytest
 
 from elm_mlx.generation.batch import RowSampling, sample_rows
 from elm_mlx.generation.generate import GenerationSettings
-from elm_mlx.model.openelm import OpenELM
-from elm_mlx.testing import random_weights, tiny_args
+from elm_mlx.testing import random_model, tiny_args
 
 
 @pytest.fixture(scope="module")
 def model():
-    args = tiny_args(vocab_size=300)
-    m = OpenELM(args)
-    m.load_weights([(k, mx.array(v)) for k, v in random_weights(args, 1).items()])
-    return m
+    return random_model(tiny_args(vocab_size=300), 1)
 
 
 def _alone(model, tokenizer, settings, history, logits):

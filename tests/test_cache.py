@@ -5,16 +5,12 @@ import numpy as np
 import pytest
 
 from elm_mlx.model.cache import ContextLengthError, KVCache, RotatingKVCache, load_cache, save_cache
-from elm_mlx.model.openelm import OpenELM
-from elm_mlx.testing import random_weights, tiny_args
+from elm_mlx.testing import random_model, tiny_args
 
 
 @pytest.fixture(scope="module")
 def model():
-    args = tiny_args(num_gqa_groups=2)
-    m = OpenELM(args)
-    m.load_weights([(k, mx.array(v)) for k, v in random_weights(args, 5).items()])
-    return m
+    return random_model(tiny_args(num_gqa_groups=2), 5)
 
 
 def ids(n, seed=0):

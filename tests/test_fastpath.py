@@ -14,12 +14,11 @@ from mlx.utils import tree_flatten
 
 from elm_mlx.generation.generate import generate_step
 from elm_mlx.model.cache import RotatingKVCache
-from elm_mlx.model.openelm import OpenELM
 from elm_mlx.runtime import fastpath
 from elm_mlx.runtime.blas import find_openblas
 from elm_mlx.runtime.device import default_dtype, default_scales_dtype
 from elm_mlx.runtime.fastpath import CpuDecoder, fast_decoder, fast_path_description
-from elm_mlx.testing import random_weights, tiny_args
+from elm_mlx.testing import random_model, tiny_args
 
 VARIANTS = [
     pytest.param(dict(num_gqa_groups=4, tied=True), id="gqa4-tied"),
@@ -29,8 +28,7 @@ VARIANTS = [
 
 
 def build(args, seed=3):
-    model = OpenELM(args)
-    model.load_weights([(k, mx.array(v)) for k, v in random_weights(args, seed).items()])
+    model = random_model(args, seed)
     mx.eval(model.parameters())
     return model
 
