@@ -422,3 +422,49 @@ def test_appending_in_place_never_reaches_a_cache_it_was_seeded_from(model):
     fresh = model.make_cache()
     fast(mx.array([[3, 4, 5, 6, 10, 12]]), cache=fresh)
     assert rel_err(b[-1].state[0], fresh[-1].state[0]) < 1e-6
+
+
+def test_a_trimmed_copy_of_a_full_kept_cache_never_writes_into_it():
+    """A cache seeded with the whole of another's buffer (the kept one is exactly full),
+    then trimmed, has room in a buffer it does not own: its next token goes elsewhere."""
+    from elm_mlx.model.cache import KVCache
+
+    kept, ones = KVCache(), np.ones((2, 1, 4), np.float32)
+    for _ in range(KVCache.step):
+        fastpath._append(kept, ones, ones)
+    assert kept.keys.shape[2] == kept.offset == KVCache.step  # full
+    copy = KVCache()
+    copy.state = [kept.keys[..., : kept.offset, :], kept.values[..., : kept.offset, :]]
+    mx.eval(copy.state)
+    copy.trim(1)
+    keys, _ = fastpath._append(copy, ones * 9, ones * 9)
+    assert keys[0, -1, 0] == 9 and copy.offset == KVCache.step
+    assert (np.array(kept.keys) == 1).all() and (np.array(kept.values) == 1).all()
+
+
+def test_a_cache_the_mlx_path_wrote_between_numpy_steps(model):
+    """numpy, then MLX, then numpy steps on one cache agree with MLX steps alone (the numpy
+    path reads the cache's current buffers, whoever wrote last)."""
+    fast = CpuDecoder(model)
+    mixed, plain = model.make_cache(), model.make_cache()
+    prompt = mx.array([[5, 6, 7]])
+    fast(prompt, cache=mixed)
+    model(prompt, cache=plain)
+    for i, tok in enumerate([8, 9, 10, 11, 12, 13]):
+        ids = mx.array([[tok]])
+        got = (model if i % 2 else fast)(ids, cache=mixed)
+        want = model(ids, cache=plain)
+        assert rel_err(got, want) < 1e-5, i
+    for a, b in zip(mixed, plain, strict=True):
+        assert rel_err(a.state[0], b.state[0]) < 1e-5
+
+
+def test_rope_tables_kept_stay_within_the_context():
+    """A rotating window decodes past the context; positions beyond it are not kept."""
+    args = dataclasses.replace(tiny_args(num_gqa_groups=2), max_context_length=16)
+    fast = CpuDecoder(build(args))
+    cache = fast.make_cache(max_kv_size=8)
+    for tok in range(24):
+        fast(mx.array([[tok % 7 + 1]]), cache=cache)
+    assert cache[0].offset == 24
+    assert max(fast._tables) < 16 and len(fast._tables) <= 16

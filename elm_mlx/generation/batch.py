@@ -94,7 +94,7 @@ def sample_rows(logits: mx.array, rows: Sequence[RowSampling]) -> tuple[mx.array
         )  # fmt: skip
     logprobs = logits - mx.logsumexp(logits, axis=-1, keepdims=True)  # (B, vocab)
     if all(r.sampler is greedy for r in rows):
-        return mx.argmax(logits, axis=-1), logprobs  # the argmax of each row's logprobs
+        return mx.argmax(logits, axis=-1), logprobs  # the logprobs' argmax, but for rounding ties
     ys = mx.argmax(logits, axis=-1)  # (B,)
     ys = mx.concatenate(
         [ys[b : b + 1] if r.sampler is greedy else r.sampler(logprobs[b : b + 1])

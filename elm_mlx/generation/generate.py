@@ -268,7 +268,7 @@ def stream_generate(
     ids = tokenizer.encode(prompt) if isinstance(prompt, str) else [int(i) for i in prompt]
     cache = model.make_cache(settings.max_kv_size) if cache is None else cache
     budget = token_budget(model, cache, len(ids), settings.max_tokens)
-    processors = processors_for(model, tokenizer, settings)
+    processors = processors_for(model, tokenizer, settings, n_prompt=len(ids))
     steps = generate_step(
         ids,
         model,

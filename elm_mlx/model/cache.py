@@ -30,6 +30,11 @@ class KVCache:
         self.values: mx.array | None = None
         self.offset = 0
         self.max_size = max_size
+        # True while the buffers are ones `_grow` made for this cache, so that positions
+        # past `offset` are its alone; False once `state` sets arrays that may be views
+        # of another cache's (a prompt cache's copies). The CPU fast path writes new
+        # positions in place only into buffers the cache owns.
+        self.owned = False
 
     def _grow(self, keys: mx.array, values: mx.array, needed: int) -> None:
         B, n_kv, _, k_dim = keys.shape
@@ -45,6 +50,7 @@ class KVCache:
         else:
             self.keys = mx.concatenate([self.keys[..., : self.offset, :], new_k], axis=2)
             self.values = mx.concatenate([self.values[..., : self.offset, :], new_v], axis=2)
+        self.owned = True
 
     def update_and_fetch(self, keys: mx.array, values: mx.array) -> tuple[mx.array, mx.array]:
         """Append (B, n_kv, L, head_dim) keys/values; return everything cached so far."""
@@ -79,6 +85,7 @@ class KVCache:
     @state.setter
     def state(self, v: list[mx.array]) -> None:
         self.keys, self.values = v
+        self.owned = False
         self._filled(self.keys.shape[2])
 
     @property

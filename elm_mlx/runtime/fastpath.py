@@ -32,7 +32,6 @@ import os
 import queue
 import threading
 import time
-import weakref
 from contextlib import contextmanager
 from dataclasses import dataclass
 
@@ -423,41 +422,23 @@ def _append(cache, k: np.ndarray, v: np.ndarray) -> tuple[np.ndarray, np.ndarray
     """Append k, v (n_kv, L, hd) to a plain float32 `cache` (or none); return every cached
     key and value (n_kv, T, hd), the new ones last, as views of the cache's buffers.
 
-    While the buffer has room, the new positions are written into MLX's memory in place
-    (a CPU array's numpy view is its memory): positions past `offset` belong to this
-    cache alone, since a cache seeded from another's keys (`state`) holds exactly its
-    `offset` positions and grows into a fresh buffer. Growing is MLX's `update_and_fetch`.
+    While the buffer has room and the cache owns it (`KVCache.owned`: made by its own
+    growth, not set from another cache's arrays), the new positions are written into
+    MLX's memory in place (a CPU array's numpy view is its memory). Otherwise MLX's
+    `update_and_fetch` appends, copying a shared buffer and growing a full one.
     """
     if cache is None:
         return k, v
     end = cache.offset + k.shape[1]
-    if cache.keys is not None and end <= cache.keys.shape[2]:
-        buffers = _writable(cache)
-        if buffers is not None:
-            keys, values = buffers
-            keys[:, cache.offset : end] = k
-            values[:, cache.offset : end] = v
+    if cache.owned and end <= cache.keys.shape[2]:
+        keys, values = np.asarray(cache.keys), np.asarray(cache.values)  # evaluates if pending
+        if all(a.flags.c_contiguous and a.flags.writeable for a in (keys, values)):
+            keys[0, :, cache.offset : end] = k
+            values[0, :, cache.offset : end] = v
             cache.offset = end
-            return keys[:, :end], values[:, :end]
+            return keys[0, :, :end], values[0, :, :end]
     keys, values = cache.update_and_fetch(mx.array(k)[None], mx.array(v)[None])
     return np.asarray(keys)[0], np.asarray(values)[0]  # (n_kv, T, hd)
-
-
-# cache -> (its keys and values arrays, their writable numpy views (n_kv, capacity, hd) or None)
-_BUFFERS: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()
-
-
-def _writable(cache) -> tuple[np.ndarray, np.ndarray] | None:
-    """Views of the cache's whole buffers when they can be written in place (dense CPU
-    memory), kept until the cache's arrays are replaced."""
-    seen = _BUFFERS.get(cache)
-    if seen is not None and seen[0] is cache.keys and seen[1] is cache.values:
-        return seen[2]
-    keys, values = np.asarray(cache.keys), np.asarray(cache.values)  # evaluates if pending
-    dense = all(a.flags.c_contiguous and a.flags.writeable for a in (keys, values))
-    views = (keys[0], values[0]) if dense else None
-    _BUFFERS[cache] = (cache.keys, cache.values, views)
-    return views
 
 
 def _split_qkv(w: _LayerViews, qkv: np.ndarray, eps: float, cos, sin):
@@ -524,11 +505,12 @@ def _decode_attention(w: _LayerViews, qkv: np.ndarray, caches: list, eps: float,
     return out.reshape(B, -1)  # heads in order
 
 
-def _rope_tables(offsets, n: int, head_dim: int, base: float, memo: dict) -> dict:
+def _rope_tables(offsets, n: int, head_dim: int, base: float, memo: dict, kept: int) -> dict:
     """MLX's RoPE cos/sin (n, 1, head_dim / 2) for `n` positions from each offset.
 
     RoPE of [1, ..., 1, 0, ..., 0] is exactly [cos, sin], so the numpy rotation uses
-    the very values MLX's kernel uses. One-position tables are kept in `memo`; the
+    the very values MLX's kernel uses. One-position tables of offsets below `kept` (the
+    context; a rotating window's offsets grow without end) are kept in `memo`; the
     missing ones take one MLX evaluation.
     """
     tables = {o: memo[o] for o in offsets if n == 1 and o in memo}
@@ -544,7 +526,7 @@ def _rope_tables(offsets, n: int, head_dim: int, base: float, memo: dict) -> dic
     mx.eval(rows)
     for o, r in zip(missing, rows, strict=True):
         tables[o] = tuple(np.split(np.array(r).reshape(n, 1, head_dim), 2, axis=-1))
-        if n == 1:
+        if n == 1 and o < kept:
             memo[o] = tables[o]
     return tables
 
@@ -609,7 +591,10 @@ class CpuDecoder:
     def _rope(self, caches: list, n: int) -> dict:
         offsets = {0 if c is None else c.offset for c in caches}
         args = self.model.args
-        return _rope_tables(offsets, n, args.head_dim, args.rope_freq_constant, self._tables)
+        return _rope_tables(
+            offsets, n, args.head_dim, args.rope_freq_constant, self._tables,
+            args.max_context_length,
+        )  # fmt: skip
 
     def decode_rows(self, tokens: list[int], caches: list[list]) -> mx.array | None:
         """Logits (B, vocab) of one new token for each of B sequences, each with its own
