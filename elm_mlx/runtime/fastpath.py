@@ -12,9 +12,9 @@ the model's MLX weights (`np.asarray` of a CPU array shares its memory), product
 split over the cores with BLAS on one thread each (gemv for one token, gemm for a
 prompt chunk, column blocks for a few rows where the BLAS is faster so), blocked
 causal attention. The KV cache stays the model's MLX `KVCache`: new keys/values are
-written into its buffer in place while it has room (`_append`), and RoPE uses MLX's
-own cos/sin. `decode_rows` is one token for each of several sequences, each with its
-own cache. Quantized or LoRA layers, other dtypes and GPU devices take the model's
+written into its buffer in place while it owns it and has room (`_append`), and RoPE
+uses MLX's own cos/sin. `decode_rows` is one token for each of several sequences, each
+with its own cache. Quantized or LoRA layers, other dtypes and GPU devices take the model's
 normal MLX path; a rotating cache takes MLX's attention for one token and the MLX
 path for a prompt.
 
