@@ -2,10 +2,11 @@
 
     python benchmarks/bench_kernels.py
 
-Prints what MLX's CPU backend does with one-row and prompt-sized float32 products
-(with the system OpenBLAS preloaded, and with the BLAS its wheel bundles), what numpy
-does with the same arrays (zero-copy views), MLX's and numpy's `exp`, and MLX's
-half-precision products. Best of several runs each; the machine may be shared.
+Prints what MLX's CPU backend does with one-row, eight-row and prompt-sized float32
+products (with the system OpenBLAS preloaded, and with the BLAS its wheel bundles), what
+numpy does with the same arrays (zero-copy views, whole and in column blocks), one and
+eight rows' decode step, MLX's and numpy's `exp`, and MLX's half-precision products.
+Best of several runs each; the machine may be shared.
 """
 
 from __future__ import annotations
@@ -67,6 +68,60 @@ def products(mx, np) -> None:
             flops,
             "FLOP",
         )
+
+
+def few_rows(mx, np) -> None:
+    """8 rows (the server's batch) by one weight: whole sgemm against column blocks."""
+    from elm_mlx.runtime import fastpath
+    from elm_mlx.runtime.fastpath import _matvec, _one_blas_thread
+
+    rows = 8
+    w = mx.random.normal((N, K)) * 0.02
+    x = mx.random.normal((rows, K))
+    mx.eval(w, x)
+    wn, xn = np.asarray(w).T, np.asarray(x)  # (in, out) view, as the fast path holds it
+    block = fastpath._row_blocks._block(rows, K)
+    out = np.empty((rows, N), np.float32)
+
+    def blocks() -> None:
+        for a in range(0, N, block):
+            np.matmul(xn, wn[:, a : a + block], out=out[:, a : a + block])
+
+    print(f"{rows} rows: ({rows}, {K}) @ ({K}, {N}) float32; column blocks of {block}")
+    row("MLX x @ W.T (cblas_sgemm, M=8)", best(lambda: mx.eval(x @ w.T)), wn.nbytes)
+    with _one_blas_thread():
+        row("numpy x @ W.T whole, one thread", best(lambda: xn @ wn), wn.nbytes)
+        row("numpy x @ W.T in column blocks, one thread", best(blocks), wn.nbytes)
+        for faster in (False, True):
+            fastpath._row_blocks.faster = faster
+            label = "blocks" if faster else "whole"
+            row(f"elm_mlx _matvec ({label}, blocking pool)", best(lambda: _matvec(xn, wn)),
+                wn.nbytes)  # fmt: skip
+        fastpath._row_blocks.faster = None
+
+
+def decode_steps(mx, np) -> None:
+    """CpuDecoder.decode_rows on OpenELM-270M shapes (random weights), 128 cached tokens a
+    row: one row against eight."""
+    from elm_mlx.model.config import preset
+    from elm_mlx.runtime.fastpath import CpuDecoder
+    from elm_mlx.testing import random_model
+
+    model = CpuDecoder(random_model(preset("OpenELM-270M")))
+    mx.eval(model.parameters())
+    print("decode step, OpenELM-270M shapes, 128 cached tokens per row")
+    for rows in (1, 8):
+        caches = [model.make_cache() for _ in range(rows)]
+        for c in caches:
+            model(mx.array([list(range(3, 131))]), cache=c)
+
+        def step(rows=rows, caches=caches) -> None:
+            mx.eval(model.decode_rows([5] * rows, caches))
+            for c in caches:
+                for layer in c:
+                    layer.offset -= 1  # the same position every time
+
+        row(f"decode_rows, {rows} row(s)", best(step))
 
 
 def transcendentals(mx, np) -> None:
@@ -132,6 +187,8 @@ def main() -> None:
     print(f"{os.cpu_count()} cores, load average {os.getloadavg()[0]:.2f}")
     print(f"MLX BLAS: {blas_description()}")
     products(mx, np)
+    few_rows(mx, np)
+    decode_steps(mx, np)
     transcendentals(mx, np)
     half_precision(mx)
     env = {**os.environ, "ELM_MLX_BLAS": "0"}
