@@ -421,3 +421,24 @@ def test_events_queued_behind_a_write_leave_in_one_write_in_order():
     assert events[3]["choices"][0]["finish_reason"] == "stop"
     assert events[4]["usage"]["completion_tokens"] == 4 and events[4]["choices"] == []
     assert parts[2] == "data: [DONE]\n\n"
+
+
+def test_a_connection_that_fails_while_watched_counts_as_gone():
+    """The disconnect watcher of a non-streaming request ends cleanly when receiving fails,
+    and the request is answered as a client that left."""
+    import asyncio
+    from types import SimpleNamespace
+
+    from elm_mlx.serve import app as app_mod
+
+    async def broken():
+        raise OSError("connection reset")
+
+    async def run():
+        channel = app_mod._Channel()
+        task = asyncio.create_task(app_mod._on_disconnect(SimpleNamespace(receive=broken), channel))
+        await task
+        return task.exception(), channel.queue.get_nowait()
+
+    error, event = asyncio.run(run())
+    assert error is None and event is app_mod._GONE

@@ -420,8 +420,14 @@ _GONE = object()  # on a channel's queue: the client has disconnected
 
 
 async def _on_disconnect(request: Request, channel: _Channel) -> None:
-    """Put _GONE on the channel once the client disconnects (its body is read already)."""
-    while (await request.receive())["type"] != "http.disconnect":
+    """Put _GONE on the channel once the client disconnects (its body is read already).
+
+    A connection that fails while being watched counts as gone: the task ends without an
+    exception nobody would read (asyncio prints those as tracebacks)."""
+    try:
+        while (await request.receive())["type"] != "http.disconnect":
+            pass
+    except Exception:
         pass
     channel.queue.put_nowait(_GONE)
 
