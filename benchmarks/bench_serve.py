@@ -5,7 +5,9 @@ shapes), each server is started as its own process on 127.0.0.1 and driven over
 HTTP with streamed /v1/completions requests:
 
 - N requests with P-token prompts and T new tokens (greedy) at each concurrency:
-  aggregate generated tokens/s, time to first token p50/p95, inter-token latency p50/p95;
+  aggregate generated tokens/s, time to first token p50/p95, inter-token latency p50/p95.
+  Each concurrency has prompts of its own (the same for both servers), so no server's
+  prompt cache serves a prompt it saw at an earlier concurrency;
 - a multi-turn conversation whose history grows to about 1,000 tokens (less where the
   model's context is smaller): time to first token of turns 2-6, for elm-mlx with its
   prompt cache, elm-mlx without it (--prompt-cache-gb 0) and mlx_lm.server.
@@ -22,6 +24,7 @@ does. Both servers run with the same OpenBLAS (mlx_lm.server through LD_PRELOAD)
 from __future__ import annotations
 
 import argparse
+import functools
 import json
 import os
 import random
@@ -207,6 +210,14 @@ def mlx_lm_server(shim: Path, work: Path) -> Server:
 # ---- the client -----------------------------------------------------------------
 
 
+@functools.cache
+def client() -> httpx.Client:
+    """One client for every request, as an application would keep one: making an httpx
+    client costs about 20 ms of CPU (an SSL context), which per request would be timed
+    as the server's first-token latency and, on a small machine, taken from the servers."""
+    return httpx.Client(timeout=600, limits=httpx.Limits(max_connections=64))
+
+
 def stream(url: str, model: str, prompt: str, max_tokens: int) -> Timing:
     body = {
         "model": model,
@@ -218,7 +229,7 @@ def stream(url: str, model: str, prompt: str, max_tokens: int) -> Timing:
     }
     t = Timing(time.perf_counter())
     chunks = 0
-    with httpx.stream("POST", url + "/v1/completions", json=body, timeout=600) as r:
+    with client().stream("POST", url + "/v1/completions", json=body) as r:
         r.raise_for_status()
         for line in r.iter_lines():
             if not line.startswith("data: ") or line == "data: [DONE]":
@@ -236,10 +247,11 @@ def stream(url: str, model: str, prompt: str, max_tokens: int) -> Timing:
 
 
 def run_mix(url: str, model: str, prompts: list[str], new: int, concurrency: int) -> dict:
-    stream(url, model, prompts[0], 4)  # warm up
+    """`prompts[0]` warms the server up; the rest are timed."""
+    stream(url, model, prompts[0], 4)
     start = time.perf_counter()
     with ThreadPoolExecutor(concurrency) as pool:
-        timings = list(pool.map(lambda p: stream(url, model, p, new), prompts))
+        timings = list(pool.map(lambda p: stream(url, model, p, new), prompts[1:]))
     wall = time.perf_counter() - start
     ttft = [t.ttft for t in timings]
     itl = [b - a for t in timings for a, b in zip(t.arrivals, t.arrivals[1:], strict=False)]
@@ -278,13 +290,14 @@ def bench_model(name: str, path: Path, work: Path, opts) -> None:
 
     tokenizer = Tokenizer(path / "tokenizer.model")
     context = read_config(path).max_context_length
-    prompts = make_prompts(tokenizer, opts.requests, opts.prompt_tokens)
+    prompts = {c: make_prompts(tokenizer, opts.requests + 1, opts.prompt_tokens, seed=100 + c)
+               for c in opts.concurrency}  # fmt: skip
     # the conversation: `turns` user messages, each reply `reply` tokens, ~`target` in all
     target = min(opts.chat_tokens, context - opts.reply_tokens - 16)
     user_len = max(8, target // opts.turns - opts.reply_tokens)
     users = [u + "\n" for u in make_prompts(tokenizer, opts.turns, user_len, seed=1)]
     shim = mlx_lm_dir(path, work, tokenizer)
-    check_tokenizers(shim, tokenizer, prompts[:8])
+    check_tokenizers(shim, tokenizer, prompts[opts.concurrency[0]][:8])
     mix, chat = {}, {}
     servers = {"elm-mlx serve": lambda: elm_server(path, work), "mlx_lm.server": None}
     servers["mlx_lm.server"] = lambda: mlx_lm_server(shim, work)
@@ -294,7 +307,7 @@ def bench_model(name: str, path: Path, work: Path, opts) -> None:
         with make() as server:
             model = str(shim if label == "mlx_lm.server" else path)
             for c in opts.concurrency:
-                mix[label, c] = run_mix(server.url, model, prompts, opts.new_tokens, c)
+                mix[label, c] = run_mix(server.url, model, prompts[c], opts.new_tokens, c)
                 print(
                     f"  {label} concurrency {c}: {mix[label, c]['tok_s']:.1f} tokens/s", flush=True
                 )

@@ -459,12 +459,15 @@ def test_a_cache_the_mlx_path_wrote_between_numpy_steps(model):
         assert rel_err(a.state[0], b.state[0]) < 1e-5
 
 
-def test_rope_tables_kept_stay_within_the_context():
-    """A rotating window decodes past the context; positions beyond it are not kept."""
+def test_rope_table_stays_the_context_long():
+    """A rotating window decodes past the context: positions beyond it are computed when
+    asked for, never added to the table, and rotate as MLX's RoPE does."""
     args = dataclasses.replace(tiny_args(num_gqa_groups=2), max_context_length=16)
-    fast = CpuDecoder(build(args))
-    cache = fast.make_cache(max_kv_size=8)
+    model = build(args)
+    fast = CpuDecoder(model)
+    cache, plain = fast.make_cache(max_kv_size=8), model.make_cache(max_kv_size=8)
     for tok in range(24):
-        fast(mx.array([[tok % 7 + 1]]), cache=cache)
+        ids = mx.array([[tok % 7 + 1]])
+        assert rel_err(fast(ids, cache=cache), model(ids, cache=plain)) < 1e-5, tok
     assert cache[0].offset == 24
-    assert max(fast._tables) < 16 and len(fast._tables) <= 16
+    assert fast._rope_table.cos.shape[0] == 16

@@ -453,16 +453,16 @@ def _split_qkv(w: _LayerViews, qkv: np.ndarray, eps: float, cos, sin):
     return qk[:, :n_q] * a.scale, qk[:, n_q:], v
 
 
-def _prompt_attention(w: _LayerViews, qkv: np.ndarray, cache, eps: float, tables) -> np.ndarray:
+def _prompt_attention(w: _LayerViews, qkv: np.ndarray, cache, eps: float, rope) -> np.ndarray:
     """L new positions of one sequence: (L, qkv_out_dim) -> (L, q * head_dim); appends them
     to `cache`."""
     offset = 0 if cache is None else cache.offset
-    q, k, v = _split_qkv(w, qkv, eps, *tables[offset])
+    q, k, v = _split_qkv(w, qkv, eps, *rope.span(offset, len(qkv)))
     keys, values = _append(cache, k.transpose(1, 0, 2), v.transpose(1, 0, 2))
     return _causal_sdpa(q, keys, values)
 
 
-def _decode_attention(w: _LayerViews, qkv: np.ndarray, caches: list, eps: float, tables):
+def _decode_attention(w: _LayerViews, qkv: np.ndarray, caches: list, eps: float, rope):
     """One new position for each of B sequences: (B, qkv_out_dim) -> (B, q * head_dim);
     row b's key and value are appended to `caches[b]`.
 
@@ -473,8 +473,7 @@ def _decode_attention(w: _LayerViews, qkv: np.ndarray, caches: list, eps: float,
     a = w.attn
     B, n_kv, hd = len(caches), a.n_kv_heads, a.head_dim
     offsets = [0 if c is None else c.offset for c in caches]
-    cos, sin = (np.concatenate(t) for t in zip(*(tables[o] for o in offsets), strict=True))
-    q, k, v = _split_qkv(w, qkv, eps, cos, sin)
+    q, k, v = _split_qkv(w, qkv, eps, *rope.rows(offsets))
     q = q.reshape(B, n_kv, -1, hd)  # (B, n_kv, rep, hd): query head h reads KV head h // rep
     out = np.empty_like(q)
     cached = []
@@ -505,30 +504,39 @@ def _decode_attention(w: _LayerViews, qkv: np.ndarray, caches: list, eps: float,
     return out.reshape(B, -1)  # heads in order
 
 
-def _rope_tables(offsets, n: int, head_dim: int, base: float, memo: dict, kept: int) -> dict:
-    """MLX's RoPE cos/sin (n, 1, head_dim / 2) for `n` positions from each offset.
+class _RopeTable:
+    """MLX's RoPE cos/sin for every position of the context, (positions, 1, head_dim / 2) each.
 
-    RoPE of [1, ..., 1, 0, ..., 0] is exactly [cos, sin], so the numpy rotation uses
-    the very values MLX's kernel uses. One-position tables of offsets below `kept` (the
-    context; a rotating window's offsets grow without end) are kept in `memo`; the
-    missing ones take one MLX evaluation.
+    RoPE of [1, ..., 1, 0, ..., 0] is exactly [cos, sin], so the numpy rotation uses the
+    very values MLX's kernel uses (one evaluation gives every position the same values
+    as one per offset). Positions past the context (a rotating window's offsets grow
+    without end) take one MLX evaluation each time they are asked for.
     """
-    tables = {o: memo[o] for o in offsets if n == 1 and o in memo}
-    missing = sorted(set(offsets) - tables.keys())
-    if not missing:
-        return tables
-    half = head_dim // 2
-    unit = mx.broadcast_to(mx.array([1.0] * half + [0.0] * half), (1, 1, n, head_dim))
-    rows = [
-        mx.fast.rope(unit, head_dim, traditional=False, base=base, scale=1.0, offset=o)
-        for o in missing
-    ]
-    mx.eval(rows)
-    for o, r in zip(missing, rows, strict=True):
-        tables[o] = tuple(np.split(np.array(r).reshape(n, 1, head_dim), 2, axis=-1))
-        if n == 1 and o < kept:
-            memo[o] = tables[o]
-    return tables
+
+    def __init__(self, head_dim: int, base: float, positions: int):
+        self.head_dim, self.base = head_dim, base
+        self.cos, self.sin = self._evaluate(0, positions)
+
+    def _evaluate(self, offset: int, n: int) -> tuple[np.ndarray, np.ndarray]:
+        half = self.head_dim // 2
+        unit = mx.broadcast_to(mx.array([1.0] * half + [0.0] * half), (1, 1, n, self.head_dim))
+        r = mx.fast.rope(unit, self.head_dim, traditional=False, base=self.base, scale=1.0,
+                         offset=offset)  # fmt: skip
+        r = np.array(r).reshape(n, 1, self.head_dim)
+        return np.ascontiguousarray(r[..., :half]), np.ascontiguousarray(r[..., half:])
+
+    def span(self, offset: int, n: int) -> tuple[np.ndarray, np.ndarray]:
+        """cos, sin of positions offset .. offset + n - 1, (n, 1, head_dim / 2) each."""
+        if offset + n <= len(self.cos):
+            return self.cos[offset : offset + n], self.sin[offset : offset + n]
+        return self._evaluate(offset, n)
+
+    def rows(self, offsets: list[int]) -> tuple[np.ndarray, np.ndarray]:
+        """cos, sin of one position for each row, (B, 1, head_dim / 2) each."""
+        if max(offsets) < len(self.cos):
+            return self.cos[offsets], self.sin[offsets]
+        spans = [self.span(o, 1) for o in offsets]
+        return np.concatenate([c for c, _ in spans]), np.concatenate([s for _, s in spans])
 
 
 class CpuDecoder:
@@ -545,7 +553,7 @@ class CpuDecoder:
     def __init__(self, model: OpenELM):
         self.model = model
         self._views: _Views | None = None
-        self._tables: dict = {}  # one-position RoPE tables by offset
+        self._rope_table: _RopeTable | None = None  # made on first use
 
     def __getattr__(self, name: str):
         if name == "model":  # not set yet (e.g. during copying)
@@ -581,20 +589,19 @@ class CpuDecoder:
         """Logits (1, L, vocab) for token ids (L,), appending to `cache` (one per layer)."""
         args = self.model.args
         cache = cache or [None] * len(views.layers)
-        tables = self._rope(cache, len(tokens))
         with _one_blas_thread():  # the pool shares the work out instead
-            h = _blocks(views, views.embed[tokens], [cache], args.rms_norm_eps, tables)
+            h = _blocks(views, views.embed[tokens], [cache], args.rms_norm_eps, self._rope())
             if len(tokens) == 1:
                 return mx.array(_matvec(h, views.head))[None]  # (1, 1, vocab)
         return self.model.head(mx.array(h)[None])  # lazy (1, L, vocab)
 
-    def _rope(self, caches: list, n: int) -> dict:
-        offsets = {0 if c is None else c.offset for c in caches}
-        args = self.model.args
-        return _rope_tables(
-            offsets, n, args.head_dim, args.rope_freq_constant, self._tables,
-            args.max_context_length,
-        )  # fmt: skip
+    def _rope(self) -> _RopeTable:
+        if self._rope_table is None:
+            args = self.model.args
+            self._rope_table = _RopeTable(
+                args.head_dim, args.rope_freq_constant, args.max_context_length
+            )
+        return self._rope_table
 
     def decode_rows(self, tokens: list[int], caches: list[list]) -> mx.array | None:
         """Logits (B, vocab) of one new token for each of B sequences, each with its own
@@ -604,14 +611,13 @@ class CpuDecoder:
         if views is None or not all(_numpy_cache(c) for row in caches for c in row):
             return None
         args = self.model.args
-        tables = self._rope([c for row in caches for c in row], 1)
         with _one_blas_thread():
             h = views.embed[np.asarray(tokens, np.int32)]  # (B, d)
-            h = _blocks(views, h, caches, args.rms_norm_eps, tables)
+            h = _blocks(views, h, caches, args.rms_norm_eps, self._rope())
             return mx.array(_matvec(h, views.head))  # (B, vocab)
 
 
-def _blocks(views: _Views, h: np.ndarray, rows: list[list], eps: float, tables: dict) -> np.ndarray:
+def _blocks(views: _Views, h: np.ndarray, rows: list[list], eps: float, rope: _RopeTable) -> np.ndarray:
     """Every block and the final norm, (N, d) -> (N, d): N tokens of one sequence
     (`rows` = [its per-layer caches]), or one new token for each of N sequences (row
     b's per-layer caches `rows[b]`). The products read each weight once for all rows."""
@@ -620,9 +626,9 @@ def _blocks(views: _Views, h: np.ndarray, rows: list[list], eps: float, tables: 
     for i, w in enumerate(views.layers):
         qkv = _matvec(_rms_norm(h, w.attn_norm, eps), w.qkv)  # (N, (q + 2 kv) * head_dim)
         if h.shape[0] == len(rows):  # one new token per sequence
-            attn = _decode_attention(w, qkv, [r[i] for r in rows], eps, tables)
+            attn = _decode_attention(w, qkv, [r[i] for r in rows], eps, rope)
         else:
-            attn = _prompt_attention(w, qkv, rows[0][i], eps, tables)
+            attn = _prompt_attention(w, qkv, rows[0][i], eps, rope)
         h = h + _matvec(attn, w.out)
         g = _matvec(_rms_norm(h, w.ffn_norm, eps), w.proj_1)  # (N, 2 * ffn_dim)
         h = h + _matvec(_glu(g), w.proj_2)
