@@ -471,3 +471,24 @@ def test_rope_table_stays_the_context_long():
         assert rel_err(fast(ids, cache=cache), model(ids, cache=plain)) < 1e-5, tok
     assert cache[0].offset == 24
     assert fast._rope_table.cos.shape[0] == 16
+
+
+def test_caches_get_buffers_of_their_own_before_a_step(model):
+    """Fresh, seeded and full caches are given owned buffers with room before the numpy
+    path writes (one evaluation for all); one that would pass max_size is refused."""
+    from elm_mlx.model.cache import ContextLengthError, KVCache
+
+    fast = CpuDecoder(model)
+    fresh = model.make_cache()
+    fast(mx.array([[3, 4, 5]]), cache=fresh)
+    assert all(c.owned and c.keys.shape[2] == KVCache.step for c in fresh)
+    seeded = model.make_cache()
+    for c, k in zip(seeded, fresh, strict=True):
+        c.state = [k.keys[..., :2, :], k.values[..., :2, :]]
+    assert not any(c.owned for c in seeded)
+    fast.decode_rows([6], [seeded])
+    assert all(c.owned and c.offset == 3 for c in seeded)
+    bounded = [KVCache(max_size=3) for _ in fresh]
+    fast(mx.array([[3, 4, 5]]), cache=bounded)
+    with pytest.raises(ContextLengthError):
+        fast.decode_rows([6], [bounded])

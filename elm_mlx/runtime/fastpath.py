@@ -127,15 +127,15 @@ def _matvec(x: np.ndarray, w: np.ndarray) -> np.ndarray:
             b = hi if block is None else min(hi, a + block)
             np.matmul(x, w[:, a:b], out=out[:, a:b])
 
-    if w.nbytes * max(1, x.shape[0] // 2) < _SMALL_WORK:
+    if w.nbytes * max(1, x.shape[0] // 4) < _SMALL_WORK:
         cols(0, w.shape[1])
     else:
         _parallel(cols, w.shape[1])
     return out
 
 
-# Weight bytes (times half the rows) below which a product is not worth the hand-off to
-# a worker: a few hundred microseconds of work.
+# Weight bytes (times a quarter of the rows) below which a product is not worth the
+# hand-off to a worker: a few hundred microseconds of work.
 _SMALL_WORK = 1 << 22
 
 
@@ -265,8 +265,15 @@ def _causal_sdpa(q: np.ndarray, keys: np.ndarray, values: np.ndarray) -> np.ndar
             a, b = max(h0, g * rep), min(h1, (g + 1) * rep)
             _group_attention(qh[a:b], keys[g], values[g], out[a:b])
 
-    _parallel(heads, n_q)
+    if n_q * L * keys.shape[1] * hd < _SMALL_ATTENTION:
+        heads(0, n_q)
+    else:
+        _parallel(heads, n_q)
     return out.transpose(1, 0, 2).reshape(L, n_q * hd)
+
+
+# Score multiply-adds below which prompt attention stays on the calling thread.
+_SMALL_ATTENTION = 1 << 22
 
 
 def _group_attention(q, keys, values, out, block: int = 128) -> None:
@@ -441,6 +448,27 @@ def _append(cache, k: np.ndarray, v: np.ndarray) -> tuple[np.ndarray, np.ndarray
     return np.asarray(keys)[0], np.asarray(values)[0]  # (n_kv, T, hd)
 
 
+def _make_room(views: _Views, rows: list[list], n: int) -> None:
+    """Give every plain cache of `rows` (per-layer cache lists) a buffer of its own with room
+    for `n` more positions, all made in one MLX evaluation, so that `_append` writes in
+    place. A cache that would pass its `max_size` is left to `update_and_fetch` to refuse.
+    """
+    grown = []
+    for row in rows:
+        for w, c in zip(views.layers, row, strict=True):
+            if type(c) is not KVCache or not _numpy_cache(c):
+                continue
+            end = c.offset + n
+            if c.owned and end <= c.keys.shape[2] or c.max_size is not None and end > c.max_size:
+                continue
+            a = w.attn
+            empty = mx.zeros((1, a.n_kv_heads, 0, a.head_dim), mx.float32)
+            c._grow(empty, empty, end)
+            grown += [c.keys, c.values]
+    if grown:
+        mx.eval(grown)
+
+
 def _split_qkv(w: _LayerViews, qkv: np.ndarray, eps: float, cos, sin):
     """(N, qkv_out_dim) -> q (N, n_q, hd) scaled, k and v (N, n_kv, hd): QK-norm, RoPE."""
     a = w.attn
@@ -589,6 +617,7 @@ class CpuDecoder:
         """Logits (1, L, vocab) for token ids (L,), appending to `cache` (one per layer)."""
         args = self.model.args
         cache = cache or [None] * len(views.layers)
+        _make_room(views, [cache], len(tokens))
         with _one_blas_thread():  # the pool shares the work out instead
             h = _blocks(views, views.embed[tokens], [cache], args.rms_norm_eps, self._rope())
             if len(tokens) == 1:
@@ -611,6 +640,7 @@ class CpuDecoder:
         if views is None or not all(_numpy_cache(c) for row in caches for c in row):
             return None
         args = self.model.args
+        _make_room(views, caches, 1)
         with _one_blas_thread():
             h = views.embed[np.asarray(tokens, np.int32)]  # (B, d)
             h = _blocks(views, h, caches, args.rms_norm_eps, self._rope())
