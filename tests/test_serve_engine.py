@@ -69,6 +69,75 @@ def test_decode_step_rows_of_different_lengths_match_a_plain_forward(loaded, fas
             p.append(t)
 
 
+@pytest.mark.parametrize("fast", [True, False])
+def test_a_prompt_chunk_in_the_decode_step_fills_its_cache_as_a_prefill_does(loaded, fast):
+    """A prompt chunk riding along with the rows' step leaves its caches as a prefill of
+    that chunk would, and the rows' logits are unchanged by it."""
+    model = loaded[0]
+    raw = getattr(model, "model", model)
+    stepper = model if fast else raw
+    rng = np.random.default_rng(1)
+    prompts = [rng.integers(3, 384, n).tolist() for n in (6, 30)]
+    caches = _prefilled(stepper, prompts)
+    long = rng.integers(3, 384, 21).tolist()
+    riding = stepper.make_cache()
+    for lo in range(0, 20, 8):  # chunks of 8, 8 and 4, each in a step of the rows
+        chunk = (long[lo : min(lo + 8, 20)], riding)
+        logits = decode_step(stepper, [p[-1] for p in prompts], caches, chunk)
+        for b, p in enumerate(prompts):
+            ref = raw(mx.array(p)[None])[0, -1]
+            np.testing.assert_allclose(np.asarray(logits[b]), np.asarray(ref), atol=2e-4)
+        for p, t in zip(prompts, mx.argmax(logits, axis=-1).tolist(), strict=True):
+            p.append(t)
+    assert all(c.offset == 20 for c in riding)
+    logits = decode_step(stepper, [long[-1]], [riding])
+    ref = raw(mx.array(long)[None])[0, -1]
+    np.testing.assert_allclose(np.asarray(logits[0]), np.asarray(ref), atol=2e-4)
+
+
+def test_running_rows_keep_decoding_while_a_long_prompt_prefills(loaded):
+    """A prompt cut into chunks goes in the running rows' steps: the running row gets a
+    token every step meanwhile, and both get the text `generate` gives them alone."""
+    import threading
+
+    from elm_mlx.generation.batch import generate_many
+    from elm_mlx.generation.generate import generate
+    from elm_mlx.serve.engine import Engine, Finished, Job, RowSettings, Token
+
+    model, tokenizer = loaded
+    engine = Engine(model, tokenizer, prefill_step=4)
+    events, done = [], threading.Semaphore(0)
+
+    def emit(name):
+        def put(event):
+            events.append((name, event))
+            if isinstance(event, Finished):
+                done.release()
+
+        return put
+
+    short = tokenizer.encode("hello")
+    long = tokenizer.encode("Once upon a time there was a tiny model that read long prompts")
+    settings = RowSettings(max_tokens=40, temp=0.0, logit_bias={tokenizer.eos_id: -100.0})
+    engine.start()
+    try:
+        engine.submit(Job(short, settings, emit("short")))
+        _until(lambda: any(name == "short" for name, _ in events))
+        engine.submit(Job(long, RowSettings(max_tokens=5, temp=0.0), emit("long")))
+        assert done.acquire(timeout=60) and done.acquire(timeout=60)
+    finally:
+        engine.close(0)
+        engine.join(10)
+    first_long = next(i for i, (name, e) in enumerate(events) if name == "long")
+    chunks = -(-(len(long) - 1) // 4)
+    during = [e for name, e in events[:first_long] if name == "short" and isinstance(e, Token)]
+    assert len(during) >= chunks  # one token per step, the chunks' steps included
+    text = {n: "".join(e.text for m, e in events if m == n and isinstance(e, Token))
+            for n in ("short", "long")}  # fmt: skip
+    assert text["short"] == generate_many(model, tokenizer, [short], [settings])[0]  # with the bias
+    assert text["long"] == generate(model, tokenizer, long, max_tokens=5, temp=0.0)
+
+
 def test_prompt_cache_longest_prefix_lru_and_independent_copies(loaded):
     model = loaded[0]
     raw = getattr(model, "model", model)

@@ -30,20 +30,28 @@ from .generate import GenerationSettings, TextStream, prefill, processors_for, t
 from .sample import greedy
 
 
-def decode_step(model, tokens: list[int], caches: list[list]) -> mx.array:
+def decode_step(
+    model, tokens: list[int], caches: list[list], prompt: tuple[list[int], list] | None = None
+) -> mx.array:
     """Logits (B, vocab) of the next token of each row.
 
     `tokens[b]` is row b's newest token, not yet in its cache; `caches[b]` is that
-    row's per-layer cache list, which gains one position.
+    row's per-layer cache list, which gains one position. `prompt`, when given, is
+    (token ids, per-layer caches) of a prompt chunk of another sequence, fed into its
+    caches in the same step (on the CPU fast path in the same products; its logits are
+    never computed).
     """
     if not tokens:
         raise ValueError("decode_step needs at least one row")
     if isinstance(model, CpuDecoder):
-        logits = model.decode_rows(tokens, caches)
+        logits = model.decode_rows(tokens, caches, prompt)
         if logits is not None:
             return logits
-        model = model.model
-    return _mlx_step(model, tokens, caches)
+    if prompt is not None:
+        ids, prompt_caches = prompt
+        model(mx.array(ids, mx.int32)[None], cache=prompt_caches)
+        mx.eval([c.state for c in prompt_caches])
+    return _mlx_step(model.model if isinstance(model, CpuDecoder) else model, tokens, caches)
 
 
 def _mlx_step(model, tokens: list[int], caches: list[list]) -> mx.array:

@@ -14,7 +14,7 @@ prompt chunk, column blocks for a few rows where the BLAS is faster so), blocked
 causal attention. The KV cache stays the model's MLX `KVCache`: new keys/values are
 written into its buffer in place while it owns it and has room (`_append`), and RoPE
 uses MLX's own cos/sin. `decode_rows` is one token for each of several sequences, each
-with its own cache. Quantized or LoRA layers, other dtypes and GPU devices take the model's
+with its own cache, and optionally a prompt chunk of one more sequence in the same products. Quantized or LoRA layers, other dtypes and GPU devices take the model's
 normal MLX path; a rotating cache takes MLX's attention for one token and the MLX
 path for a prompt.
 
@@ -618,9 +618,13 @@ class CpuDecoder:
         args = self.model.args
         cache = cache or [None] * len(views.layers)
         _make_room(views, [cache], len(tokens))
+        one = len(tokens) == 1  # one token takes the one-row decode attention
         with _one_blas_thread():  # the pool shares the work out instead
-            h = _blocks(views, views.embed[tokens], [cache], args.rms_norm_eps, self._rope())
-            if len(tokens) == 1:
+            h = _blocks(
+                views, views.embed[tokens], args.rms_norm_eps, self._rope(),
+                prompt=None if one else cache, rows=[cache] if one else [],
+            )  # fmt: skip
+            if one:
                 return mx.array(_matvec(h, views.head))[None]  # (1, 1, vocab)
         return self.model.head(mx.array(h)[None])  # lazy (1, L, vocab)
 
@@ -632,37 +636,57 @@ class CpuDecoder:
             )
         return self._rope_table
 
-    def decode_rows(self, tokens: list[int], caches: list[list]) -> mx.array | None:
+    def decode_rows(
+        self, tokens: list[int], caches: list[list], prompt: tuple[list[int], list] | None = None
+    ) -> mx.array | None:
         """Logits (B, vocab) of one new token for each of B sequences, each with its own
         per-layer cache list (which gains one position); None when the numpy path cannot
-        take these rows (the caller then runs the model's MLX modules)."""
+        take these rows (the caller then runs the model's MLX modules).
+
+        `prompt`, when given, is (token ids, per-layer caches) of a prompt chunk of one more
+        sequence, appended to its caches in the same pass: the products read each weight
+        once for the chunk and the rows. The chunk's logits are not computed.
+        """
         views = self._current_views() if on_cpu() else None
-        if views is None or not all(_numpy_cache(c) for row in caches for c in row):
+        every = caches + ([prompt[1]] if prompt else [])
+        if views is None or not all(_numpy_cache(c) for row in every for c in row):
             return None
         args = self.model.args
+        ids = np.asarray(prompt[0] if prompt else [], np.int32)
         _make_room(views, caches, 1)
+        if prompt:
+            _make_room(views, [prompt[1]], len(ids))
         with _one_blas_thread():
-            h = views.embed[np.asarray(tokens, np.int32)]  # (B, d)
-            h = _blocks(views, h, caches, args.rms_norm_eps, self._rope())
+            h = views.embed[np.concatenate([ids, np.asarray(tokens, np.int32)])]  # (L + B, d)
+            h = _blocks(views, h, args.rms_norm_eps, self._rope(),
+                        prompt=prompt[1] if prompt else None, rows=caches)  # fmt: skip
             return mx.array(_matvec(h, views.head))  # (B, vocab)
 
 
-def _blocks(views: _Views, h: np.ndarray, rows: list[list], eps: float, rope: _RopeTable) -> np.ndarray:
-    """Every block and the final norm, (N, d) -> (N, d): N tokens of one sequence
-    (`rows` = [its per-layer caches]), or one new token for each of N sequences (row
-    b's per-layer caches `rows[b]`). The products read each weight once for all rows."""
-    if len(rows) > 1 and len(rows) != h.shape[0]:
-        raise ValueError(f"{len(rows)} sequences take one token each, got {h.shape[0]}")
+def _blocks(
+    views: _Views, h: np.ndarray, eps: float, rope: _RopeTable, *, prompt: list | None = None,
+    rows: list[list] = (),
+) -> np.ndarray:
+    """Every block and the final norm over (N, d): the first N - len(rows) positions are
+    new tokens of one sequence (`prompt`: its per-layer caches), the last len(rows) one new
+    token for each of the sequences `rows` (row b's per-layer caches `rows[b]`). The
+    products read each weight once for all positions. Returns the final norm of the rows'
+    positions, or of the prompt's when there are no rows: (len(rows) or N, d)."""
+    L = h.shape[0] - len(rows)
+    if (L > 0) != (prompt is not None):
+        raise ValueError(f"{h.shape[0]} positions for {len(rows)} rows and prompt={prompt!r}")
     for i, w in enumerate(views.layers):
         qkv = _matvec(_rms_norm(h, w.attn_norm, eps), w.qkv)  # (N, (q + 2 kv) * head_dim)
-        if h.shape[0] == len(rows):  # one new token per sequence
-            attn = _decode_attention(w, qkv, [r[i] for r in rows], eps, rope)
-        else:
-            attn = _prompt_attention(w, qkv, rows[0][i], eps, rope)
+        parts = []
+        if L:
+            parts.append(_prompt_attention(w, qkv[:L], prompt[i], eps, rope))
+        if rows:
+            parts.append(_decode_attention(w, qkv[L:], [r[i] for r in rows], eps, rope))
+        attn = parts[0] if len(parts) == 1 else np.concatenate(parts)
         h = h + _matvec(attn, w.out)
         g = _matvec(_rms_norm(h, w.ffn_norm, eps), w.proj_1)  # (N, 2 * ffn_dim)
         h = h + _matvec(_glu(g), w.proj_2)
-    return _rms_norm(h, views.norm, eps)
+    return _rms_norm(h[L:] if rows else h, views.norm, eps)
 
 
 def fast_decoder(model: OpenELM) -> OpenELM | CpuDecoder:

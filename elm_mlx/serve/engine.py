@@ -1,12 +1,14 @@
 """The continuous-batching engine: one thread owns the model and every MLX call.
 
-Each step: forget cancelled requests, prefill at most one chunk's worth of prompt
-tokens (`prefill_step`; whole chunks, cut where `generate` cuts them, so a long
-prompt never stalls the running rows for more than one chunk), then one batched
-forward pass (`generation.batch.decode_step`) for every running row, each with its own
-sampler, logits processors, stop strings, length limit and logprobs. A row's
-last prompt token goes through that batched pass, so a batch of one computes
-what `generate` computes. Finished rows hand their KV cache to the prompt cache.
+Each step: forget cancelled requests, then one batched forward pass
+(`generation.batch.decode_step`) for every running row, each with its own sampler,
+logits processors, stop strings, length limit and logprobs. One prompt chunk of a
+waiting request (`prefill_step` tokens at most; cut where `generate` cuts them) goes
+through that same pass, so the running rows never wait for a prefill of their own
+and a long prompt never stalls them for more than one chunk. With no row running,
+a step prefills up to `prefill_step` tokens of whole chunks first. A row's last
+prompt token goes through the batched pass, so a batch of one computes what
+`generate` computes. Finished rows hand their KV cache to the prompt cache.
 
 Requests come in through `submit` (any thread) and results go out through the
 job's `emit` callback, called on the engine thread.
@@ -265,9 +267,12 @@ class Engine:
                 job.emit(Failed(str(e), 400))
         self._admitted = []
         self._drop_cancelled()
-        self._prefill()
         if self._running:
-            self._decode()
+            self._decode(self._next_chunk())
+        else:
+            self._prefill()
+            if self._running:
+                self._decode()
 
     def _drop_cancelled(self) -> None:
         gone = {id(r) for r in self._prefilling + self._running if r.job.cancelled}
@@ -295,11 +300,35 @@ class Engine:
             if budget <= 0:
                 return
 
-    def _decode(self) -> None:
-        rows = self._running
-        logits = decode_step(self.model, [r.tokens[r.fed] for r in rows], [r.caches for r in rows])
+    def _next_chunk(self) -> tuple[_Row, int, int] | None:
+        """The next prefill chunk to ride along with the running rows' step: the first
+        prefilling row's first chunk (rows with none left start running)."""
+        while self._prefilling:
+            row = self._prefilling[0]
+            chunks = row.chunks(self.prefill_step)
+            if chunks:
+                return (row, *chunks[0])
+            self._prefilling.pop(0)
+            self._running.append(row)
+        return None
+
+    def _decode(self, chunk: tuple[_Row, int, int] | None = None) -> None:
+        """One token for every running row; `chunk` (row, lo, hi), a prompt chunk of a
+        prefilling row, goes through the same forward pass (the running rows do not wait
+        for a separate prefill pass)."""
+        rows = list(self._running)
+        prompt = None if chunk is None else (chunk[0].job.prompt[chunk[1] : chunk[2]], chunk[0].caches)
+        logits = decode_step(
+            self.model, [r.tokens[r.fed] for r in rows], [r.caches for r in rows], prompt
+        )
         for r in rows:
             r.fed += 1
+        if chunk is not None:
+            row, _, hi = chunk
+            row.fed = hi
+            if not row.chunks(self.prefill_step):  # prefilled: decodes from the next step
+                self._prefilling.remove(row)
+                self._running.append(row)
         ys, logprobs = sample_rows(logits, [r.sampling for r in rows])  # (B,), (B, vocab)
         if any(r.job.settings.top_logprobs is not None for r in rows):
             chosen = mx.take_along_axis(logprobs, ys[:, None], axis=-1)[:, 0]  # (B,)
@@ -312,7 +341,7 @@ class Engine:
             if self._emit_token(r, y, lp, logprobs, i):
                 done.append(r)
         for r in done:
-            rows.remove(r)
+            self._running.remove(r)
         if done:
             mx.clear_cache()
 
