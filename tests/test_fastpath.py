@@ -388,6 +388,23 @@ def test_rows_in_column_blocks_or_whole_match(blocked, monkeypatch):
     _rows_agree(model, [5, 17, 2, 40, 9])
 
 
+def test_rows_in_depth_chunks_match(monkeypatch):
+    """Blocks of a long inner dimension summed over depth chunks (the last one shorter)
+    give the product, and decoded rows agree with the MLX path."""
+    monkeypatch.setattr(fastpath._RowBlocks, "WORK", 6000)
+    monkeypatch.setattr(fastpath._RowBlocks, "DEPTH", 24)
+    monkeypatch.setattr(fastpath._RowBlocks, "CHUNKED", (2, 8, 40))
+    monkeypatch.setattr(fastpath, "_SMALL_WORK", 0)
+    monkeypatch.setattr(fastpath, "_row_blocks", fastpath._RowBlocks())
+    fastpath._row_blocks.faster = True
+    x = np.random.default_rng(0).standard_normal((3, 100), dtype=np.float32)
+    w = np.random.default_rng(1).standard_normal((100, 70), dtype=np.float32)
+    cols, depth = fastpath._row_blocks.size(x, w)
+    assert depth == 32 and 100 % depth  # four chunks, the last one shorter
+    np.testing.assert_allclose(fastpath._matvec(x, w), x @ w, rtol=1e-5, atol=1e-5)
+    _rows_agree(build(tiny_args(num_gqa_groups=2, tied=False)), [5, 17, 2, 40, 9])
+
+
 def test_rows_share_out_long_caches_by_heads(monkeypatch):
     """Few rows with long caches: their KV heads are shared out over the cores."""
     monkeypatch.setattr(fastpath, "_SPLIT_KV", 0)

@@ -115,17 +115,15 @@ def _matvec(x: np.ndarray, w: np.ndarray) -> np.ndarray:
     share (gemv for one row, gemm for a prompt chunk). OpenBLAS's own threads spin
     between calls, which on a busy machine costs several times the work, and would
     compete with the pool for the cores. A small weight stays on the calling thread.
-    A few rows (a batch of sequences) may go in column blocks (`_row_blocks`).
+    A few rows (a batch of sequences) may go in blocks (`_row_blocks`).
     """
     if _openblas_threads() is None:  # a BLAS we cannot keep on one thread: let it thread
         return x @ w
     out = np.empty((x.shape[0], w.shape[1]), np.float32)
-    block = _row_blocks.size(x, w)
+    size = _row_blocks.size(x, w)
 
     def cols(lo: int, hi: int) -> None:
-        for a in range(lo, hi, block or hi - lo):
-            b = hi if block is None else min(hi, a + block)
-            np.matmul(x, w[:, a:b], out=out[:, a:b])
+        _block_product(x, w, out, lo, hi, size)
 
     if w.nbytes * max(1, x.shape[0] // 4) < _SMALL_WORK:
         cols(0, w.shape[1])
@@ -140,32 +138,49 @@ _SMALL_WORK = 1 << 22
 
 
 class _RowBlocks:
-    """Whether products of a few rows (2-64) run faster in column blocks.
+    """How products of a few rows (2-64) run fastest: whole, or in blocks.
 
     OpenBLAS (0.3.x, AVX-512 kernels) multiplies a few rows by a large matrix several
-    times slower than its bandwidth allows, but has direct kernels for products of up to
-    a million multiply-adds and up to about 128 output columns; other BLAS builds may
-    not. The first time it is asked, 8 rows by a fixed matrix are timed both ways (a few
-    milliseconds, once per process), and the faster way is kept.
+    times slower than its bandwidth allows, but has small-matrix kernels for products of
+    up to a million multiply-adds; other BLAS builds may not. So a product may go in
+    column blocks of at most 128 columns and a million multiply-adds, and, for 4-8 rows
+    of a long inner dimension (a feed-forward down projection of 3,000-5,000 inputs),
+    each block in depth chunks of about 1,300-1,500 inputs summed up: the few columns a
+    block of such a matrix may have make OpenBLAS's kernels slower, most of all with the
+    product shared out over the cores (an eight-row decode step of OpenELM-270M's shapes
+    takes 72-74 ms with the chunks against 78-80 ms without, in every process tried;
+    timing the chunks on a made-up matrix proved no guide). The first time it is asked,
+    8 rows by a fixed matrix are timed in blocks and whole (a few milliseconds, once per
+    process), and the faster way is kept.
     """
 
     WORK = 1_000_000  # multiply-adds per block at most
     COLUMNS = 128  # columns per block at most
+    DEPTH = 1536  # inputs per depth chunk at most
+    CHUNKED = (4, 8, 2560)  # depth chunks for rows in [4, 8] and more inputs than this
 
     def __init__(self):
-        self.faster: bool | None = None
+        self.faster: bool | None = None  # blocks beat whole products
 
-    def size(self, x: np.ndarray, w: np.ndarray) -> int | None:
-        """Columns per block for x @ w, or None for one product."""
+    def size(self, x: np.ndarray, w: np.ndarray) -> tuple[int, int] | None:
+        """(columns, inputs) per block for x @ w, or None for one product."""
         m, k = x.shape
         if not 2 <= m <= 64:
             return None
-        block = self._block(m, k)
-        if block is None or block >= w.shape[1]:
+        depth = self._depth(m, k)
+        block = self._block(m, depth)
+        if block is None or block >= w.shape[1] and depth == k:
             return None
         if self.faster is None:
             self.faster = self._blocks_win()
-        return block if self.faster else None
+        return (block, depth) if self.faster else None
+
+    def _depth(self, m: int, k: int) -> int:
+        lo, hi, longer = self.CHUNKED
+        if not (lo <= m <= hi and k > longer):
+            return k
+        n = -(-k // self.DEPTH)
+        return -(-k // n // 16) * 16  # n chunks (the last one shorter), 16 inputs apart
 
     def _block(self, m: int, k: int) -> int | None:
         block = min(self.COLUMNS, self.WORK // (m * k) // 8 * 8)
@@ -175,18 +190,36 @@ class _RowBlocks:
         """Time 8 rows by a (1024, 2048) matrix in blocks and whole, best of 2 each."""
         x = np.full((8, 1024), 0.5, np.float32)
         w = np.full((2048, 1024), 0.25, np.float32).T  # (in, out), laid out like the views
-        return self._time(x, w, self._block(8, 1024)) < self._time(x, w, w.shape[1])
+        return self._time(x, w, (self._block(8, 1024), 1024)) < self._time(x, w, None)
 
     @staticmethod
-    def _time(x: np.ndarray, w: np.ndarray, n: int) -> float:
+    def _time(x: np.ndarray, w: np.ndarray, size: tuple[int, int] | None) -> float:
         out = np.empty((x.shape[0], w.shape[1]), np.float32)
         best = float("inf")
         for _ in range(2):
             start = time.perf_counter()
-            for a in range(0, w.shape[1], n):
-                np.matmul(x, w[:, a : a + n], out=out[:, a : a + n])
+            _block_product(x, w, out, 0, w.shape[1], size)
             best = min(best, time.perf_counter() - start)
         return best
+
+
+def _block_product(x, w, out, lo: int, hi: int, size: tuple[int, int] | None) -> None:
+    """out[:, lo:hi] = x @ w[:, lo:hi], whole (`size` None) or in blocks of (columns,
+    inputs): each block's depth chunks are summed in order."""
+    if size is None:
+        np.matmul(x, w[:, lo:hi], out=out[:, lo:hi])
+        return
+    cols, depth = size
+    k = x.shape[1]
+    part = np.empty((x.shape[0], cols), np.float32) if depth < k else None
+    for a in range(lo, hi, cols):
+        b = min(hi, a + cols)
+        o = out[:, a:b]
+        np.matmul(x[:, :depth], w[:depth, a:b], out=o)
+        for d in range(depth, k, depth):
+            t = part[:, : b - a]
+            np.matmul(x[:, d : d + depth], w[d : d + depth, a:b], out=t)
+            o += t
 
 
 _row_blocks = _RowBlocks()
