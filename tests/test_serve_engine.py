@@ -83,7 +83,7 @@ def test_a_prompt_chunk_in_the_decode_step_fills_its_cache_as_a_prefill_does(loa
     riding = stepper.make_cache()
     for lo in range(0, 20, 8):  # chunks of 8, 8 and 4, each in a step of the rows
         chunk = (long[lo : min(lo + 8, 20)], riding)
-        logits = decode_step(stepper, [p[-1] for p in prompts], caches, chunk)
+        logits = decode_step(stepper, [p[-1] for p in prompts], caches, [chunk])
         for b, p in enumerate(prompts):
             ref = raw(mx.array(p)[None])[0, -1]
             np.testing.assert_allclose(np.asarray(logits[b]), np.asarray(ref), atol=2e-4)
@@ -93,6 +93,26 @@ def test_a_prompt_chunk_in_the_decode_step_fills_its_cache_as_a_prefill_does(loa
     logits = decode_step(stepper, [long[-1]], [riding])
     ref = raw(mx.array(long)[None])[0, -1]
     np.testing.assert_allclose(np.asarray(logits[0]), np.asarray(ref), atol=2e-4)
+
+
+@pytest.mark.parametrize("fast", [True, False])
+def test_prompt_chunks_alone_in_one_step_fill_their_caches(loaded, fast):
+    """Chunks of several prompts in one step with no row decoding: each cache ends as its
+    own prefill leaves it (the next token's logits agree with a plain forward)."""
+    model = loaded[0]
+    raw = getattr(model, "model", model)
+    stepper = model if fast else raw
+    rng = np.random.default_rng(2)
+    prompts = [rng.integers(3, 384, n).tolist() for n in (9, 3, 25)]
+    caches = [stepper.make_cache() for _ in prompts]
+    logits = decode_step(stepper, [], [], [(p[:-1], c) for p, c in zip(prompts, caches, strict=True)])
+    assert logits.shape == (0, raw.args.vocab_size)
+    logits = decode_step(stepper, [p[-1] for p in prompts], caches)
+    for b, p in enumerate(prompts):
+        ref = raw(mx.array(p)[None])[0, -1]
+        np.testing.assert_allclose(np.asarray(logits[b]), np.asarray(ref), atol=2e-4)
+    with pytest.raises(ValueError, match="at least one"):
+        decode_step(stepper, [], [])
 
 
 def test_running_rows_keep_decoding_while_a_long_prompt_prefills(loaded):

@@ -31,26 +31,27 @@ from .sample import greedy
 
 
 def decode_step(
-    model, tokens: list[int], caches: list[list], prompt: tuple[list[int], list] | None = None
+    model, tokens: list[int], caches: list[list], prompts: Sequence[tuple[list[int], list]] = ()
 ) -> mx.array:
     """Logits (B, vocab) of the next token of each row.
 
     `tokens[b]` is row b's newest token, not yet in its cache; `caches[b]` is that
-    row's per-layer cache list, which gains one position. `prompt`, when given, is
-    (token ids, per-layer caches) of a prompt chunk of another sequence, fed into its
-    caches in the same step (on the CPU fast path in the same products; its logits are
-    never computed).
+    row's per-layer cache list, which gains one position. `prompts` are (token ids,
+    per-layer caches) of prompt chunks of other sequences, fed into their caches in the
+    same step (on the CPU fast path in the same products; their logits are never
+    computed); with chunks to feed there may be no rows (B = 0).
     """
-    if not tokens:
-        raise ValueError("decode_step needs at least one row")
+    if not tokens and not prompts:
+        raise ValueError("decode_step needs at least one row or prompt chunk")
     if isinstance(model, CpuDecoder):
-        logits = model.decode_rows(tokens, caches, prompt)
+        logits = model.decode_rows(tokens, caches, list(prompts))
         if logits is not None:
             return logits
-    if prompt is not None:
-        ids, prompt_caches = prompt
-        model(mx.array(ids, mx.int32)[None], cache=prompt_caches)
-        mx.eval([c.state for c in prompt_caches])
+    for ids, chunk_caches in prompts:
+        model(mx.array(ids, mx.int32)[None], cache=chunk_caches)
+        mx.eval([c.state for c in chunk_caches])
+    if not tokens:
+        return mx.zeros((0, model.args.vocab_size), mx.float32)
     return _mlx_step(model.model if isinstance(model, CpuDecoder) else model, tokens, caches)
 
 

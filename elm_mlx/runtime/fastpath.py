@@ -14,7 +14,8 @@ prompt chunk, column blocks for a few rows where the BLAS is faster so), blocked
 causal attention. The KV cache stays the model's MLX `KVCache`: new keys/values are
 written into its buffer in place while it owns it and has room (`_append`), and RoPE
 uses MLX's own cos/sin. `decode_rows` is one token for each of several sequences, each
-with its own cache, and optionally a prompt chunk of one more sequence in the same products. Quantized or LoRA layers, other dtypes and GPU devices take the model's
+with its own cache, and optionally prompt chunks of other sequences in the same
+products. Quantized or LoRA layers, other dtypes and GPU devices take the model's
 normal MLX path; a rotating cache takes MLX's attention for one token and the MLX
 path for a prompt.
 
@@ -655,7 +656,7 @@ class CpuDecoder:
         with _one_blas_thread():  # the pool shares the work out instead
             h = _blocks(
                 views, views.embed[tokens], args.rms_norm_eps, self._rope(),
-                prompt=None if one else cache, rows=[cache] if one else [],
+                prompts=[] if one else [(len(tokens), cache)], rows=[cache] if one else [],
             )  # fmt: skip
             if one:
                 return mx.array(_matvec(h, views.head))[None]  # (1, 1, vocab)
@@ -670,49 +671,52 @@ class CpuDecoder:
         return self._rope_table
 
     def decode_rows(
-        self, tokens: list[int], caches: list[list], prompt: tuple[list[int], list] | None = None
+        self, tokens: list[int], caches: list[list], prompts: list[tuple[list[int], list]] = ()
     ) -> mx.array | None:
-        """Logits (B, vocab) of one new token for each of B sequences, each with its own
-        per-layer cache list (which gains one position); None when the numpy path cannot
-        take these rows (the caller then runs the model's MLX modules).
+        """Logits (B, vocab) of one new token for each of B sequences (B may be 0), each with
+        its own per-layer cache list (which gains one position); None when the numpy path
+        cannot take these rows (the caller then runs the model's MLX modules).
 
-        `prompt`, when given, is (token ids, per-layer caches) of a prompt chunk of one more
-        sequence, appended to its caches in the same pass: the products read each weight
-        once for the chunk and the rows. The chunk's logits are not computed.
+        `prompts` are (token ids, per-layer caches) of prompt chunks of other sequences,
+        appended to their caches in the same pass: the products read each weight once for
+        the chunks and the rows. The chunks' logits are not computed.
         """
         views = self._current_views() if on_cpu() else None
-        every = caches + ([prompt[1]] if prompt else [])
+        every = caches + [c for _, c in prompts]
         if views is None or not all(_numpy_cache(c) for row in every for c in row):
             return None
         args = self.model.args
-        ids = np.asarray(prompt[0] if prompt else [], np.int32)
         _make_room(views, caches, 1)
-        if prompt:
-            _make_room(views, [prompt[1]], len(ids))
+        for ids, chunk_caches in prompts:
+            _make_room(views, [chunk_caches], len(ids))
+        ids = np.asarray([t for chunk, _ in prompts for t in chunk] + list(tokens), np.int32)
         with _one_blas_thread():
-            h = views.embed[np.concatenate([ids, np.asarray(tokens, np.int32)])]  # (L + B, d)
-            h = _blocks(views, h, args.rms_norm_eps, self._rope(),
-                        prompt=prompt[1] if prompt else None, rows=caches)  # fmt: skip
+            h = _blocks(views, views.embed[ids], args.rms_norm_eps, self._rope(),
+                        prompts=[(len(t), c) for t, c in prompts], rows=caches)  # fmt: skip
+            if not caches:
+                return mx.zeros((0, views.head.shape[1]), mx.float32)
             return mx.array(_matvec(h, views.head))  # (B, vocab)
 
 
 def _blocks(
-    views: _Views, h: np.ndarray, eps: float, rope: _RopeTable, *, prompt: list | None = None,
-    rows: list[list] = (),
-) -> np.ndarray:
-    """Every block and the final norm over (N, d): the first N - len(rows) positions are
-    new tokens of one sequence (`prompt`: its per-layer caches), the last len(rows) one new
-    token for each of the sequences `rows` (row b's per-layer caches `rows[b]`). The
-    products read each weight once for all positions. Returns the final norm of the rows'
-    positions, or of the prompt's when there are no rows: (len(rows) or N, d)."""
-    L = h.shape[0] - len(rows)
-    if (L > 0) != (prompt is not None):
-        raise ValueError(f"{h.shape[0]} positions for {len(rows)} rows and prompt={prompt!r}")
+    views: _Views, h: np.ndarray, eps: float, rope: _RopeTable, *,
+    prompts: list[tuple[int, list]] = (), rows: list[list] = (),
+) -> np.ndarray:  # fmt: skip
+    """Every block and the final norm over (N, d) positions: first the new tokens of each
+    prompt chunk in turn (`prompts`: its length and its sequence's per-layer caches), then
+    one new token for each of the sequences `rows` (row b's per-layer caches `rows[b]`).
+    The products read each weight once for all positions. Returns the final norm of the
+    rows' positions, or of every position when there are no rows: (len(rows) or N, d)."""
+    L = sum(n for n, _ in prompts)
+    if L + len(rows) != h.shape[0] or any(n < 1 for n, _ in prompts):
+        raise ValueError(f"{h.shape[0]} positions for {len(rows)} rows and chunks "
+                         f"{[n for n, _ in prompts]}")  # fmt: skip
     for i, w in enumerate(views.layers):
         qkv = _matvec(_rms_norm(h, w.attn_norm, eps), w.qkv)  # (N, (q + 2 kv) * head_dim)
-        parts = []
-        if L:
-            parts.append(_prompt_attention(w, qkv[:L], prompt[i], eps, rope))
+        parts, lo = [], 0
+        for n, caches in prompts:
+            parts.append(_prompt_attention(w, qkv[lo : lo + n], caches[i], eps, rope))
+            lo += n
         if rows:
             parts.append(_decode_attention(w, qkv[L:], [r[i] for r in rows], eps, rope))
         attn = parts[0] if len(parts) == 1 else np.concatenate(parts)

@@ -2,13 +2,13 @@
 
 Each step: forget cancelled requests, then one batched forward pass
 (`generation.batch.decode_step`) for every running row, each with its own sampler,
-logits processors, stop strings, length limit and logprobs. One prompt chunk of a
-waiting request (`prefill_step` tokens at most; cut where `generate` cuts them) goes
-through that same pass, so the running rows never wait for a prefill of their own
-and a long prompt never stalls them for more than one chunk. With no row running,
-a step prefills up to `prefill_step` tokens of whole chunks first. A row's last
-prompt token goes through the batched pass, so a batch of one computes what
-`generate` computes. Finished rows hand their KV cache to the prompt cache.
+logits processors, stop strings, length limit and logprobs. Prompt chunks of waiting
+requests (whole chunks cut where `generate` cuts them, `prefill_step` tokens in all)
+go through that same pass: the running rows never wait for a prefill pass of their
+own, a long prompt never stalls them for more than one chunk, and prompts that arrive
+together share their products. A row's last prompt token goes through the batched
+pass, so a batch of one computes what `generate` computes. Finished rows hand their
+KV cache to the prompt cache.
 
 Requests come in through `submit` (any thread) and results go out through the
 job's `emit` callback, called on the engine thread.
@@ -267,12 +267,9 @@ class Engine:
                 job.emit(Failed(str(e), 400))
         self._admitted = []
         self._drop_cancelled()
-        if self._running:
-            self._decode(self._next_chunk())
-        else:
-            self._prefill()
-            if self._running:
-                self._decode()
+        chunks = self._next_chunks()
+        if self._running or chunks:
+            self._forward(chunks)
 
     def _drop_cancelled(self) -> None:
         gone = {id(r) for r in self._prefilling + self._running if r.job.cancelled}
@@ -283,52 +280,44 @@ class Engine:
             rows[:] = [r for r in rows if id(r) not in gone]
         mx.clear_cache()  # their caches are garbage now: hand MLX's buffers back
 
-    def _prefill(self) -> None:
-        """Whole prefill chunks, `prefill_step` tokens per step in all (at least one chunk)."""
-        budget = self.prefill_step
+    def _next_chunks(self) -> list[tuple[_Row, int, int]]:
+        """The prompt chunks (row, lo, hi) for this step: whole chunks of the prefilling rows
+        in order, `prefill_step` tokens in all (at least one chunk), one per row; rows with
+        none left start running."""
+        chunks, budget = [], self.prefill_step
         for row in list(self._prefilling):
-            for lo, hi in row.chunks(self.prefill_step):
-                if hi - lo > budget and budget < self.prefill_step:
-                    return
-                ids = mx.array(row.job.prompt[lo:hi], mx.int32)[None]  # (1, n)
-                self.model(ids, cache=row.caches)
-                mx.eval([c.state for c in row.caches])
-                row.fed = hi
-                budget -= hi - lo
-            self._prefilling.remove(row)
-            self._running.append(row)
+            left = row.chunks(self.prefill_step)
+            if not left:
+                self._prefilling.remove(row)
+                self._running.append(row)
+                continue
+            lo, hi = left[0]
+            if hi - lo > budget and chunks:
+                break
+            chunks.append((row, lo, hi))
+            budget -= hi - lo
             if budget <= 0:
-                return
+                break
+        return chunks
 
-    def _next_chunk(self) -> tuple[_Row, int, int] | None:
-        """The next prefill chunk to ride along with the running rows' step: the first
-        prefilling row's first chunk (rows with none left start running)."""
-        while self._prefilling:
-            row = self._prefilling[0]
-            chunks = row.chunks(self.prefill_step)
-            if chunks:
-                return (row, *chunks[0])
-            self._prefilling.pop(0)
-            self._running.append(row)
-        return None
-
-    def _decode(self, chunk: tuple[_Row, int, int] | None = None) -> None:
-        """One token for every running row; `chunk` (row, lo, hi), a prompt chunk of a
-        prefilling row, goes through the same forward pass (the running rows do not wait
-        for a separate prefill pass)."""
+    def _forward(self, chunks: list[tuple[_Row, int, int]]) -> None:
+        """One token for every running row, and `chunks` (row, lo, hi) of prefilling rows'
+        prompts, all in one forward pass: the running rows never wait for a prefill pass
+        of their own, and prompts arriving together share their products."""
         rows = list(self._running)
-        prompt = None if chunk is None else (chunk[0].job.prompt[chunk[1] : chunk[2]], chunk[0].caches)
+        prompts = [(row.job.prompt[lo:hi], row.caches) for row, lo, hi in chunks]
         logits = decode_step(
-            self.model, [r.tokens[r.fed] for r in rows], [r.caches for r in rows], prompt
+            self.model, [r.tokens[r.fed] for r in rows], [r.caches for r in rows], prompts
         )
         for r in rows:
             r.fed += 1
-        if chunk is not None:
-            row, _, hi = chunk
+        for row, _, hi in chunks:
             row.fed = hi
             if not row.chunks(self.prefill_step):  # prefilled: decodes from the next step
                 self._prefilling.remove(row)
                 self._running.append(row)
+        if not rows:
+            return
         ys, logprobs = sample_rows(logits, [r.sampling for r in rows])  # (B,), (B, vocab)
         if any(r.job.settings.top_logprobs is not None for r in rows):
             chosen = mx.take_along_axis(logprobs, ys[:, None], axis=-1)[:, 0]  # (B,)
