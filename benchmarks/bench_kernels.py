@@ -4,7 +4,7 @@
 
 Prints what MLX's CPU backend does with one-row, eight-row and prompt-sized float32
 products (with the system OpenBLAS preloaded, and with the BLAS its wheel bundles), what
-numpy does with the same arrays (zero-copy views, whole and in column blocks), one and
+numpy does with the same arrays (zero-copy views, whole and in blocks), one and
 eight rows' decode step, MLX's and numpy's `exp`, and MLX's half-precision products.
 Best of several runs each; the machine may be shared.
 """
@@ -98,6 +98,29 @@ def few_rows(mx, np) -> None:
             row(f"elm_mlx _matvec ({label}, blocking pool)", best(lambda: _matvec(xn, wn)),
                 wn.nbytes)  # fmt: skip
         fastpath._row_blocks.faster = None
+    long_inner(mx, np, rows)
+
+
+def long_inner(mx, np, rows: int) -> None:
+    """A down projection (many inputs, few columns a block): blocks with and without depth
+    chunks, through the fast path's pool."""
+    from elm_mlx.runtime import fastpath
+    from elm_mlx.runtime.fastpath import _matvec, _one_blas_thread
+
+    k, n = 4 * K, K  # proj_2 of OpenELM-270M's last layer
+    w = mx.random.normal((n, k)) * 0.02
+    x = mx.random.normal((rows, k))
+    mx.eval(w, x)
+    wn, xn = np.asarray(w).T, np.asarray(x)
+    blocks = fastpath._row_blocks
+    print(f"{rows} rows: ({rows}, {k}) @ ({k}, {n}) float32; blocks {blocks.size(xn, wn)} "
+          f"(columns, inputs)")  # fmt: skip
+    chunked = blocks.CHUNKED
+    with _one_blas_thread():
+        for label, limits in (("without depth chunks", (0, 0, k)), ("in depth chunks", chunked)):
+            blocks.CHUNKED = limits
+            row(f"elm_mlx _matvec (blocks {label})", best(lambda: _matvec(xn, wn)), wn.nbytes)
+    blocks.CHUNKED = chunked
 
 
 def decode_steps(mx, np) -> None:

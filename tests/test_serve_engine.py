@@ -105,7 +105,8 @@ def test_prompt_chunks_alone_in_one_step_fill_their_caches(loaded, fast):
     rng = np.random.default_rng(2)
     prompts = [rng.integers(3, 384, n).tolist() for n in (9, 3, 25)]
     caches = [stepper.make_cache() for _ in prompts]
-    logits = decode_step(stepper, [], [], [(p[:-1], c) for p, c in zip(prompts, caches, strict=True)])
+    chunks = [(p[:-1], c) for p, c in zip(prompts, caches, strict=True)]
+    logits = decode_step(stepper, [], [], chunks)
     assert logits.shape == (0, raw.args.vocab_size)
     logits = decode_step(stepper, [p[-1] for p in prompts], caches)
     for b, p in enumerate(prompts):
