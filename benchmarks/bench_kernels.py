@@ -98,35 +98,13 @@ def few_rows(mx, np) -> None:
             row(f"elm_mlx _matvec ({label}, blocking pool)", best(lambda: _matvec(xn, wn)),
                 wn.nbytes)  # fmt: skip
         fastpath._row_blocks.faster = None
-    long_inner(mx, np, rows)
-
-
-def long_inner(mx, np, rows: int) -> None:
-    """A down projection (many inputs, few columns a block): blocks with and without depth
-    chunks, through the fast path's pool."""
-    from elm_mlx.runtime import fastpath
-    from elm_mlx.runtime.fastpath import _matvec, _one_blas_thread
-
-    k, n = 4 * K, K  # proj_2 of OpenELM-270M's last layer
-    w = mx.random.normal((n, k)) * 0.02
-    x = mx.random.normal((rows, k))
-    mx.eval(w, x)
-    wn, xn = np.asarray(w).T, np.asarray(x)
-    blocks = fastpath._row_blocks
-    print(f"{rows} rows: ({rows}, {k}) @ ({k}, {n}) float32; blocks {blocks.size(xn, wn)} "
-          f"(columns, inputs)")  # fmt: skip
-    chunked = blocks.CHUNKED
-    with _one_blas_thread():
-        for label, limits in (("without depth chunks", (0, 0, k)), ("in depth chunks", chunked)):
-            blocks.CHUNKED = limits
-            row(f"elm_mlx _matvec (blocks {label})", best(lambda: _matvec(xn, wn)), wn.nbytes)
-    blocks.CHUNKED = chunked
 
 
 def decode_steps(mx, np) -> None:
     """CpuDecoder.decode_rows on OpenELM-270M shapes (random weights), 128 cached tokens a
-    row: one row against eight."""
+    row: one row against eight, and eight without depth chunks."""
     from elm_mlx.model.config import preset
+    from elm_mlx.runtime import fastpath
     from elm_mlx.runtime.fastpath import CpuDecoder
     from elm_mlx.testing import random_model
 
@@ -145,6 +123,11 @@ def decode_steps(mx, np) -> None:
                     layer.offset -= 1  # the same position every time
 
         row(f"decode_rows, {rows} row(s)", best(step))
+        if rows > 1:  # the down projections (3,000-5,000 inputs) in blocks without depth chunks
+            blocks = fastpath._row_blocks
+            chunked, blocks.CHUNKED = blocks.CHUNKED, (0, 0, 0)
+            row(f"decode_rows, {rows} row(s), no depth chunks", best(step))
+            blocks.CHUNKED = chunked
 
 
 def transcendentals(mx, np) -> None:
