@@ -401,6 +401,9 @@ def test_rows_in_depth_chunks_match(monkeypatch):
     w = np.random.default_rng(1).standard_normal((100, 70), dtype=np.float32)
     cols, depth = fastpath._row_blocks.size(x, w)
     assert depth == 32 and 100 % depth  # four chunks, the last one shorter
+    out = np.zeros((3, 70), np.float32)
+    fastpath._block_product(x, w, out, 0, 70, (cols, depth))  # whatever BLAS numpy has
+    np.testing.assert_allclose(out, x @ w, rtol=1e-5, atol=1e-5)
     np.testing.assert_allclose(fastpath._matvec(x, w), x @ w, rtol=1e-5, atol=1e-5)
     _rows_agree(build(tiny_args(num_gqa_groups=2, tied=False)), [5, 17, 2, 40, 9])
 
@@ -490,21 +493,40 @@ def test_rope_table_stays_the_context_long():
     assert fast._rope_table.cos.shape[0] == 16
 
 
-def test_caches_get_buffers_of_their_own_before_a_step(model):
-    """Fresh, seeded and full caches are given owned buffers with room before the numpy
-    path writes (one evaluation for all); one that would pass max_size is refused."""
+def test_caches_get_buffers_of_their_own_before_a_step(model, monkeypatch):
+    """Fresh, seeded-and-trimmed (room in a buffer it does not own) and full caches get
+    owned buffers with room before the numpy path writes, so it never needs MLX's
+    `update_and_fetch`; the seed is untouched, and a cache that would pass max_size is
+    still refused."""
     from elm_mlx.model.cache import ContextLengthError, KVCache
 
+    monkeypatch.setattr(KVCache, "step", 8)  # a full buffer within the context
     fast = CpuDecoder(model)
+    kept = model.make_cache()
+    fast(mx.array([[3, 4, 5, 6]]), cache=kept)
+    before = [np.array(c.keys) for c in kept]
+    real = KVCache.update_and_fetch
+
+    def refused(self, keys, values):
+        raise AssertionError("the numpy path fell back to update_and_fetch")
+
+    monkeypatch.setattr(KVCache, "update_and_fetch", refused)
     fresh = model.make_cache()
     fast(mx.array([[3, 4, 5]]), cache=fresh)
     assert all(c.owned and c.keys.shape[2] == KVCache.step for c in fresh)
     seeded = model.make_cache()
-    for c, k in zip(seeded, fresh, strict=True):
-        c.state = [k.keys[..., :2, :], k.values[..., :2, :]]
-    assert not any(c.owned for c in seeded)
-    fast.decode_rows([6], [seeded])
-    assert all(c.owned and c.offset == 3 for c in seeded)
+    for c, k in zip(seeded, kept, strict=True):
+        c.state = [k.keys[..., :4, :], k.values[..., :4, :]]
+        c.trim(1)  # room at position 3, in the kept entry's memory
+    fast.decode_rows([7], [seeded])
+    assert all(c.owned and c.offset == 4 for c in seeded)
+    for c, was in zip(kept, before, strict=True):
+        np.testing.assert_array_equal(np.array(c.keys), was)
+    full = model.make_cache()
+    fast(mx.array([list(range(3, 3 + KVCache.step))]), cache=full)
+    fast.decode_rows([7], [full])
+    assert all(c.offset == KVCache.step + 1 and c.keys.shape[2] == 2 * KVCache.step for c in full)
+    monkeypatch.setattr(KVCache, "update_and_fetch", real)
     bounded = [KVCache(max_size=3) for _ in fresh]
     fast(mx.array([[3, 4, 5]]), cache=bounded)
     with pytest.raises(ContextLengthError):

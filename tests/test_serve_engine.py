@@ -116,16 +116,24 @@ def test_prompt_chunks_alone_in_one_step_fill_their_caches(loaded, fast):
         decode_step(stepper, [], [])
 
 
-def test_running_rows_keep_decoding_while_a_long_prompt_prefills(loaded):
-    """A prompt cut into chunks goes in the running rows' steps: the running row gets a
-    token every step meanwhile, and both get the text `generate` gives them alone."""
+def test_running_rows_keep_decoding_while_a_long_prompt_prefills(loaded, monkeypatch):
+    """A prompt cut into chunks goes through the running row's forward passes, one chunk a
+    step, each prompt token once; both get the text `generate` gives them alone."""
     import threading
 
+    import elm_mlx.serve.engine as engine_mod
     from elm_mlx.generation.batch import generate_many
     from elm_mlx.generation.generate import generate
     from elm_mlx.serve.engine import Engine, Finished, Job, RowSettings, Token
 
     model, tokenizer = loaded
+    calls, real = [], engine_mod.decode_step
+
+    def recorded(model, tokens, caches, prompts=()):
+        calls.append((len(tokens), [len(ids) for ids, _ in prompts]))
+        return real(model, tokens, caches, prompts)
+
+    monkeypatch.setattr(engine_mod, "decode_step", recorded)
     engine = Engine(model, tokenizer, prefill_step=4)
     events, done = [], threading.Semaphore(0)
 
@@ -139,7 +147,7 @@ def test_running_rows_keep_decoding_while_a_long_prompt_prefills(loaded):
 
     short = tokenizer.encode("hello")
     long = tokenizer.encode("Once upon a time there was a tiny model that read long prompts")
-    settings = RowSettings(max_tokens=40, temp=0.0, logit_bias={tokenizer.eos_id: -100.0})
+    settings = RowSettings(max_tokens=150, temp=0.0, logit_bias={tokenizer.eos_id: -100.0})
     engine.start()
     try:
         engine.submit(Job(short, settings, emit("short")))
@@ -149,14 +157,45 @@ def test_running_rows_keep_decoding_while_a_long_prompt_prefills(loaded):
     finally:
         engine.close(0)
         engine.join(10)
-    first_long = next(i for i, (name, e) in enumerate(events) if name == "long")
-    chunks = -(-(len(long) - 1) // 4)
-    during = [e for name, e in events[:first_long] if name == "short" and isinstance(e, Token)]
-    assert len(during) >= chunks  # one token per step, the chunks' steps included
+    riding = [chunks for rows, chunks in calls if rows and chunks]  # the long prompt's steps
+    assert len(riding) == -(-(len(long) - 1) // 4)  # one chunk of at most 4 tokens a step
+    assert all(len(c) == 1 and c[0] <= 4 for c in riding)
+    assert sum(c[0] for c in riding) == len(long) - 1  # the last token goes with the rows
     text = {n: "".join(e.text for m, e in events if m == n and isinstance(e, Token))
             for n in ("short", "long")}  # fmt: skip
     assert text["short"] == generate_many(model, tokenizer, [short], [settings])[0]  # with the bias
     assert text["long"] == generate(model, tokenizer, long, max_tokens=5, temp=0.0)
+
+
+def test_a_prompt_with_nothing_to_prefill_starts_before_chunks_ahead_of_it(loaded):
+    """A one-token prompt waiting behind a long one starts running at the next step; the
+    step's budget goes to whole chunks in order, at least one."""
+    from elm_mlx.serve.engine import Engine, Job, RowSettings, _Row
+
+    model, tokenizer = loaded
+    engine = Engine(model, tokenizer, prefill_step=4)  # not started: its steps by hand
+    settings = RowSettings(max_tokens=3, temp=0.0)
+    long, one, mid = ([5] * n for n in (20, 1, 3))
+    rows = [_Row(Job(p, settings, lambda e: None), engine) for p in (long, one, mid)]
+    engine._prefilling = list(rows)
+    chunks = engine._next_chunks()
+    assert engine._running == [rows[1]] and engine._prefilling == [rows[0], rows[2]]
+    assert chunks == [(rows[0], 0, 4)]  # the budget is spent
+    engine.prefill_step = 6
+    assert engine._next_chunks() == [(rows[0], 0, 6)]
+    engine.prefill_step = 30
+    assert engine._next_chunks() == [(rows[0], 0, 19), (rows[2], 0, 2)]
+
+
+def test_a_job_ends_once():
+    """A job's Finished or Failed is its last event: a failure after it is not sent."""
+    from elm_mlx.serve.engine import Failed, Finished, Job, RowSettings
+
+    sent = []
+    job = Job([1, 2], RowSettings(), sent.append)
+    job.end(Finished("stop", 2, 1, 0))
+    job.end(Failed("internal error while generating; see the server log"))
+    assert [type(e) for e in sent] == [Finished] and job.ended
 
 
 def test_prompt_cache_longest_prefix_lru_and_independent_copies(loaded):

@@ -106,9 +106,16 @@ class Job:
         self.settings = settings
         self.emit = emit
         self.cancelled = False  # set by the API layer; the row is dropped at the next step
+        self.ended = False  # a Finished or Failed event was emitted: nothing may follow it
 
     def cancel(self) -> None:
         self.cancelled = True
+
+    def end(self, event: Finished | Failed) -> None:
+        """Emit the job's last event (once: a later one is dropped)."""
+        if not self.ended:
+            self.ended = True
+            self.emit(event)
 
 
 class _Row:
@@ -230,7 +237,7 @@ class Engine:
                 jobs = {id(j): j for j in admitted + [r.job for r in self._prefilling]}
                 jobs.update((id(r.job), r.job) for r in self._running)
                 for job in jobs.values():
-                    job.emit(Failed("internal error while generating; see the server log"))
+                    job.end(Failed("internal error while generating; see the server log"))
                 self._prefilling, self._running, self._admitted = [], [], []
                 mx.clear_cache()
 
@@ -253,7 +260,7 @@ class Engine:
     def _end_all(self) -> None:
         """The grace period is over: end every row now, refuse every waiting job."""
         for job in self._waiting:
-            job.emit(Failed("the server is shutting down", 503))
+            job.end(Failed("the server is shutting down", 503))
         self._waiting.clear()
         for row in self._prefilling + self._running:
             self._finish(row, "length", store=False)
@@ -264,7 +271,7 @@ class Engine:
             try:
                 self._prefilling.append(_Row(job, self))
             except ContextLengthError as e:
-                job.emit(Failed(str(e), 400))
+                job.end(Failed(str(e), 400))
         self._admitted = []
         self._drop_cancelled()
         chunks = self._next_chunks()
@@ -282,16 +289,14 @@ class Engine:
 
     def _next_chunks(self) -> list[tuple[_Row, int, int]]:
         """The prompt chunks (row, lo, hi) for this step: whole chunks of the prefilling rows
-        in order, `prefill_step` tokens in all (at least one chunk), one per row; rows with
-        none left start running."""
+        in order, `prefill_step` tokens in all (at least one chunk), one per row. Rows with
+        none left start running first, whatever waits ahead of them."""
+        for row in [r for r in self._prefilling if not r.chunks(self.prefill_step)]:
+            self._prefilling.remove(row)
+            self._running.append(row)
         chunks, budget = [], self.prefill_step
-        for row in list(self._prefilling):
-            left = row.chunks(self.prefill_step)
-            if not left:
-                self._prefilling.remove(row)
-                self._running.append(row)
-                continue
-            lo, hi = left[0]
+        for row in self._prefilling:
+            lo, hi = row.chunks(self.prefill_step)[0]
             if hi - lo > budget and chunks:
                 break
             chunks.append((row, lo, hi))
@@ -354,7 +359,7 @@ class Engine:
 
     def _finish(self, row: _Row, reason: str, store: bool = True) -> None:
         prompt = len(row.job.prompt)
-        row.job.emit(Finished(reason, prompt, row.generated, row.cached))
+        row.job.end(Finished(reason, prompt, row.generated, row.cached))
         if store and row.fed == len(row.tokens) - 1:  # every token but the newest is cached
             self.prompt_cache.store(row.tokens[: row.fed], row.caches)
 
