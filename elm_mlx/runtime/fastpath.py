@@ -482,13 +482,13 @@ def _append(cache, k: np.ndarray, v: np.ndarray) -> tuple[np.ndarray, np.ndarray
     return np.asarray(keys)[0], np.asarray(values)[0]  # (n_kv, T, hd)
 
 
-def _make_room(views: _Views, rows: list[list], n: int) -> None:
-    """Give every plain cache of `rows` (per-layer cache lists) a buffer of its own with room
-    for `n` more positions, all made in one MLX evaluation, so that `_append` writes in
+def _make_room(views: _Views, needs: list[tuple[list, int]]) -> None:
+    """For each (per-layer cache list, n): give every plain cache a buffer of its own with
+    room for n more positions, all made in one MLX evaluation, so that `_append` writes in
     place. A cache that would pass its `max_size` is left to `update_and_fetch` to refuse.
     """
     grown = []
-    for row in rows:
+    for row, n in needs:
         for w, c in zip(views.layers, row, strict=True):
             if type(c) is not KVCache or not _numpy_cache(c):
                 continue
@@ -651,7 +651,7 @@ class CpuDecoder:
         """Logits (1, L, vocab) for token ids (L,), appending to `cache` (one per layer)."""
         args = self.model.args
         cache = cache or [None] * len(views.layers)
-        _make_room(views, [cache], len(tokens))
+        _make_room(views, [(cache, len(tokens))])
         one = len(tokens) == 1  # one token takes the one-row decode attention
         with _one_blas_thread():  # the pool shares the work out instead
             h = _blocks(
@@ -686,9 +686,7 @@ class CpuDecoder:
         if views is None or not all(_numpy_cache(c) for row in every for c in row):
             return None
         args = self.model.args
-        _make_room(views, caches, 1)
-        for ids, chunk_caches in prompts:
-            _make_room(views, [chunk_caches], len(ids))
+        _make_room(views, [(row, 1) for row in caches] + [(c, len(t)) for t, c in prompts])
         ids = np.asarray([t for chunk, _ in prompts for t in chunk] + list(tokens), np.int32)
         with _one_blas_thread():
             h = _blocks(views, views.embed[ids], args.rms_norm_eps, self._rope(),
