@@ -10,7 +10,7 @@ vectorised one. benchmarks/README.md has the measurements.
 `CpuDecoder(model)` is the model with a numpy forward pass: zero-copy views of
 the model's MLX weights (`np.asarray` of a CPU array shares its memory), products
 split over the cores with BLAS on one thread each (gemv for one token, gemm for a
-prompt chunk, column blocks for a few rows where the BLAS is faster so), blocked
+prompt chunk, blocks for a few rows where the BLAS is faster so), blocked
 causal attention. The KV cache stays the model's MLX `KVCache`: new keys/values are
 written into its buffer in place while it owns it and has room (`_append`), and RoPE
 uses MLX's own cos/sin. `decode_rows` is one token for each of several sequences, each
@@ -148,9 +148,9 @@ class _RowBlocks:
     of a long inner dimension (a feed-forward down projection of 3,000-5,000 inputs),
     each block in depth chunks of about 1,300-1,500 inputs summed up: the few columns a
     block of such a matrix may have make OpenBLAS's kernels slower, most of all with the
-    product shared out over the cores (an eight-row decode step of OpenELM-270M's shapes
-    takes 72-74 ms with the chunks against 78-80 ms without, in every process tried;
-    timing the chunks on a made-up matrix proved no guide). The first time it is asked,
+    product shared out over the cores (`benchmarks/bench_kernels.py` prints an eight-row
+    decode step of OpenELM-270M's shapes with and without the chunks; timing the chunks
+    on a made-up matrix proved no guide). The first time it is asked,
     8 rows by a fixed matrix are timed in blocks and whole (a few milliseconds, once per
     process), and the faster way is kept.
     """
