@@ -154,6 +154,7 @@ def test_running_rows_keep_decoding_while_a_long_prompt_prefills(loaded, monkeyp
         _until(lambda: any(name == "short" for name, _ in events))
         engine.submit(Job(long, RowSettings(max_tokens=5, temp=0.0), emit("long")))
         assert done.acquire(timeout=60) and done.acquire(timeout=60)
+        _until(lambda: engine.slab.in_use == 0)  # both rows' slots handed back
     finally:
         engine.close(0)
         engine.join(10)
@@ -323,7 +324,7 @@ def test_decode_step_on_a_quantized_model_takes_mlx_and_matches_its_forward():
 def test_a_failing_step_fails_its_requests_and_the_engine_keeps_serving(app_client, monkeypatch):
     import elm_mlx.serve.engine as engine_mod
 
-    client, _ = app_client()
+    client, engine = app_client()
     body = {"model": "tiny-Instruct", "prompt": "hello", "max_tokens": 3}
     real = engine_mod.decode_step
 
@@ -334,6 +335,7 @@ def test_a_failing_step_fails_its_requests_and_the_engine_keeps_serving(app_clie
     r = client.post("/v1/completions", json=body)
     assert r.status_code == 500 and "Traceback" not in r.text
     assert r.json()["error"]["type"] == "server_error"
+    assert engine.slab.in_use == 0  # the failed rows' slots are free again
     monkeypatch.setattr(engine_mod, "decode_step", real)
     r = client.post("/v1/completions", json=body)
     assert r.status_code == 200 and r.json()["usage"]["completion_tokens"] == 3
@@ -413,6 +415,7 @@ def test_a_client_that_leaves_mid_stream_has_its_row_dropped(loaded, monkeypatch
         assert left.wait(30)
         _until(lambda: not engine.stats()["running"])
         assert engine.stats()["cancelled"] == 1
+        _until(lambda: engine.slab.in_use == 0)  # its slot too
         assert len(tokens) <= 2  # its first token, and the one of the step that was held
         expected = generate(model, tokenizer, "hello", max_tokens=6, temp=0.0)
         assert result["choices"][0]["text"] == expected

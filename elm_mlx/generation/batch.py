@@ -11,6 +11,8 @@ Two paths with the same result: on the CPU, float32 plain layers go through the
 numpy kernels of `runtime.fastpath` (gemm over the rows, split over the cores);
 everything else (a GPU, quantized or LoRA layers, half precision) through the
 model's own MLX modules. A batch of one computes exactly what `generate` computes.
+On the CPU path, rows whose caches come from one `row_slab` (one buffer per layer for
+all rows) also have their attention scored together, each row masked to its length.
 
 `generate_many` is `generate` for a list of prompts, `batch_size` rows per step,
 each row with its own settings; the server's engine does the same with requests
@@ -19,6 +21,7 @@ that come and go (`serve.engine`).
 
 from __future__ import annotations
 
+import functools
 from collections import deque
 from collections.abc import Callable, Sequence
 
@@ -26,6 +29,7 @@ import mlx.core as mx
 
 from ..formats.tokenizer import Tokenizer
 from ..runtime.fastpath import CpuDecoder
+from ..runtime.slab import RowSlab, SlotCache
 from .generate import GenerationSettings, TextStream, prefill, processors_for, token_budget
 from .sample import greedy
 
@@ -53,6 +57,13 @@ def decode_step(
     if not tokens:
         return mx.zeros((0, model.args.vocab_size), mx.float32)
     return _mlx_step(model.model if isinstance(model, CpuDecoder) else model, tokens, caches)
+
+
+def row_slab(model, slots: int) -> RowSlab | None:
+    """Caches for up to `slots` rows of `decode_step` in one buffer per layer, where that
+    makes the step faster (the CPU fast path batches their attention); else None (each
+    row keeps the model's own caches)."""
+    return RowSlab.for_model(model, slots) if isinstance(model, CpuDecoder) else None
 
 
 def _mlx_step(model, tokens: list[int], caches: list[list]) -> mx.array:
@@ -118,10 +129,12 @@ def sample_rows(logits: mx.array, rows: Sequence[RowSampling]) -> tuple[mx.array
 class _Row:
     """One prompt being decoded: its cache, sampling and text so far."""
 
-    def __init__(self, model, tokenizer: Tokenizer, ids: list[int], s: GenerationSettings):
+    def __init__(
+        self, model, tokenizer: Tokenizer, ids: list[int], s: GenerationSettings, caches: list
+    ):
         if s.max_kv_size is not None:
             raise ValueError("generate_many keeps whole caches; leave max_kv_size unset")
-        self.caches = model.make_cache()
+        self.caches = caches
         self.budget = token_budget(model, self.caches, len(ids), s.max_tokens)
         self.sampling = RowSampling(model, tokenizer, s, list(ids))
         self.text, self.out = TextStream(tokenizer, s.stop), []
@@ -159,6 +172,8 @@ def generate_many(
         raise ValueError(f"batch_size must be >= 1, got {batch_size}")
     texts = [""] * len(prompts)
     waiting, rows = deque(range(len(prompts))), {}
+    slab = row_slab(model, batch_size)
+    done = functools.partial(_done, rows, texts, on_done=on_done, slab=slab)
     while waiting or rows:
         while waiting and len(rows) < batch_size:
             i = waiting.popleft()
@@ -166,25 +181,29 @@ def generate_many(
             ids = tokenizer.encode(p) if isinstance(p, str) else [int(t) for t in p]
             if not ids:
                 raise ValueError(f"prompt {i} is empty; give at least one token id")
-            rows[i] = _Row(model, tokenizer, ids, settings[i])
+            caches = None if slab is None else slab.take()
+            rows[i] = _Row(model, tokenizer, ids, settings[i], caches or model.make_cache())
             if rows[i].budget <= 0:
-                _done(rows, texts, i, on_done)
+                done(i)
         if rows:
-            _step(model, rows, texts, on_done)
+            _step(model, rows, done)
     return texts
 
 
-def _step(model, rows: dict[int, _Row], texts: list[str], on_done) -> None:
+def _step(model, rows: dict[int, _Row], done: Callable[[int], None]) -> None:
     """One batched forward pass; every row samples its next token with its own settings."""
     order = list(rows)
     logits = decode_step(model, [rows[i].token for i in order], [rows[i].caches for i in order])
     ys, _ = sample_rows(logits, [rows[i].sampling for i in order])
     for i, y in zip(order, ys.tolist(), strict=True):
         if rows[i].take(y):
-            _done(rows, texts, i, on_done)
+            done(i)
 
 
-def _done(rows: dict[int, _Row], texts: list[str], i: int, on_done) -> None:
-    texts[i] = "".join(rows.pop(i).out)
+def _done(rows: dict[int, _Row], texts: list[str], i: int, *, on_done, slab) -> None:
+    row = rows.pop(i)
+    texts[i] = "".join(row.out)
+    if slab is not None and isinstance(row.caches[0], SlotCache):
+        slab.release(row.caches)
     if on_done is not None:
         on_done(i)

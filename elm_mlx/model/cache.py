@@ -56,18 +56,22 @@ class KVCache:
         """Append (B, n_kv, L, head_dim) keys/values; return everything cached so far."""
         L = keys.shape[2]
         end = self.offset + L
-        if self.max_size is not None and end > self.max_size:
-            raise ContextLengthError(
-                f"{end} tokens exceed the context length of {self.max_size}; "
-                "shorten the prompt or generation, or use a rotating window "
-                "(max_kv_size)"
-            )
+        self.check_room(end)
         if self.keys is None or end > self.keys.shape[2]:
             self._grow(keys, values, end)
         self.keys[..., self.offset : end, :] = keys
         self.values[..., self.offset : end, :] = values
         self.offset = end
         return self.keys[..., :end, :], self.values[..., :end, :]
+
+    def check_room(self, end: int) -> None:
+        """Raise ContextLengthError when holding `end` tokens would pass `max_size`."""
+        if self.max_size is not None and end > self.max_size:
+            raise ContextLengthError(
+                f"{end} tokens exceed the context length of {self.max_size}; "
+                "shorten the prompt or generation, or use a rotating window "
+                "(max_kv_size)"
+            )
 
     def make_mask(self, n: int, window_size=None, return_array: bool = False):
         """Attention mask for `n` new queries: None for one token, else causal."""

@@ -15,9 +15,10 @@ causal attention. The KV cache stays the model's MLX `KVCache`: new keys/values 
 written into its buffer in place while it owns it and has room (`_append`), and RoPE
 uses MLX's own cos/sin. `decode_rows` is one token for each of several sequences, each
 with its own cache, and optionally prompt chunks of other sequences in the same
-products. Quantized or LoRA layers, other dtypes and GPU devices take the model's
-normal MLX path; a rotating cache takes MLX's attention for one token and the MLX
-path for a prompt.
+products; rows whose caches are slots of one `RowSlab` (`runtime.slab`) are scored
+together in a few batched products instead of row by row. Quantized or LoRA layers,
+other dtypes and GPU devices take the model's normal MLX path; a rotating cache takes
+MLX's attention for one token and the MLX path for a prompt.
 
 `fast_decoder(model)` makes the wrapper where it applies; generation code is
 handed the model it should call (`generation.loading.load_for_generation`
@@ -43,6 +44,7 @@ import numpy as np
 from ..model.cache import KVCache
 from ..model.openelm import OpenELM
 from .device import on_cpu
+from .slab import SlotCache
 
 _PLAIN = (nn.Linear, nn.RMSNorm, nn.Embedding)
 
@@ -450,9 +452,11 @@ def _one_blas_thread():
 
 
 def _numpy_cache(cache) -> bool:
-    """Whether the numpy attention handles this cache (a plain float32 KVCache)."""
+    """Whether the numpy attention handles this cache (a plain float32 KVCache, or a slot
+    of a `RowSlab`)."""
     return cache is None or (
-        type(cache) is KVCache and (cache.keys is None or cache.keys.dtype == mx.float32)
+        type(cache) in (KVCache, SlotCache)
+        and (cache.keys is None or cache.keys.dtype == mx.float32)
     )
 
 
@@ -490,7 +494,7 @@ def _make_room(views: _Views, needs: list[tuple[list, int]]) -> None:
     grown = []
     for row, n in needs:
         for w, c in zip(views.layers, row, strict=True):
-            if type(c) is not KVCache or not _numpy_cache(c):
+            if c is None or not _numpy_cache(c):
                 continue
             end = c.offset + n
             if c.owned and end <= c.keys.shape[2] or c.max_size is not None and end > c.max_size:
@@ -524,13 +528,16 @@ def _prompt_attention(w: _LayerViews, qkv: np.ndarray, cache, eps: float, rope) 
     return _causal_sdpa(q, keys, values)
 
 
-def _decode_attention(w: _LayerViews, qkv: np.ndarray, caches: list, eps: float, rope):
+def _decode_attention(
+    w: _LayerViews, qkv: np.ndarray, caches: list, eps: float, rope, layer: int, batch=None
+):
     """One new position for each of B sequences: (B, qkv_out_dim) -> (B, q * head_dim);
     row b's key and value are appended to `caches[b]`.
 
-    The norms and RoPE run once for all rows; only the scores against each row's own
-    cache run row by row, shared out over the cores when the caches are long. A row
-    whose cache numpy does not handle (a rotating window) takes MLX's attention.
+    The norms and RoPE run once for all rows. Rows in `batch` (slots of one slab, the
+    same at every layer) are scored together (`_slab_attention`); any other row against
+    its own cache, shared out over the cores when the caches are long. A row whose cache
+    numpy does not handle (a rotating window) takes MLX's attention.
     """
     a = w.attn
     B, n_kv, hd = len(caches), a.n_kv_heads, a.head_dim
@@ -538,9 +545,15 @@ def _decode_attention(w: _LayerViews, qkv: np.ndarray, caches: list, eps: float,
     q, k, v = _split_qkv(w, qkv, eps, *rope.rows(offsets))
     q = q.reshape(B, n_kv, -1, hd)  # (B, n_kv, rep, hd): query head h reads KV head h // rep
     out = np.empty_like(q)
+    slotted = set()
+    if batch is not None and batch.matches(caches, layer):
+        _slab_attention(q, k, v, batch, layer, caches, out)
+        slotted = set(batch.rows)
     cached = []
     for b, c in enumerate(caches):
-        if _numpy_cache(c):
+        if b in slotted:
+            cached.append(None)
+        elif _numpy_cache(c):
             cached.append(_append(c, k[b][:, None], v[b][:, None]))
         else:
             o = a.attend(mx.array(qkv[b : b + 1])[None], None, c)  # (1, 1, q * head_dim)
@@ -564,6 +577,70 @@ def _decode_attention(w: _LayerViews, qkv: np.ndarray, caches: list, eps: float,
     else:
         run(0, len(items))
     return out.reshape(B, -1)  # heads in order
+
+
+class _SlabRows:
+    """The rows of a decode step whose caches are slots of one `RowSlab` (the first such
+    row's): what every layer's batched attention over the slab shares. Made from one
+    layer's caches; `matches` checks another layer's."""
+
+    def __init__(self, caches: list):
+        slab = next((c.slab for c in caches if type(c) is SlotCache), None)
+        self.slab = slab
+        self.rows = [b for b, c in enumerate(caches) if type(c) is SlotCache and c.slab is slab]
+        self.slots = [caches[b].slot for b in self.rows]
+        self.offsets = [caches[b].offset for b in self.rows]
+        if len(self.rows) < 2:  # one row is as fast on its own
+            return
+        self.slot_index, self.ends = np.array(self.slots), np.array(self.offsets) + 1
+        self.S, self.T = max(self.slots) + 1, max(self.offsets) + 1
+        lengths = np.full(self.S, self.T)  # slots not in the step: unmasked, never read
+        lengths[self.slot_index] = self.ends
+        self.mask = np.zeros((self.S, 1, 1, self.T), np.float32)  # -inf past each length
+        self.mask[np.arange(self.T) >= lengths[:, None, None, None]] = -np.inf
+
+    def matches(self, caches: list, layer: int) -> bool:
+        """Whether `caches` (one layer's) hold these rows in the same slots at the same
+        lengths, with room for one more token."""
+        if len(self.rows) < 2 or self.T > self.slab.capacity(layer):
+            return False
+        rows = [caches[b] for b in self.rows]
+        return all(
+            type(c) is SlotCache and c.slab is self.slab and c.layer == layer
+            and c.slot == slot and c.offset == offset
+            for c, slot, offset in zip(rows, self.slots, self.offsets, strict=True)
+        )  # fmt: skip
+
+
+def _slab_attention(q, k, v, batch: _SlabRows, layer: int, caches: list, out) -> None:
+    """One new position for each of `batch.rows`: q (B, n_kv, rep, hd) scaled, k and v
+    (B, n_kv, hd). Writes k, v into the rows' slots, then scores every slot up to the
+    highest in use against the whole slab in batched products, each masked to its own
+    length; row b's output goes to out[b]."""
+    rows, slots = batch.rows, batch.slot_index
+    slab_keys, slab_values = batch.slab.keys[layer], batch.slab.values[layer]
+    slab_keys[slots, :, batch.ends - 1] = k[rows]  # (B, n_kv, hd)
+    slab_values[slots, :, batch.ends - 1] = v[rows]
+    for b in rows:
+        caches[b].offset += 1
+    S, T = batch.S, batch.T
+    qs = np.zeros((S, *q.shape[1:]), np.float32)  # slots not in the step score zeros
+    qs[slots] = q[rows]
+    o = np.empty_like(qs)
+
+    def score(lo: int, hi: int) -> None:
+        s = qs[lo:hi] @ slab_keys[lo:hi, :, :T].transpose(0, 1, 3, 2)  # (n, n_kv, rep, T)
+        s += batch.mask[lo:hi]
+        s -= s.max(axis=-1, keepdims=True)
+        np.exp(s, out=s)
+        np.matmul(s, slab_values[lo:hi, :, :T], out=o[lo:hi])  # (n, n_kv, rep, hd)
+        o[lo:hi] /= s.sum(axis=-1, keepdims=True)
+
+    if S * slab_keys.shape[1] * T * slab_keys.shape[3] >= _SPLIT_KV:  # long: share out slots
+        _parallel(score, S)
+    else:
+        score(0, S)
+    out[rows] = o[slots]
 
 
 class _RopeTable:
@@ -709,6 +786,7 @@ def _blocks(
     if L + len(rows) != h.shape[0] or any(n < 1 for n, _ in prompts):
         raise ValueError(f"{h.shape[0]} positions for {len(rows)} rows and chunks "
                          f"{[n for n, _ in prompts]}")  # fmt: skip
+    batch = _SlabRows([r[0] for r in rows]) if rows else None
     for i, w in enumerate(views.layers):
         qkv = _matvec(_rms_norm(h, w.attn_norm, eps), w.qkv)  # (N, (q + 2 kv) * head_dim)
         parts, lo = [], 0
@@ -716,7 +794,8 @@ def _blocks(
             parts.append(_prompt_attention(w, qkv[lo : lo + n], caches[i], eps, rope))
             lo += n
         if rows:
-            parts.append(_decode_attention(w, qkv[L:], [r[i] for r in rows], eps, rope))
+            caches = [r[i] for r in rows]
+            parts.append(_decode_attention(w, qkv[L:], caches, eps, rope, i, batch))
         attn = parts[0] if len(parts) == 1 else np.concatenate(parts)
         h = h + _matvec(attn, w.out)
         g = _matvec(_rms_norm(h, w.ffn_norm, eps), w.proj_1)  # (N, 2 * ffn_dim)

@@ -29,10 +29,11 @@ import mlx.core as mx
 import numpy as np
 
 from ..formats.tokenizer import Tokenizer
-from ..generation.batch import RowSampling, decode_step, sample_rows
+from ..generation.batch import RowSampling, decode_step, row_slab, sample_rows
 from ..generation.generate import GenerationSettings, TextStream, token_budget
 from ..generation.sample import LogitsProcessor, make_logits_processors, make_penalties
 from ..model.cache import ContextLengthError
+from ..runtime.slab import SlotCache
 from .prompt_cache import PromptCache
 
 
@@ -128,11 +129,15 @@ class _Row:
     def __init__(self, job: Job, engine: Engine):
         s, model = job.settings, engine.model
         self.job = job
-        self.caches, self.cached = engine.prompt_cache.fetch(job.prompt, model.make_cache)
+        self.caches, self.cached = engine.prompt_cache.fetch(job.prompt, engine.new_caches)
         if self.caches is None:
-            self.caches = model.make_cache()
+            self.caches = engine.new_caches()
         n_new = len(job.prompt) - self.cached
-        self.max_tokens = token_budget(model, self.caches, n_new, s.max_tokens)
+        try:
+            self.max_tokens = token_budget(model, self.caches, n_new, s.max_tokens)
+        except ContextLengthError:
+            engine.release(self.caches)
+            raise
         self.tokens = list(job.prompt)  # fed and to feed: prompt, then generated tokens
         self.fed = self.cached  # tokens in the caches
         self.generated = 0
@@ -166,6 +171,7 @@ class Engine:
         self.model, self.tokenizer = model, tokenizer
         self.max_batch, self.max_queue, self.prefill_step = max_batch, max_queue, prefill_step
         self.prompt_cache = PromptCache(prompt_cache_bytes)
+        self.slab = row_slab(model, max_batch)  # the rows' caches, where one buffer is faster
         self._waiting: deque[Job] = deque()
         self._admitted: list[Job] = []  # taken from the queue, rows not built yet
         self._prefilling: list[_Row] = []
@@ -220,6 +226,19 @@ class Engine:
 
     # ---- the engine thread ---------------------------------------------------
 
+    def new_caches(self) -> list:
+        """A row's per-layer caches: a slot of the slab where there is one (and a slot is
+        free), else the model's own."""
+        caches = None if self.slab is None else self.slab.take()
+        return self.model.make_cache() if caches is None else caches
+
+    def release(self, caches: list, keep: bool = False) -> list | None:
+        """Done with a row's caches; with `keep`, caches holding the same tokens that stay
+        valid (a slab slot is copied out: it will be reused)."""
+        if self.slab is not None and isinstance(caches[0], SlotCache):
+            return self.slab.release(caches, keep)
+        return caches if keep else None
+
     def _loop(self) -> None:
         while True:
             with self._wake:
@@ -239,6 +258,8 @@ class Engine:
                 for job in jobs.values():
                     job.end(Failed("internal error while generating; see the server log"))
                 self._prefilling, self._running, self._admitted = [], [], []
+                if self.slab is not None:
+                    self.slab.release_all()
                 mx.clear_cache()
 
     def _admit(self) -> list[Job]:
@@ -284,6 +305,9 @@ class Engine:
             return
         self._cancelled += len(gone)
         for rows in (self._prefilling, self._running):
+            for r in rows:
+                if id(r) in gone:
+                    self.release(r.caches)
             rows[:] = [r for r in rows if id(r) not in gone]
         mx.clear_cache()  # their caches are garbage now: hand MLX's buffers back
 
@@ -360,8 +384,11 @@ class Engine:
     def _finish(self, row: _Row, reason: str, store: bool = True) -> None:
         prompt = len(row.job.prompt)
         row.job.end(Finished(reason, prompt, row.generated, row.cached))
-        if store and row.fed == len(row.tokens) - 1:  # every token but the newest is cached
-            self.prompt_cache.store(row.tokens[: row.fed], row.caches)
+        # kept when every token but the newest is cached
+        store = store and self.prompt_cache.max_bytes > 0 and row.fed == len(row.tokens) - 1
+        kept = self.release(row.caches, keep=store)
+        if store:
+            self.prompt_cache.store(row.tokens[: row.fed], kept)
 
     # ---- logprobs ------------------------------------------------------------
 
