@@ -80,7 +80,7 @@ def few_rows(mx, np) -> None:
     x = mx.random.normal((rows, K))
     mx.eval(w, x)
     wn, xn = np.asarray(w).T, np.asarray(x)  # (in, out) view, as the fast path holds it
-    block = fastpath._row_blocks._block(rows, K)
+    block = fastpath._row_blocks._block(rows, K, fastpath._RowBlocks.COLUMNS)
     out = np.empty((rows, N), np.float32)
 
     def blocks() -> None:
@@ -98,6 +98,31 @@ def few_rows(mx, np) -> None:
             row(f"elm_mlx _matvec ({label}, blocking pool)", best(lambda: _matvec(xn, wn)),
                 wn.nbytes)  # fmt: skip
         fastpath._row_blocks.faster = None
+
+
+def small_matrices(mx, np) -> None:
+    """The shipped nano model's widest products (160 inputs) by 1 and 8 rows: a zero-copy
+    view of MLX's (out, in) memory against the (in, out) C-contiguous copy the fast path
+    makes of matrices this small, whole and in blocks."""
+    from elm_mlx.runtime import fastpath
+    from elm_mlx.runtime.fastpath import _matvec, _one_blas_thread
+
+    k = 160
+    for n in (1280, 4096):
+        w = mx.random.normal((n, k)) * 0.02
+        mx.eval(w)
+        view = np.asarray(w).T
+        copy = np.ascontiguousarray(view)
+        print(f"small matrix: (rows, {k}) @ ({k}, {n}) float32, {view.nbytes / 1e6:.1f} MB")
+        with _one_blas_thread():
+            for rows in (1, 8):
+                x = np.asarray(mx.random.normal((rows, k)))
+                for label, operand in (("zero-copy view", view), ("C-contiguous copy", copy)):
+                    blocks = fastpath._row_blocks.size(x, operand)
+                    how = "whole" if blocks is None else f"blocks of {blocks[0]}"
+                    seconds = best(lambda x=x, o=operand: _matvec(x, o), 50)
+                    print(f"  {f'_matvec, {rows} row(s), {label}, {how}':58} "
+                          f"{seconds * 1e6:9.1f} us")  # fmt: skip
 
 
 def decode_steps(mx, np) -> None:
@@ -194,6 +219,7 @@ def main() -> None:
     print(f"MLX BLAS: {blas_description()}")
     products(mx, np)
     few_rows(mx, np)
+    small_matrices(mx, np)
     decode_steps(mx, np)
     transcendentals(mx, np)
     half_precision(mx)

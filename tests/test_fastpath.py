@@ -373,18 +373,26 @@ def _rows_agree(model, lengths, steps=4, tol=1e-5) -> None:
 
 @pytest.mark.parametrize("blocked", [True, False])
 def test_rows_in_column_blocks_or_whole_match(blocked, monkeypatch):
-    """A few rows go through the products in column blocks or whole, as timed; both agree
-    with the MLX path (the tiny weights are blocked and shared out as a large model's are)."""
-    assert isinstance(fastpath._RowBlocks()._blocks_win(), bool)  # the timing itself runs
+    """A few rows go through the products in column blocks or whole, as timed, by a
+    zero-copy view of MLX's (out, in) memory or by a small matrix's C-contiguous copy; all
+    agree with the MLX path (the tiny weights are blocked and shared out as a large
+    model's are)."""
+    for copied in (False, True):  # the timing itself runs
+        assert isinstance(fastpath._RowBlocks()._blocks_win(copied), bool)
     monkeypatch.setattr(fastpath._RowBlocks, "WORK", 6000)  # blocks of a few columns
     monkeypatch.setattr(fastpath, "_SMALL_WORK", 0)
     monkeypatch.setattr(fastpath, "_row_blocks", fastpath._RowBlocks())
-    fastpath._row_blocks.faster = blocked
+    fastpath._row_blocks.faster = fastpath._row_blocks.faster_copied = blocked
     model = build(tiny_args(num_gqa_groups=2, tied=False))
     x = np.random.default_rng(0).standard_normal((3, 64), dtype=np.float32)
-    w = np.random.default_rng(1).standard_normal((64, 200), dtype=np.float32)
-    assert (fastpath._row_blocks.size(x, w) is not None) == blocked
-    np.testing.assert_allclose(fastpath._matvec(x, w), x @ w, rtol=1e-5, atol=1e-5)
+    weight = np.random.default_rng(1).standard_normal((200, 64), dtype=np.float32)  # (out, in)
+    for w in (weight.T, np.ascontiguousarray(weight.T)):
+        assert (fastpath._row_blocks.size(x, w) is not None) == blocked
+        np.testing.assert_allclose(fastpath._matvec(x, w), x @ w, rtol=1e-5, atol=1e-5)
+    if blocked:  # a copy's blocks are as wide as the work bound allows, a view's capped
+        monkeypatch.setattr(fastpath._RowBlocks, "COLUMNS", 16)
+        assert fastpath._row_blocks.size(x, w)[0] == 6000 // (3 * 64) // 8 * 8 == 24
+        assert fastpath._row_blocks.size(x, weight.T)[0] == 16
     _rows_agree(model, [5, 17, 2, 40, 9])
 
 
@@ -396,7 +404,7 @@ def test_rows_in_depth_chunks_match(monkeypatch):
     monkeypatch.setattr(fastpath._RowBlocks, "CHUNKED", (2, 8, 40))
     monkeypatch.setattr(fastpath, "_SMALL_WORK", 0)
     monkeypatch.setattr(fastpath, "_row_blocks", fastpath._RowBlocks())
-    fastpath._row_blocks.faster = True
+    fastpath._row_blocks.faster = fastpath._row_blocks.faster_copied = True
     x = np.random.default_rng(0).standard_normal((3, 100), dtype=np.float32)
     w = np.random.default_rng(1).standard_normal((100, 70), dtype=np.float32)
     cols, depth = fastpath._row_blocks.size(x, w)

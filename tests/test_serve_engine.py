@@ -229,6 +229,42 @@ def test_prompt_cache_longest_prefix_lru_and_independent_copies(loaded):
     assert PromptCache(0).store(a, ca) is None and len(PromptCache(0)) == 0
 
 
+def test_prompt_cache_finds_the_longest_prefix_among_many_entries():
+    """Every entry is compared at once: the longest shared prefix (the least recently used
+    of equals) as a one-by-one comparison finds it, and prefixes of a stored sequence go."""
+    from elm_mlx.model.cache import KVCache
+
+    def caches(n):
+        c = KVCache()
+        c.state = [mx.zeros((1, 1, n, 2)), mx.zeros((1, 1, n, 2))]
+        return [c]
+
+    rng = np.random.default_rng(0)
+    cache, kept = PromptCache(max_bytes=10**9), []
+    for _ in range(60):
+        tokens = [1] + rng.integers(2, 5, rng.integers(1, 12)).tolist()  # many shared prefixes
+        cache.store(tokens, caches(len(tokens)))
+        kept = [k for k in kept if k != tokens[: len(k)]] + [tokens]
+    assert len(cache) == len(kept)
+    for _ in range(50):
+        prompt = [1] + rng.integers(2, 5, rng.integers(1, 14)).tolist()
+        shared = [_shared(k, prompt) for k in kept]
+        want = min(max(shared), len(prompt) - 1)
+        got, n = cache.fetch(prompt, lambda: [KVCache()])
+        assert n == (want if want >= 1 else 0)
+        if n:
+            assert got[0].offset == n
+            kept.append(kept.pop(shared.index(max(shared))))  # fetched: most recently used
+
+
+def _shared(a: list, b: list) -> int:
+    """How many leading tokens `a` and `b` share, one by one."""
+    n = 0
+    while n < min(len(a), len(b)) and a[n] == b[n]:
+        n += 1
+    return n
+
+
 @pytest.fixture
 def app_client(loaded, instruct_dir):
     from starlette.testclient import TestClient

@@ -100,8 +100,22 @@ def _make_views(model: OpenELM, sources: tuple) -> _Views:
         an, qkv, qn, kn, out, fn, p1, p2 = arrays[3 + 8 * i : 11 + 8 * i]
         a = block.attn
         qk = None if qn is None else np.stack([qn] * a.n_heads + [kn] * a.n_kv_heads)
-        layers.append(_LayerViews(a, an, qkv.T, qk, out.T, fn, p1.T, p2.T))
-    return _Views(sources, arrays[0], arrays[1], arrays[2].T, tuple(layers))
+        mats = (_operand(m) for m in (qkv, out, p1, p2))
+        layers.append(_LayerViews(a, an, next(mats), qk, next(mats), fn, *mats))
+    return _Views(sources, arrays[0], arrays[1], _operand(arrays[2]), tuple(layers))
+
+
+# Weights of at most this many elements are multiplied as (in, out) C-contiguous copies.
+_COPIED = 1 << 20
+
+
+def _operand(weight: np.ndarray) -> np.ndarray:
+    """The (in, out) operand of x @ weight.T for a weight (out, in): a zero-copy view of
+    MLX's memory, or for a small matrix a C-contiguous copy. OpenBLAS multiplies small
+    matrices laid out so faster at every row count (several times faster for a few rows,
+    where its small-matrix kernels apply); `benchmarks/bench_kernels.py` prints both."""
+    t = weight.T
+    return np.ascontiguousarray(t) if t.size <= _COPIED else t
 
 
 def _same(a: tuple, b: tuple) -> bool:
@@ -163,17 +177,23 @@ class _RowBlocks:
     CHUNKED = (4, 8, 2560)  # depth chunks for rows in [4, 8] and more inputs than this
 
     def __init__(self):
-        self.faster: bool | None = None  # blocks beat whole products
+        self.faster: bool | None = None  # blocks beat whole products (zero-copy views)
+        self.faster_copied: bool | None = None  # the same for small C-contiguous copies
 
     def size(self, x: np.ndarray, w: np.ndarray) -> tuple[int, int] | None:
         """(columns, inputs) per block for x @ w, or None for one product."""
         m, k = x.shape
         if not 2 <= m <= 64:
             return None
+        copied = w.flags.c_contiguous  # a small matrix's copy: blocks of any width
         depth = self._depth(m, k)
-        block = self._block(m, depth)
+        block = self._block(m, depth, None if copied else self.COLUMNS)
         if block is None or block >= w.shape[1] and depth == k:
             return None
+        if copied:
+            if self.faster_copied is None:
+                self.faster_copied = self._blocks_win(copied=True)
+            return (block, depth) if self.faster_copied else None
         if self.faster is None:
             self.faster = self._blocks_win()
         return (block, depth) if self.faster else None
@@ -185,15 +205,20 @@ class _RowBlocks:
         n = -(-k // self.DEPTH)
         return -(-k // n // 16) * 16  # n chunks (the last one shorter), 16 inputs apart
 
-    def _block(self, m: int, k: int) -> int | None:
-        block = min(self.COLUMNS, self.WORK // (m * k) // 8 * 8)
+    def _block(self, m: int, k: int, columns: int | None) -> int | None:
+        block = self.WORK // (m * k) // 8 * 8
+        block = block if columns is None else min(columns, block)
         return block if block >= 8 else None
 
-    def _blocks_win(self) -> bool:
-        """Time 8 rows by a (1024, 2048) matrix in blocks and whole, best of 2 each."""
-        x = np.full((8, 1024), 0.5, np.float32)
-        w = np.full((2048, 1024), 0.25, np.float32).T  # (in, out), laid out like the views
-        return self._time(x, w, (self._block(8, 1024), 1024)) < self._time(x, w, None)
+    def _blocks_win(self, copied: bool = False) -> bool:
+        """Time 8 rows by a matrix in blocks and whole, best of 2 each: a (1024, 2048) view
+        of an (out, in) matrix, or a small (160, 4096) C-contiguous copy."""
+        k, n = (160, 4096) if copied else (1024, 2048)
+        x = np.full((8, k), 0.5, np.float32)
+        w = np.full((n, k), 0.25, np.float32).T  # (in, out), laid out like the views
+        w = np.ascontiguousarray(w) if copied else w
+        block = self._block(8, k, None if copied else self.COLUMNS)
+        return self._time(x, w, (block, k)) < self._time(x, w, None)
 
     @staticmethod
     def _time(x: np.ndarray, w: np.ndarray, size: tuple[int, int] | None) -> float:

@@ -23,6 +23,7 @@ class PromptCache:
         self._entries: OrderedDict[int, tuple[np.ndarray, list]] = OrderedDict()
         self._next_key = 0
         self.nbytes = 0
+        self._table: tuple[list[int], np.ndarray] | None = None  # (keys, their tokens padded)
 
     def __len__(self) -> int:
         return len(self._entries)
@@ -33,14 +34,12 @@ class PromptCache:
         At least the last prompt token is always left to compute (its logits are
         needed). `make_cache()` builds the empty per-layer caches to fill.
         """
-        best, best_n = None, 0
-        ids = np.asarray(prompt, np.int64)
-        for key, (tokens, _) in self._entries.items():
-            n = _common_prefix(tokens, ids)
-            if n > best_n:
-                best, best_n = key, n
-        best_n = min(best_n, len(prompt) - 1)
-        if best is None or best_n < 1:
+        keys, shared = self._shared_prefixes(np.asarray(prompt, np.int64))
+        if not keys or shared.max() < 1:
+            return None, 0
+        i = int(shared.argmax())  # the least recently used of the longest
+        best, best_n = keys[i], min(int(shared[i]), len(prompt) - 1)
+        if best_n < 1:
             return None, 0
         self._entries.move_to_end(best)
         caches = make_cache()
@@ -60,10 +59,12 @@ class PromptCache:
         if size > self.max_bytes:
             return
         ids = np.asarray(tokens, np.int64)
-        for key, (kept, _) in list(self._entries.items()):  # superseded: a prefix of the new one
-            if len(kept) <= len(ids) and _common_prefix(kept, ids) == len(kept):
+        keys, shared = self._shared_prefixes(ids)
+        for key, n in zip(keys, shared.tolist(), strict=True):  # superseded: prefixes of ids
+            if n == len(self._entries[key][0]):
                 self._drop(key)
         self._entries[self._next_key] = (ids, caches)
+        self._table = None
         self._next_key += 1
         self.nbytes += size
         while self.nbytes > self.max_bytes:
@@ -72,9 +73,21 @@ class PromptCache:
     def _drop(self, key: int) -> None:
         _, caches = self._entries.pop(key)
         self.nbytes -= sum(c.nbytes for c in caches)
+        self._table = None
 
-
-def _common_prefix(a: np.ndarray, b: np.ndarray) -> int:
-    n = min(len(a), len(b))
-    differ = np.flatnonzero(a[:n] != b[:n])
-    return int(differ[0]) if len(differ) else n
+    def _shared_prefixes(self, ids: np.ndarray) -> tuple[list[int], np.ndarray]:
+        """(the kept entries' keys, least recently used first; how many leading tokens
+        each shares with `ids`), all entries compared at once."""
+        if self._table is None:  # rebuilt after a change: one row per entry, padded with -1
+            keys = list(self._entries)
+            rows = [self._entries[k][0] for k in keys]
+            table = np.full((len(rows), max(map(len, rows), default=0)), -1, np.int64)
+            for row, tokens in zip(table, rows, strict=True):
+                row[: len(tokens)] = tokens
+            self._table = keys, table
+        keys, table = self._table
+        if not keys:
+            return keys, np.zeros(0, np.int64)
+        n = min(table.shape[1], len(ids))
+        same = table[:, :n] == ids[:n]  # (entries, n)
+        return keys, np.where(same.all(axis=1), n, same.argmin(axis=1))
