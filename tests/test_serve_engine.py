@@ -218,6 +218,7 @@ def test_prompt_cache_longest_prefix_lru_and_independent_copies(loaded):
     np.testing.assert_array_equal(np.asarray(again[1].state[1]), np.asarray(ca[1].state[1]))
     assert cache.fetch(a, raw.make_cache)[1] == 19  # the last token is always computed
     assert cache.fetch([200, 201], raw.make_cache) == (None, 0)
+    assert cache.fetch([3, 200, 201], raw.make_cache) == (None, 0)  # one token: not worth it
     # a longer sequence supersedes its prefix; the byte bound evicts least recently used
     (cc,) = _prefilled(raw, [a + [5, 6, 0]])
     cache.store(a + [5, 6], cc)
@@ -251,7 +252,7 @@ def test_prompt_cache_finds_the_longest_prefix_among_many_entries():
         shared = [_shared(k, prompt) for k in kept]
         want = min(max(shared), len(prompt) - 1)
         got, n = cache.fetch(prompt, lambda: [KVCache()])
-        assert n == (want if want >= 1 else 0)
+        assert n == (want if want >= PromptCache.MIN_REUSE else 0)  # a lone BOS: not kept
         if n:
             assert got[0].offset == n
             kept.append(kept.pop(shared.index(max(shared))))  # fetched: most recently used

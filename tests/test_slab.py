@@ -37,17 +37,26 @@ def _no_row_attention(monkeypatch):
     monkeypatch.setattr(fastpath, "_row_attention", refuse)
 
 
-def test_rows_in_slab_slots_match_each_row_alone(model, monkeypatch):
-    """Rows of different lengths in scattered slots (a freed slot between them, rows not in
-    slot order) decode as each row alone does on the MLX path."""
+@pytest.mark.parametrize(
+    "order, lengths",
+    [
+        pytest.param([4, 0, 2], (9, 30, 17), id="scattered-slots"),
+        pytest.param([0, 1, 2], (9, 30, 17), id="slot-order"),
+        pytest.param([0, 1, 2], (12, 12, 12), id="slot-order-same-lengths"),
+    ],
+)
+def test_rows_in_slab_slots_match_each_row_alone(model, monkeypatch, order, lengths):
+    """Rows of different (or equal) lengths in scattered slots (freed slots between them,
+    rows not in slot order) or in slots 0, 1, 2 decode as each row alone does on the MLX
+    path."""
     fast = CpuDecoder(model)
     slab = RowSlab.for_model(model, 5)
     taken = [slab.take() for _ in range(5)]
-    slab.release(taken[1])
-    slab.release(taken[3])
-    rows = [taken[4], taken[0], taken[2]]  # slots 4, 0, 2
+    for slot in set(range(5)) - set(order):
+        slab.release(taken[slot])
+    rows = [taken[slot] for slot in order]
     rng = np.random.default_rng(1)
-    prompts = [rng.integers(0, model.args.vocab_size, n).tolist() for n in (9, 30, 17)]
+    prompts = [rng.integers(0, model.args.vocab_size, n).tolist() for n in lengths]
     plain = [model.make_cache() for _ in prompts]
     for p, c, ref in zip(prompts, rows, plain, strict=True):
         fast(mx.array(p)[None], cache=c)

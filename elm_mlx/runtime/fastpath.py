@@ -617,12 +617,16 @@ class _SlabRows:
         self.offsets = [caches[b].offset for b in self.rows]
         if len(self.rows) < 2:  # one row is as fast on its own
             return
-        self.slot_index, self.ends = np.array(self.slots), np.array(self.offsets) + 1
+        self.slot_index, self.positions = np.array(self.slots), np.array(self.offsets)
         self.S, self.T = max(self.slots) + 1, max(self.offsets) + 1
+        # rows b = 0..B-1 in slots 0..B-1 (the engine orders its rows so): no reordering
+        self.in_order = self.slots == self.rows == list(range(len(caches)))
         lengths = np.full(self.S, self.T)  # slots not in the step: unmasked, never read
-        lengths[self.slot_index] = self.ends
-        self.mask = np.zeros((self.S, 1, 1, self.T), np.float32)  # -inf past each length
-        self.mask[np.arange(self.T) >= lengths[:, None, None, None]] = -np.inf
+        lengths[self.slot_index] = self.positions + 1
+        self.mask = None  # all as long as the longest: nothing to mask
+        if lengths.min() < self.T:  # -inf past each length
+            self.mask = np.zeros((self.S, 1, 1, self.T), np.float32)
+            self.mask[np.arange(self.T) >= lengths[:, None, None, None]] = -np.inf
 
     def matches(self, caches: list, layer: int) -> bool:
         """Whether `caches` (one layer's) hold these rows in the same slots at the same
@@ -644,18 +648,24 @@ def _slab_attention(q, k, v, batch: _SlabRows, layer: int, caches: list, out) ->
     length; row b's output goes to out[b]."""
     rows, slots = batch.rows, batch.slot_index
     slab_keys, slab_values = batch.slab.keys[layer], batch.slab.values[layer]
-    slab_keys[slots, :, batch.ends - 1] = k[rows]  # (B, n_kv, hd)
-    slab_values[slots, :, batch.ends - 1] = v[rows]
+    if not batch.in_order:
+        k, v = k[rows], v[rows]
+    slab_keys[slots, :, batch.positions] = k  # (B, n_kv, hd)
+    slab_values[slots, :, batch.positions] = v
     for b in rows:
         caches[b].offset += 1
     S, T = batch.S, batch.T
-    qs = np.zeros((S, *q.shape[1:]), np.float32)  # slots not in the step score zeros
-    qs[slots] = q[rows]
+    if batch.in_order:
+        qs = q
+    else:
+        qs = np.zeros((S, *q.shape[1:]), np.float32)  # slots not in the step score zeros
+        qs[slots] = q[rows]
     o = np.empty_like(qs)
 
     def score(lo: int, hi: int) -> None:
         s = qs[lo:hi] @ slab_keys[lo:hi, :, :T].transpose(0, 1, 3, 2)  # (n, n_kv, rep, T)
-        s += batch.mask[lo:hi]
+        if batch.mask is not None:
+            s += batch.mask[lo:hi]
         s -= s.max(axis=-1, keepdims=True)
         np.exp(s, out=s)
         np.matmul(s, slab_values[lo:hi, :, :T], out=o[lo:hi])  # (n, n_kv, rep, hd)
@@ -665,7 +675,10 @@ def _slab_attention(q, k, v, batch: _SlabRows, layer: int, caches: list, out) ->
         _parallel(score, S)
     else:
         score(0, S)
-    out[rows] = o[slots]
+    if batch.in_order:
+        out[:] = o
+    else:
+        out[rows] = o[slots]
 
 
 class _RopeTable:

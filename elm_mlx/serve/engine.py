@@ -150,6 +150,12 @@ class _Row:
         return [(lo, min(lo + step, end)) for lo in range(self.fed, end, step)]
 
 
+def _slot(row: _Row) -> int:
+    """Where the row's caches are in the slab (rows outside it go last)."""
+    c = row.caches[0]
+    return c.slot if isinstance(c, SlotCache) else 1 << 30
+
+
 class Engine:
     """Owns the model on one thread; `submit` jobs, `close` to drain and stop."""
 
@@ -333,7 +339,7 @@ class Engine:
         """One token for every running row, and `chunks` (row, lo, hi) of prefilling rows'
         prompts, all in one forward pass: the running rows never wait for a prefill pass
         of their own, and prompts arriving together share their products."""
-        rows = list(self._running)
+        rows = sorted(self._running, key=_slot)  # in slot order: the slab needs no reordering
         prompts = [(row.job.prompt[lo:hi], row.caches) for row, lo, hi in chunks]
         logits = decode_step(
             self.model, [r.tokens[r.fed] for r in rows], [r.caches for r in rows], prompts

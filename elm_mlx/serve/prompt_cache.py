@@ -16,6 +16,10 @@ import numpy as np
 class PromptCache:
     """Finished sequences' per-layer caches, least recently used evicted beyond `max_bytes`."""
 
+    # Fewest shared tokens worth a copy: every prompt shares its BOS, which costs less to
+    # compute than to copy.
+    MIN_REUSE = 2
+
     def __init__(self, max_bytes: int):
         if max_bytes < 0:
             raise ValueError(f"max_bytes must be >= 0 (0 turns the cache off), got {max_bytes}")
@@ -35,11 +39,11 @@ class PromptCache:
         needed). `make_cache()` builds the empty per-layer caches to fill.
         """
         keys, shared = self._shared_prefixes(np.asarray(prompt, np.int64))
-        if not keys or shared.max() < 1:
+        if not keys:
             return None, 0
         i = int(shared.argmax())  # the least recently used of the longest
         best, best_n = keys[i], min(int(shared[i]), len(prompt) - 1)
-        if best_n < 1:
+        if best_n < self.MIN_REUSE:
             return None, 0
         self._entries.move_to_end(best)
         caches = make_cache()
