@@ -592,6 +592,51 @@ def test_events_queued_behind_a_write_leave_in_one_write_in_order():
     assert parts[2] == "data: [DONE]\n\n"
 
 
+@pytest.mark.parametrize("kind", ["_TextFormat", "_ChatFormat"])
+def test_a_streamed_tokens_event_is_its_chunk_rendered(kind):
+    """The event of a token's text, made from the chunk rendered once, is exactly the
+    chunk rendered for that text, whatever the text holds."""
+    from elm_mlx.serve import app as app_mod
+    from elm_mlx.serve.engine import Token
+
+    fmt = getattr(app_mod, kind)(app_mod.ServerConfig('tiny "model" \\ é'))
+    sse = fmt.token_sse("cmpl-1", 1700000000)
+    for text in ["a", " b", 'say "hi"\n', "\\", "\t\x00\x1f", "é ünï 中文 🙂", "\u2028", ""]:
+        chunk = fmt.chunk("cmpl-1", token=Token(text, 5), created=1700000000)
+        assert sse(text) == app_mod._sse(chunk)
+        assert json.loads(sse(text)[len("data: ") :]) == chunk
+
+
+def test_engine_events_reach_each_stream_in_order_with_one_wake_up_per_batch():
+    """Events sent from the engine thread while the loop is busy are handed over together
+    (the loop is woken once), each stream's in the order sent."""
+    import asyncio
+    import threading
+
+    from elm_mlx.serve import app as app_mod
+
+    async def run():
+        loop = asyncio.get_running_loop()
+        wakes, real = [], loop.call_soon_threadsafe
+        loop.call_soon_threadsafe = lambda *a: (wakes.append(a), real(*a))
+        channels = [app_mod._Channel() for _ in range(3)]
+
+        def engine():
+            for i in range(50):
+                for c, ch in enumerate(channels):
+                    ch.emit((c, i))
+
+        thread = threading.Thread(target=engine)
+        thread.start()
+        thread.join()  # the loop has not run meanwhile: one hand-over holds everything
+        got = [[await ch.queue.get() for _ in range(50)] for ch in channels]
+        return got, len(wakes)
+
+    got, wakes = asyncio.run(run())
+    assert got == [[(c, i) for i in range(50)] for c in range(3)]
+    assert wakes == 1
+
+
 def test_a_connection_that_fails_while_watched_counts_as_gone():
     """The disconnect watcher of a non-streaming request ends cleanly when receiving fails,
     and the request is answered as a client that left."""

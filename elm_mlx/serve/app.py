@@ -14,9 +14,12 @@ import asyncio
 import hmac
 import json
 import sys
+import threading
 import time
 import traceback
 import uuid
+import weakref
+from collections.abc import Callable
 from dataclasses import dataclass, field
 
 from pydantic import ValidationError
@@ -146,14 +149,48 @@ class _Channel:
     """Engine events into an asyncio queue (emit is called on the engine thread)."""
 
     def __init__(self):
-        self.loop = asyncio.get_running_loop()
         self.queue: asyncio.Queue = asyncio.Queue()
+        self.outbox = _Outbox.of(asyncio.get_running_loop())
 
     def emit(self, event) -> None:
+        self.outbox.put(self.queue, event)
+
+
+class _Outbox:
+    """Events from the engine thread into one event loop's queues, handed over in batches:
+    the loop is woken once for whatever arrives before it runs (a step's tokens for every
+    stream), not once an event."""
+
+    _of: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()
+
+    def __init__(self, loop: asyncio.AbstractEventLoop):
+        self.loop = loop
+        self.lock = threading.Lock()
+        self.items: list[tuple[asyncio.Queue, object]] = []
+
+    @classmethod
+    def of(cls, loop: asyncio.AbstractEventLoop) -> _Outbox:
+        box = cls._of.get(loop)
+        if box is None:
+            box = cls._of[loop] = cls(loop)
+        return box
+
+    def put(self, queue: asyncio.Queue, event) -> None:
+        with self.lock:
+            self.items.append((queue, event))
+            if len(self.items) > 1:  # a hand-over is already on its way
+                return
         try:
-            self.loop.call_soon_threadsafe(self.queue.put_nowait, event)
+            self.loop.call_soon_threadsafe(self._deliver)
         except RuntimeError:  # the loop is closed: nobody is listening any more
-            pass
+            with self.lock:
+                self.items.clear()
+
+    def _deliver(self) -> None:
+        with self.lock:
+            items, self.items = self.items, []
+        for queue, event in items:
+            queue.put_nowait(event)
 
 
 @dataclass
@@ -381,9 +418,10 @@ class _Api:
     async def _stream(self, job: Job, channel: _Channel, fmt, include_usage: bool, state):
         """Server-sent events; what the engine sent while the last write was going out
         leaves in one write."""
-        stream_id = fmt.new_id()
+        stream_id, created = fmt.new_id(), int(time.time())
+        token_sse = fmt.token_sse(stream_id, created)
         try:
-            yield _sse(fmt.chunk(stream_id, first=True))
+            yield _sse(fmt.chunk(stream_id, first=True, created=created))
             ended = False
             while not ended:
                 out = []
@@ -391,14 +429,16 @@ class _Api:
                     if isinstance(event, Failed):
                         out.append(_sse(_failed(event).body()))
                     elif isinstance(event, Token):
-                        if event.text or event.logprob is not None:
-                            out.append(_sse(fmt.chunk(stream_id, token=event)))
+                        if event.logprob is not None:
+                            out.append(_sse(fmt.chunk(stream_id, token=event, created=created)))
+                        elif event.text:
+                            out.append(token_sse(event.text))
                         continue
                     else:
                         state["usage"] = (event.prompt_tokens, event.completion_tokens)
-                        out.append(_sse(fmt.chunk(stream_id, reason=event.reason)))
+                        out.append(_sse(fmt.chunk(stream_id, reason=event.reason, created=created)))
                         if include_usage:
-                            out.append(_sse(fmt.usage_chunk(stream_id, event)))
+                            out.append(_sse(fmt.usage_chunk(stream_id, event, created=created)))
                     ended = True  # nothing follows a Failed or Finished event
                     break
                 if out:
@@ -447,6 +487,9 @@ def _sse(data: dict) -> str:
     return f"data: {json.dumps(data, ensure_ascii=False)}\n\n"
 
 
+_encode_string = json.encoder.encode_basestring  # json.dumps(a str, ensure_ascii=False)
+
+
 def _usage(f: Finished) -> dict:
     return {
         "prompt_tokens": f.prompt_tokens,
@@ -470,11 +513,21 @@ class _ChatFormat:
     def new_id(self) -> str:
         return f"{self.prefix}-{uuid.uuid4().hex[:24]}"
 
-    def _envelope(self, id_: str, kind: str, choices: list) -> dict:
+    def _envelope(self, id_: str, kind: str, choices: list, created: int | None = None) -> dict:
         return {
-            "id": id_, "object": kind, "created": int(time.time()),
+            "id": id_, "object": kind, "created": int(time.time()) if created is None else created,
             "model": self.config.model_id, "system_fingerprint": None, "choices": choices,
         }  # fmt: skip
+
+    def token_sse(self, id_: str, created: int) -> Callable[[str], str]:
+        """The server-sent event of a streamed token's text (no logprobs), as `_sse` of its
+        `chunk` gives it, from the chunk rendered once with a mark where the text goes."""
+        mark = json.dumps("\x00", ensure_ascii=False)
+        sse = _sse(self.chunk(id_, token=Token("\x00", 0), created=created))
+        if sse.count(mark) != 1:  # the mark occurs elsewhere: render each chunk
+            return lambda text: _sse(self.chunk(id_, token=Token(text, 0), created=created))
+        head, tail = sse.split(mark)
+        return lambda text: head + _encode_string(text) + tail
 
     def response(self, r: _Result, logprobs: bool) -> dict:
         message = {"role": "assistant", "content": "".join(r.text), "refusal": None}
@@ -488,7 +541,9 @@ class _ChatFormat:
         body["usage"] = _usage(r.finished)
         return body
 
-    def chunk(self, id_: str, *, first=False, token: Token | None = None, reason=None) -> dict:
+    def chunk(
+        self, id_: str, *, first=False, token: Token | None = None, reason=None, created=None
+    ) -> dict:
         delta = {"role": "assistant", "content": ""} if first else {}
         logprobs = None
         if token is not None:
@@ -496,10 +551,10 @@ class _ChatFormat:
             if token.logprob is not None:
                 logprobs = {"content": [_chat_logprob(token)]}
         choice = {"index": 0, "delta": delta, "logprobs": logprobs, "finish_reason": reason}
-        return self._envelope(id_, self.kind + ".chunk", [choice])
+        return self._envelope(id_, self.kind + ".chunk", [choice], created)
 
-    def usage_chunk(self, id_: str, f: Finished) -> dict:
-        body = self._envelope(id_, self.kind + ".chunk", [])
+    def usage_chunk(self, id_: str, f: Finished, created: int | None = None) -> dict:
+        body = self._envelope(id_, self.kind + ".chunk", [], created)
         body["usage"] = _usage(f)
         return body
 
@@ -526,14 +581,16 @@ class _TextFormat(_ChatFormat):
         body["usage"] = _usage(r.finished)
         return body
 
-    def chunk(self, id_: str, *, first=False, token: Token | None = None, reason=None) -> dict:
+    def chunk(
+        self, id_: str, *, first=False, token: Token | None = None, reason=None, created=None
+    ) -> dict:
         text = "" if token is None else token.text
         logprobs = _text_logprobs([token]) if token and token.logprob is not None else None
         choice = {"index": 0, "text": text, "logprobs": logprobs, "finish_reason": reason}
-        return self._envelope(id_, self.kind, [choice])
+        return self._envelope(id_, self.kind, [choice], created)
 
-    def usage_chunk(self, id_: str, f: Finished) -> dict:
-        body = self._envelope(id_, self.kind, [])
+    def usage_chunk(self, id_: str, f: Finished, created: int | None = None) -> dict:
+        body = self._envelope(id_, self.kind, [], created)
         body["usage"] = _usage(f)
         return body
 
