@@ -7,7 +7,10 @@ HTTP with streamed /v1/completions requests:
 - N requests with P-token prompts and T new tokens (greedy) at each concurrency:
   aggregate generated tokens/s, time to first token p50/p95, inter-token latency p50/p95.
   Each concurrency has prompts of its own (the same for both servers), so no server's
-  prompt cache serves a prompt it saw at an earlier concurrency;
+  prompt cache serves a prompt it saw at an earlier concurrency. The mix runs in rounds
+  (three for nano, whose rounds take seconds; `--rounds`), each concurrency once a round
+  with fresh prompts, and the median round's tokens/s is reported beside every round's:
+  on a shared machine the CPU's speed can change by half from one second to the next;
 - a multi-turn conversation whose history grows to about 1,000 tokens (less where the
   model's context is smaller): time to first token of turns 2-6, for elm-mlx with its
   prompt cache, elm-mlx without it (--prompt-cache-gb 0) and mlx_lm.server.
@@ -43,6 +46,9 @@ from pathlib import Path
 import httpx
 
 ROOT = Path(__file__).resolve().parents[1]
+# Rounds of each model's request mix: a round of nano's takes seconds, so a spell of a slow
+# (shared) CPU can make or break one; 270M's take minutes.
+ROUNDS = {"nano": 3, "270m": 1}
 NANO = ROOT / "elm_mlx" / "assets" / "nano"
 
 
@@ -253,10 +259,21 @@ def run_mix(url: str, model: str, prompts: list[str], new: int, concurrency: int
     with ThreadPoolExecutor(concurrency) as pool:
         timings = list(pool.map(lambda p: stream(url, model, p, new), prompts[1:]))
     wall = time.perf_counter() - start
-    ttft = [t.ttft for t in timings]
-    itl = [b - a for t in timings for a, b in zip(t.arrivals, t.arrivals[1:], strict=False)]
     return {
         "tok_s": sum(t.tokens for t in timings) / wall,
+        "ttft": [t.ttft for t in timings],
+        "itl": [b - a for t in timings for a, b in zip(t.arrivals, t.arrivals[1:], strict=False)],
+    }
+
+
+def summary(rounds: list[dict]) -> dict:
+    """Several rounds of one mix: the median tokens/s (and each round's), percentiles of the
+    latencies of every round."""
+    ttft = [x for r in rounds for x in r["ttft"]]
+    itl = [x for r in rounds for x in r["itl"]]
+    return {
+        "tok_s": statistics.median(r["tok_s"] for r in rounds),
+        "rounds": [r["tok_s"] for r in rounds],
         "ttft": (pct(ttft, 50), pct(ttft, 95)),
         "itl": (pct(itl, 50), pct(itl, 95)),
     }
@@ -290,14 +307,16 @@ def bench_model(name: str, path: Path, work: Path, opts) -> None:
 
     tokenizer = Tokenizer(path / "tokenizer.model")
     context = read_config(path).max_context_length
-    prompts = {c: make_prompts(tokenizer, opts.requests + 1, opts.prompt_tokens, seed=100 + c)
-               for c in opts.concurrency}  # fmt: skip
+    rounds = opts.rounds or ROUNDS[name]
+    prompts = {(c, r): make_prompts(tokenizer, opts.requests + 1, opts.prompt_tokens,
+                                    seed=100 + c + 1000 * r)
+               for c in opts.concurrency for r in range(rounds)}  # fmt: skip
     # the conversation: `turns` user messages, each reply `reply` tokens, ~`target` in all
     target = min(opts.chat_tokens, context - opts.reply_tokens - 16)
     user_len = max(8, target // opts.turns - opts.reply_tokens)
     users = [u + "\n" for u in make_prompts(tokenizer, opts.turns, user_len, seed=1)]
     shim = mlx_lm_dir(path, work, tokenizer)
-    check_tokenizers(shim, tokenizer, prompts[opts.concurrency[0]][:8])
+    check_tokenizers(shim, tokenizer, prompts[opts.concurrency[0], 0][:8])
     mix, chat = {}, {}
     servers = {"elm-mlx serve": lambda: elm_server(path, work), "mlx_lm.server": None}
     servers["mlx_lm.server"] = lambda: mlx_lm_server(shim, work)
@@ -306,31 +325,37 @@ def bench_model(name: str, path: Path, work: Path, opts) -> None:
             continue
         with make() as server:
             model = str(shim if label == "mlx_lm.server" else path)
+            runs = {c: [] for c in opts.concurrency}
+            for r in range(rounds):  # each round every concurrency: a slow spell hits them all
+                for c in opts.concurrency:
+                    runs[c].append(run_mix(server.url, model, prompts[c, r], opts.new_tokens, c))
+                    print(f"  {label} round {r + 1} concurrency {c}: "
+                          f"{runs[c][-1]['tok_s']:.1f} tokens/s", flush=True)  # fmt: skip
             for c in opts.concurrency:
-                mix[label, c] = run_mix(server.url, model, prompts[c], opts.new_tokens, c)
-                print(
-                    f"  {label} concurrency {c}: {mix[label, c]['tok_s']:.1f} tokens/s", flush=True
-                )
+                mix[label, c] = summary(runs[c])
             chat[label] = run_chat(server.url, model, users, opts.reply_tokens)
     with elm_server(path, work, cache=False) as server:
         chat["elm-mlx serve, no prompt cache"] = run_chat(
             server.url, str(path), users, opts.reply_tokens
         )
-    report(name, opts, mix, chat, target)
+    report(name, opts, mix, chat, target, rounds)
 
 
-def report(name: str, opts, mix: dict, chat: dict, target: int) -> None:
+def report(name: str, opts, mix: dict, chat: dict, target: int, rounds: int) -> None:
     print(
         f"\n## {name}: {opts.requests} requests, {opts.prompt_tokens}-token prompts, "
-        f"{opts.new_tokens} new tokens, greedy"
+        f"{opts.new_tokens} new tokens, greedy; {rounds} round(s), fresh prompts in each"
     )
-    head = ("server", "conc", "tok/s", "TTFT p50", "p95", "ITL p50", "p95")
-    print("{:<16} {:>4} {:>8} {:>9} {:>7} {:>8} {:>7}".format(*head))
+    head = ("server", "conc", "tok/s", "TTFT p50", "p95", "ITL p50", "p95", "rounds' tok/s")
+    print("{:<16} {:>4} {:>8} {:>9} {:>7} {:>8} {:>7}  {}".format(*head))
     for (label, c), m in mix.items():
         print(
             f"{label:<16} {c:>4} {m['tok_s']:>8.1f} {m['ttft'][0]:>8.3f}s {m['ttft'][1]:>6.3f}s "
-            f"{m['itl'][0] * 1000:>6.1f}ms {m['itl'][1] * 1000:>5.1f}ms"
+            f"{m['itl'][0] * 1000:>6.1f}ms {m['itl'][1] * 1000:>5.1f}ms  "
+            + " ".join(f"{x:.1f}" for x in m["rounds"])
         )
+    if rounds > 1:
+        print("tok/s: the median of the rounds; latencies: percentiles over every round")
     ours = {c: m["tok_s"] for (label, c), m in mix.items() if label == "elm-mlx serve"}
     theirs = {c: m["tok_s"] for (label, c), m in mix.items() if label == "mlx_lm.server"}
     top = max(ours)
@@ -355,6 +380,9 @@ def main() -> None:
     p.add_argument("--prompt-tokens", type=int, default=128)
     p.add_argument("--new-tokens", type=int, default=64)
     p.add_argument("--concurrency", default="1,4,8")
+    p.add_argument("--rounds", type=int, default=0,
+                   help="rounds of every concurrency, each with fresh prompts (default: "
+                        + ", ".join(f"{m} {n}" for m, n in ROUNDS.items()) + ")")  # fmt: skip
     p.add_argument("--turns", type=int, default=6)
     p.add_argument("--reply-tokens", type=int, default=32)
     p.add_argument("--chat-tokens", type=int, default=1000)
@@ -364,6 +392,7 @@ def main() -> None:
     if opts.quick:
         opts.models, opts.requests, opts.new_tokens = "nano", 8, 16
         opts.prompt_tokens, opts.concurrency, opts.turns = 64, "1,4", 3
+        opts.rounds = opts.rounds or 1
     opts.concurrency = [int(c) for c in opts.concurrency.split(",")]
     work = Path(opts.workdir or tempfile.mkdtemp(prefix="bench_serve-"))
     work.mkdir(parents=True, exist_ok=True)
