@@ -4,8 +4,9 @@
 
 Prints what MLX's CPU backend does with one-row, eight-row and prompt-sized float32
 products (with the system OpenBLAS preloaded, and with the BLAS its wheel bundles), what
-numpy does with the same arrays (zero-copy views, whole and in blocks), one and
-eight rows' decode step, MLX's and numpy's `exp`, and MLX's half-precision products.
+numpy does with the same arrays (zero-copy views, whole and in blocks), the shipped
+nano model's small matrices as zero-copy views and as the copies the fast path makes, one
+and eight rows' decode step, MLX's and numpy's `exp`, and MLX's half-precision products.
 Best of several runs each; the machine may be shared.
 """
 
