@@ -128,7 +128,8 @@ def small_matrices(mx, np) -> None:
 
 def decode_steps(mx, np) -> None:
     """CpuDecoder.decode_rows on OpenELM-270M shapes (random weights), 128 cached tokens a
-    row: one row against eight, and eight without depth chunks."""
+    row: one row, two (and two in blocks capped as for more rows), eight, and eight without
+    depth chunks."""
     from elm_mlx.model.config import preset
     from elm_mlx.runtime import fastpath
     from elm_mlx.runtime.fastpath import CpuDecoder
@@ -137,7 +138,7 @@ def decode_steps(mx, np) -> None:
     model = CpuDecoder(random_model(preset("OpenELM-270M")))
     mx.eval(model.parameters())
     print("decode step, OpenELM-270M shapes, 128 cached tokens per row")
-    for rows in (1, 8):
+    for rows in (1, 2, 8):
         caches = [model.make_cache() for _ in range(rows)]
         for c in caches:
             model(mx.array([list(range(3, 131))]), cache=c)
@@ -149,7 +150,11 @@ def decode_steps(mx, np) -> None:
                     layer.offset -= 1  # the same position every time
 
         row(f"decode_rows, {rows} row(s)", best(step))
-        if rows > 1:  # the down projections (3,000-5,000 inputs) in blocks without depth chunks
+        if rows == 2:  # blocks of a view capped at 128 columns, as for more rows
+            few, fastpath._RowBlocks.FEW = fastpath._RowBlocks.FEW, 1
+            row(f"decode_rows, {rows} row(s), blocks of at most 128 columns", best(step))
+            fastpath._RowBlocks.FEW = few
+        if rows > 2:  # the down projections (3,000-5,000 inputs) in blocks without depth chunks
             blocks = fastpath._row_blocks
             chunked, blocks.CHUNKED = blocks.CHUNKED, (0, 0, 0)
             row(f"decode_rows, {rows} row(s), no depth chunks", best(step))

@@ -389,10 +389,14 @@ def test_rows_in_column_blocks_or_whole_match(blocked, monkeypatch):
     for w in (weight.T, np.ascontiguousarray(weight.T)):
         assert (fastpath._row_blocks.size(x, w) is not None) == blocked
         np.testing.assert_allclose(fastpath._matvec(x, w), x @ w, rtol=1e-5, atol=1e-5)
-    if blocked:  # a copy's blocks are as wide as the work bound allows, a view's capped
-        monkeypatch.setattr(fastpath._RowBlocks, "COLUMNS", 16)
+    if blocked:  # a copy's blocks, and a view's for 2-3 rows, are as wide as the work bound
+        monkeypatch.setattr(fastpath._RowBlocks, "COLUMNS", 16)  # allows; a view's capped
         assert fastpath._row_blocks.size(x, w)[0] == 6000 // (3 * 64) // 8 * 8 == 24
-        assert fastpath._row_blocks.size(x, weight.T)[0] == 16
+        assert fastpath._row_blocks.size(x, weight.T)[0] == 24
+        x4 = np.ones((4, 64), np.float32)
+        assert fastpath._row_blocks.size(x4, weight.T)[0] == 16
+        assert fastpath._row_blocks.size(x4, w)[0] == 6000 // (4 * 64) // 8 * 8 == 16
+        np.testing.assert_allclose(fastpath._matvec(x4, weight.T), x4 @ weight.T, rtol=1e-5)
     _rows_agree(model, [5, 17, 2, 40, 9])
 
 

@@ -160,19 +160,22 @@ class _RowBlocks:
     OpenBLAS (0.3.x, AVX-512 kernels) multiplies a few rows by a large matrix several
     times slower than its bandwidth allows, but has small-matrix kernels for products of
     up to a million multiply-adds; other BLAS builds may not. So a product may go in
-    column blocks of at most 128 columns and a million multiply-adds, and, for 4-8 rows
-    of a long inner dimension (a feed-forward down projection of 3,000-5,000 inputs),
-    each block in depth chunks of about 1,300-1,500 inputs summed up: the few columns a
-    block of such a matrix may have make OpenBLAS's kernels slower, most of all with the
-    product shared out over the cores (`benchmarks/bench_kernels.py` prints an eight-row
-    decode step of OpenELM-270M's shapes with and without the chunks; timing the chunks
-    on a made-up matrix proved no guide). The first time it is asked,
-    8 rows by a fixed matrix are timed in blocks and whole (a few milliseconds, once per
-    process), and the faster way is kept.
+    column blocks of a million multiply-adds at most (for 4 rows or more of a zero-copy
+    view, of at most 128 columns: wider blocks are slower there; for 2-3 rows, blocks that
+    narrow are 1.5-2x slower than wide ones), and, for 4-8 rows of a long inner dimension
+    (a feed-forward down projection of 3,000-5,000 inputs), each block in depth chunks of
+    about 1,300-1,500 inputs summed up: the few columns a block of such a matrix may have
+    make OpenBLAS's kernels slower, most of all with the product shared out over the cores
+    (`benchmarks/bench_kernels.py` prints decode steps of OpenELM-270M's shapes with and
+    without the chunks and the wide blocks; timing the chunks on a made-up matrix proved
+    no guide). The first time it is asked, 8 rows by a fixed matrix are timed in blocks
+    and whole (a few milliseconds, once per process, for each layout), and the faster way
+    is kept.
     """
 
     WORK = 1_000_000  # multiply-adds per block at most
-    COLUMNS = 128  # columns per block at most
+    COLUMNS = 128  # columns per block of a zero-copy view at most...
+    FEW = 3  # ...for more rows than this (2-3 rows run fastest in blocks of ~1M multiply-adds)
     DEPTH = 1536  # inputs per depth chunk at most
     CHUNKED = (4, 8, 2560)  # depth chunks for rows in [4, 8] and more inputs than this
 
@@ -187,7 +190,7 @@ class _RowBlocks:
             return None
         copied = w.flags.c_contiguous  # a small matrix's copy: blocks of any width
         depth = self._depth(m, k)
-        block = self._block(m, depth, None if copied else self.COLUMNS)
+        block = self._block(m, depth, None if copied or m <= self.FEW else self.COLUMNS)
         if block is None or block >= w.shape[1] and depth == k:
             return None
         if copied:
