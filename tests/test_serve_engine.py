@@ -96,9 +96,14 @@ def test_a_prompt_chunk_in_the_decode_step_fills_its_cache_as_a_prefill_does(loa
 
 
 @pytest.mark.parametrize("fast", [True, False])
-def test_prompt_chunks_alone_in_one_step_fill_their_caches(loaded, fast):
+def test_prompt_chunks_alone_in_one_step_fill_their_caches(loaded, fast, monkeypatch):
     """Chunks of several prompts in one step with no row decoding: each cache ends as its
-    own prefill leaves it (the next token's logits agree with a plain forward)."""
+    own prefill leaves it (the next token's logits agree with a plain forward). On the CPU
+    fast path the chunks' attention is shared out over the cores, a chunk each."""
+    from elm_mlx.runtime import fastpath
+
+    shared, real = [], fastpath._parallel
+    monkeypatch.setattr(fastpath, "_parallel", lambda fn, n: (shared.append(n), real(fn, n)))
     model = loaded[0]
     raw = getattr(model, "model", model)
     stepper = model if fast else raw
@@ -108,6 +113,7 @@ def test_prompt_chunks_alone_in_one_step_fill_their_caches(loaded, fast):
     chunks = [(p[:-1], c) for p, c in zip(prompts, caches, strict=True)]
     logits = decode_step(stepper, [], [], chunks)
     assert logits.shape == (0, raw.args.vocab_size)
+    assert (len(prompts) in shared) == fast  # every layer's three chunks, on both cores
     logits = decode_step(stepper, [p[-1] for p in prompts], caches)
     for b, p in enumerate(prompts):
         ref = raw(mx.array(p)[None])[0, -1]

@@ -556,6 +556,39 @@ def _prompt_attention(w: _LayerViews, qkv: np.ndarray, cache, eps: float, rope) 
     return _causal_sdpa(q, keys, values)
 
 
+def _prompts_attention(w: _LayerViews, qkv: np.ndarray, chunks: list, eps: float, rope) -> list:
+    """`_prompt_attention` of each prompt chunk (its length, its cache), whose positions come
+    first in qkv in turn. Chunks whose attention is small (run on one core) and touches only
+    numpy (the cache has room, the positions are in the RoPE table) are shared out over the
+    cores, a chunk each: the prompts arriving together at a busy server."""
+    spans, lo = [], 0
+    for n, cache in chunks:
+        spans.append((lo, n, cache))
+        lo += n
+    out = [None] * len(spans)
+
+    def run(a: int, b: int) -> None:
+        for j in range(a, b):
+            lo, n, cache = spans[j]
+            out[j] = _prompt_attention(w, qkv[lo : lo + n], cache, eps, rope)
+
+    if len(spans) > 1 and all(_numpy_only(w, n, c, rope) for _, n, c in spans):
+        _parallel(run, len(spans))
+    else:
+        run(0, len(spans))
+    return out
+
+
+def _numpy_only(w: _LayerViews, n: int, cache, rope) -> bool:
+    """Whether n new positions' attention into `cache` runs on one core, in numpy alone."""
+    if cache is None or type(cache) not in (KVCache, SlotCache) or not cache.owned:
+        return False
+    end = cache.offset + n
+    a = w.attn
+    return (end <= cache.keys.shape[2] and end <= len(rope.cos)
+            and a.n_heads * n * end * a.head_dim < _SMALL_ATTENTION)  # fmt: skip
+
+
 def _decode_attention(
     w: _LayerViews, qkv: np.ndarray, caches: list, eps: float, rope, layer: int, batch=None
 ):
@@ -830,10 +863,7 @@ def _blocks(
     batch = _SlabRows([r[0] for r in rows]) if rows else None
     for i, w in enumerate(views.layers):
         qkv = _matvec(_rms_norm(h, w.attn_norm, eps), w.qkv)  # (N, (q + 2 kv) * head_dim)
-        parts, lo = [], 0
-        for n, caches in prompts:
-            parts.append(_prompt_attention(w, qkv[lo : lo + n], caches[i], eps, rope))
-            lo += n
+        parts = _prompts_attention(w, qkv, [(n, c[i]) for n, c in prompts], eps, rope)
         if rows:
             caches = [r[i] for r in rows]
             parts.append(_decode_attention(w, qkv[L:], caches, eps, rope, i, batch))
