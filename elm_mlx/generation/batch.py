@@ -66,6 +66,20 @@ def row_slab(model, slots: int) -> RowSlab | None:
     return RowSlab.for_model(model, slots) if isinstance(model, CpuDecoder) else None
 
 
+def take_caches(model, slab: RowSlab | None) -> list:
+    """A new row's per-layer caches: a free slot of `slab` if it has one, else the model's."""
+    caches = None if slab is None else slab.take()
+    return model.make_cache() if caches is None else caches
+
+
+def release_caches(slab: RowSlab | None, caches: list, keep: bool = False) -> list | None:
+    """Done with a row's caches (from `take_caches`); with `keep`, caches holding the same
+    tokens that stay valid (a slot is copied out: it will be reused)."""
+    if slab is not None and isinstance(caches[0], SlotCache):
+        return slab.release(caches, keep)
+    return caches if keep else None
+
+
 def _mlx_step(model, tokens: list[int], caches: list[list]) -> mx.array:
     t = model.transformer
     h = t.token_embeddings(mx.array(tokens, mx.int32)[:, None])  # (B, 1, d)
@@ -181,8 +195,7 @@ def generate_many(
             ids = tokenizer.encode(p) if isinstance(p, str) else [int(t) for t in p]
             if not ids:
                 raise ValueError(f"prompt {i} is empty; give at least one token id")
-            caches = None if slab is None else slab.take()
-            rows[i] = _Row(model, tokenizer, ids, settings[i], caches or model.make_cache())
+            rows[i] = _Row(model, tokenizer, ids, settings[i], take_caches(model, slab))
             if rows[i].budget <= 0:
                 done(i)
         if rows:
@@ -203,7 +216,6 @@ def _step(model, rows: dict[int, _Row], done: Callable[[int], None]) -> None:
 def _done(rows: dict[int, _Row], texts: list[str], i: int, *, on_done, slab) -> None:
     row = rows.pop(i)
     texts[i] = "".join(row.out)
-    if slab is not None and isinstance(row.caches[0], SlotCache):
-        slab.release(row.caches)
+    release_caches(slab, row.caches)
     if on_done is not None:
         on_done(i)

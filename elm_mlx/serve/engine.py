@@ -29,7 +29,14 @@ import mlx.core as mx
 import numpy as np
 
 from ..formats.tokenizer import Tokenizer
-from ..generation.batch import RowSampling, decode_step, row_slab, sample_rows
+from ..generation.batch import (
+    RowSampling,
+    decode_step,
+    release_caches,
+    row_slab,
+    sample_rows,
+    take_caches,
+)
 from ..generation.generate import GenerationSettings, TextStream, token_budget
 from ..generation.sample import LogitsProcessor, make_logits_processors, make_penalties
 from ..model.cache import ContextLengthError
@@ -233,17 +240,11 @@ class Engine:
     # ---- the engine thread ---------------------------------------------------
 
     def new_caches(self) -> list:
-        """A row's per-layer caches: a slot of the slab where there is one (and a slot is
-        free), else the model's own."""
-        caches = None if self.slab is None else self.slab.take()
-        return self.model.make_cache() if caches is None else caches
+        """A row's per-layer caches: a slot of the slab where there is one free."""
+        return take_caches(self.model, self.slab)
 
     def release(self, caches: list, keep: bool = False) -> list | None:
-        """Done with a row's caches; with `keep`, caches holding the same tokens that stay
-        valid (a slab slot is copied out: it will be reused)."""
-        if self.slab is not None and isinstance(caches[0], SlotCache):
-            return self.slab.release(caches, keep)
-        return caches if keep else None
+        return release_caches(self.slab, caches, keep)
 
     def _loop(self) -> None:
         while True:
