@@ -581,7 +581,7 @@ def _prompts_attention(w: _LayerViews, qkv: np.ndarray, chunks: list, eps: float
 
 def _numpy_only(w: _LayerViews, n: int, cache, rope) -> bool:
     """Whether n new positions' attention into `cache` runs on one core, in numpy alone."""
-    if cache is None or type(cache) not in (KVCache, SlotCache) or not cache.owned:
+    if cache is None or not _numpy_cache(cache) or not cache.owned:
         return False
     end = cache.offset + n
     a = w.attn
