@@ -35,7 +35,11 @@ def _add_serve(p) -> None:
         help=f"require 'Authorization: Bearer KEY' on every endpoint but /health (default: "
         f"${API_KEY_ENV} when set)",
     )
-    p.add_argument("--max-batch", type=int, default=8, help="most requests decoded together (8)")
+    p.add_argument(
+        "--max-batch", type=int, default=8,
+        help="most requests decoded together (8); on the CPU their KV caches share one buffer "
+        "that holds this many rows as long as the longest",
+    )  # fmt: skip
     p.add_argument(
         "--max-queue", type=int, default=64, help="most requests waiting; more get 503 (64)"
     )
