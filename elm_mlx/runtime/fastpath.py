@@ -503,7 +503,7 @@ def _append(cache, k: np.ndarray, v: np.ndarray) -> tuple[np.ndarray, np.ndarray
     if cache is None:
         return k, v
     end = cache.offset + k.shape[1]
-    if cache.owned and end <= cache.keys.shape[2]:
+    if _has_room(cache, k.shape[1]):
         keys, values = np.asarray(cache.keys), np.asarray(cache.values)  # evaluates if pending
         if all(a.flags.c_contiguous and a.flags.writeable for a in (keys, values)):
             keys[0, :, cache.offset : end] = k
@@ -512,6 +512,12 @@ def _append(cache, k: np.ndarray, v: np.ndarray) -> tuple[np.ndarray, np.ndarray
             return keys[0, :, :end], values[0, :, :end]
     keys, values = cache.update_and_fetch(mx.array(k)[None], mx.array(v)[None])
     return np.asarray(keys)[0], np.asarray(values)[0]  # (n_kv, T, hd)
+
+
+def _has_room(cache, n: int) -> bool:
+    """Whether `cache` owns a buffer with room for n more positions: `_append` then writes
+    them in place."""
+    return cache.owned and cache.offset + n <= cache.keys.shape[2]
 
 
 def _make_room(views: _Views, needs: list[tuple[list, int]]) -> None:
@@ -525,7 +531,7 @@ def _make_room(views: _Views, needs: list[tuple[list, int]]) -> None:
             if c is None or not _numpy_cache(c):
                 continue
             end = c.offset + n
-            if c.owned and end <= c.keys.shape[2] or c.max_size is not None and end > c.max_size:
+            if _has_room(c, n) or c.max_size is not None and end > c.max_size:
                 continue
             a = w.attn
             empty = mx.zeros((1, a.n_kv_heads, 0, a.head_dim), mx.float32)
@@ -581,12 +587,11 @@ def _prompts_attention(w: _LayerViews, qkv: np.ndarray, chunks: list, eps: float
 
 def _numpy_only(w: _LayerViews, n: int, cache, rope) -> bool:
     """Whether n new positions' attention into `cache` runs on one core, in numpy alone."""
-    if cache is None or not _numpy_cache(cache) or not cache.owned:
+    if cache is None or not _numpy_cache(cache) or not _has_room(cache, n):
         return False
     end = cache.offset + n
     a = w.attn
-    return (end <= cache.keys.shape[2] and end <= len(rope.cos)
-            and a.n_heads * n * end * a.head_dim < _SMALL_ATTENTION)  # fmt: skip
+    return rope.covers(end) and a.n_heads * n * end * a.head_dim < _SMALL_ATTENTION
 
 
 def _decode_attention(
@@ -738,15 +743,19 @@ class _RopeTable:
         r = np.array(r).reshape(n, 1, self.head_dim)
         return np.ascontiguousarray(r[..., :half]), np.ascontiguousarray(r[..., half:])
 
+    def covers(self, end: int) -> bool:
+        """Whether positions 0 .. end - 1 are in the table (no MLX evaluation needed)."""
+        return end <= len(self.cos)
+
     def span(self, offset: int, n: int) -> tuple[np.ndarray, np.ndarray]:
         """cos, sin of positions offset .. offset + n - 1, (n, 1, head_dim / 2) each."""
-        if offset + n <= len(self.cos):
+        if self.covers(offset + n):
             return self.cos[offset : offset + n], self.sin[offset : offset + n]
         return self._evaluate(offset, n)
 
     def rows(self, offsets: list[int]) -> tuple[np.ndarray, np.ndarray]:
         """cos, sin of one position for each row, (B, 1, head_dim / 2) each."""
-        if max(offsets) < len(self.cos):
+        if self.covers(max(offsets) + 1):
             return self.cos[offsets], self.sin[offsets]
         spans = [self.span(o, 1) for o in offsets]
         return np.concatenate([c for c, _ in spans]), np.concatenate([s for _, s in spans])
