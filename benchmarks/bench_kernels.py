@@ -5,8 +5,9 @@
 Prints what MLX's CPU backend does with one-row, eight-row and prompt-sized float32
 products (with the system OpenBLAS preloaded, and with the BLAS its wheel bundles), what
 numpy does with the same arrays (zero-copy views, whole and in blocks), the shipped
-nano model's small matrices as zero-copy views and as the copies the fast path makes, one
-and eight rows' decode step, MLX's and numpy's `exp`, and MLX's half-precision products.
+nano model's small matrices as zero-copy views and as the copies the fast path makes, four
+nano prompt chunks in one step, one, two and eight rows' decode step, MLX's and
+numpy's `exp`, and MLX's half-precision products.
 Best of several runs each; the machine may be shared.
 """
 
@@ -126,6 +127,32 @@ def small_matrices(mx, np) -> None:
                           f"{seconds * 1e6:9.1f} us")  # fmt: skip
 
 
+def prompt_chunks(mx, np) -> None:
+    """Four 127-token prompts of the shipped nano model in one step (prompts arriving
+    together at a busy server): their attention shared out over the cores, a chunk each,
+    against one after another."""
+    from elm_mlx.generation.batch import decode_step, row_slab
+    from elm_mlx.generation.loading import load_for_generation
+    from elm_mlx.runtime import fastpath
+
+    model, _, _ = load_for_generation(None)
+    slab = row_slab(model, 4)
+    rng = np.random.default_rng(0)
+    prompts = [rng.integers(3, 4000, 127).tolist() for _ in range(4)]
+
+    def step() -> None:
+        caches = [slab.take() for _ in prompts]
+        decode_step(model, [], [], list(zip(prompts, caches, strict=True)))
+        for c in caches:
+            slab.release(c)
+
+    print("four 127-token prompt chunks in one step, nano model")
+    row("attention of the chunks shared out over the cores", best(step, 20))
+    shared, fastpath._numpy_only = fastpath._numpy_only, lambda *a: False
+    row("attention of the chunks one after another", best(step, 20))
+    fastpath._numpy_only = shared
+
+
 def decode_steps(mx, np) -> None:
     """CpuDecoder.decode_rows on OpenELM-270M shapes (random weights), 128 cached tokens a
     row: one row, two (and two in blocks capped as for more rows), eight, and eight without
@@ -226,6 +253,7 @@ def main() -> None:
     products(mx, np)
     few_rows(mx, np)
     small_matrices(mx, np)
+    prompt_chunks(mx, np)
     decode_steps(mx, np)
     transcendentals(mx, np)
     half_precision(mx)
