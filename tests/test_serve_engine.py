@@ -598,14 +598,16 @@ def test_events_queued_behind_a_write_leave_in_one_write_in_order():
     assert parts[2] == "data: [DONE]\n\n"
 
 
+@pytest.mark.parametrize("model_id", ['tiny "model" \\ é', "odd\x00name"])
 @pytest.mark.parametrize("kind", ["_TextFormat", "_ChatFormat"])
-def test_a_streamed_tokens_event_is_its_chunk_rendered(kind):
+def test_a_streamed_tokens_event_is_its_chunk_rendered(kind, model_id):
     """The event of a token's text, made from the chunk rendered once, is exactly the
-    chunk rendered for that text, whatever the text holds."""
+    chunk rendered for that text, whatever the text holds (and rendered each time when
+    the model's name holds the mark that stands for the text)."""
     from elm_mlx.serve import app as app_mod
     from elm_mlx.serve.engine import Token
 
-    fmt = getattr(app_mod, kind)(app_mod.ServerConfig('tiny "model" \\ é'))
+    fmt = getattr(app_mod, kind)(app_mod.ServerConfig(model_id))
     sse = fmt.token_sse("cmpl-1", 1700000000)
     for text in ["a", " b", 'say "hi"\n', "\\", "\t\x00\x1f", "é ünï 中文 🙂", "\u2028", ""]:
         chunk = fmt.chunk("cmpl-1", token=Token(text, 5), created=1700000000)

@@ -41,7 +41,7 @@ class PromptCache:
         keys, shared = self._shared_prefixes(np.asarray(prompt, np.int64))
         if not keys:
             return None, 0
-        i = int(shared.argmax())  # the least recently used of the longest
+        i = int(shared.argmax())  # the longest (of equals, the first in the table)
         best, best_n = keys[i], min(int(shared[i]), len(prompt) - 1)
         if best_n < self.MIN_REUSE:
             return None, 0
@@ -80,8 +80,8 @@ class PromptCache:
         self._table = None
 
     def _shared_prefixes(self, ids: np.ndarray) -> tuple[list[int], np.ndarray]:
-        """(the kept entries' keys, least recently used first; how many leading tokens
-        each shares with `ids`), all entries compared at once."""
+        """(the kept entries' keys, in their order when the table was last built; how many
+        leading tokens each shares with `ids`), all entries compared at once."""
         if self._table is None:  # rebuilt after a change: one row per entry, padded with -1
             keys = list(self._entries)
             rows = [self._entries[k][0] for k in keys]
