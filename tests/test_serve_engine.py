@@ -194,6 +194,24 @@ def test_a_prompt_with_nothing_to_prefill_starts_before_chunks_ahead_of_it(loade
     assert engine._next_chunks() == [(rows[0], 0, 19), (rows[2], 0, 2)]
 
 
+def test_slots_come_back_from_a_prompt_too_long_and_from_a_shutdown(loaded):
+    """A request whose prompt does not fit the context, and rows ended when the grace period
+    is over, hand their slab slots back."""
+    from elm_mlx.serve.engine import Engine, Failed, Finished, Job, RowSettings
+
+    model, tokenizer = loaded
+    engine = Engine(model, tokenizer, max_batch=3)  # not started: its steps by hand
+    events = []
+    too_long = [5] * (model.args.max_context_length + 1)
+    fits = [Job([5] * n, RowSettings(max_tokens=3, temp=0.0), events.append) for n in (4, 9)]
+    engine._step([Job(too_long, RowSettings(max_tokens=1), events.append), *fits])
+    assert isinstance(events[0], Failed) and events[0].status == 400
+    assert engine.slab.in_use == 2  # the two that fit hold theirs
+    engine._end_all()
+    assert engine.slab.in_use == 0
+    assert sum(isinstance(e, Finished) for e in events) == 2
+
+
 def test_a_job_ends_once():
     """A job's Finished or Failed is its last event: a failure after it is not sent."""
     from elm_mlx.serve.engine import Failed, Finished, Job, RowSettings
