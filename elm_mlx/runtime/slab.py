@@ -77,13 +77,12 @@ class RowSlab:
             raise ValueError(f"a slab needs at least one slot, got {slots}")
         self.shapes, self.slots, self.max_size = shapes, slots, max_size
         self._taken: list[list[SlotCache] | None] = [None] * slots
-        self.keys: list[np.ndarray] = []  # numpy views of the buffers, (slots, n_kv, cap, hd)
-        self.values: list[np.ndarray] = []
-        self._views: list[list[tuple[mx.array, mx.array]]] = []  # [layer][slot]
+        # numpy views of each layer's buffers (slots, n_kv, capacity, head_dim), and the MLX
+        # views of its slots
+        self.keys: list[np.ndarray | None] = [None] * len(shapes)
+        self.values: list[np.ndarray | None] = [None] * len(shapes)
+        self._views: list[list[tuple[mx.array, mx.array]]] = [[] for _ in shapes]
         for layer in range(len(shapes)):
-            self.keys.append(None)
-            self.values.append(None)
-            self._views.append([])
             self._allocate(layer, self._capacity(1))
 
     @classmethod
