@@ -270,16 +270,16 @@ def test_generate_with_adapter_path_equals_the_fused_model(tmp_path, capsys):
 def test_cpu_fast_path_is_used_and_can_be_switched_off(capsys, monkeypatch, model_dirs):
     """On the CPU generation runs through the numpy path unless --no-fast-path; same greedy
     text either way (logits agree to float32 rounding), and -v says which path and BLAS."""
-    from elm_mlx.runtime.fastpath import CpuDecoder
+    from elm_mlx.runtime import fastpath
 
     calls = []
-    original = CpuDecoder.forward
+    original = fastpath._blocks
 
-    def counting(self, views, tokens, cache):
-        calls.append(len(tokens))
-        return original(self, views, tokens, cache)
+    def counting(views, h, *args, **kwargs):
+        calls.append(len(h))  # positions through the numpy blocks
+        return original(views, h, *args, **kwargs)
 
-    monkeypatch.setattr(CpuDecoder, "forward", counting)
+    monkeypatch.setattr(fastpath, "_blocks", counting)
     argv = ["generate", "--model", model_dirs[0], "--prompt", "Once upon a time", "--temp", "0"]
     code, fast_out, err = run_cli(capsys, *argv, "--max-tokens", "10", "-v")
     assert code == 0 and len(calls) >= 10 and sum(calls) > 10  # prompt chunk and each token

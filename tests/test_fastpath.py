@@ -255,10 +255,8 @@ def test_parallel_shares_cover_the_range_and_pass_errors_on():
 def test_generation_takes_the_path_it_is_given(model, monkeypatch):
     """generate_step calls the model it is handed: the wrapper's numpy path, or MLX's."""
     seen = []
-    original = CpuDecoder.forward
-    monkeypatch.setattr(
-        CpuDecoder, "forward", lambda self, *a: seen.append(1) or original(self, *a)
-    )
+    original = fastpath._blocks
+    monkeypatch.setattr(fastpath, "_blocks", lambda *a, **k: seen.append(1) or original(*a, **k))
     tokens = [t for t, _ in generate_step([1, 5, 9, 2], fast_decoder(model), max_tokens=4)]
     assert len(seen) == 5  # prefill, last prompt token, three more steps: all numpy
     seen.clear()
@@ -543,3 +541,54 @@ def test_caches_get_buffers_of_their_own_before_a_step(model, monkeypatch):
     fast(mx.array([[3, 4, 5]]), cache=bounded)
     with pytest.raises(ContextLengthError):
         fast.decode_rows([6], [bounded])
+
+
+@pytest.mark.parametrize(
+    "lengths, dealt",
+    [((70, 50, 45), True), ((40, 40, 40, 40), True), ((150, 20), False), ((30, 20), False)],
+)
+def test_prompt_chunks_a_core_each_fill_their_caches(model, lengths, dealt, monkeypatch):
+    """Several prompt chunks in one step go a core each through every block when they
+    come out even (at least 128 tokens, parts within a third of each other), and each
+    cache ends as the MLX path's prefill of that prompt leaves it. The last block computes
+    only the chunks' keys and values: one feed-forward fewer than there are blocks."""
+    if fastpath._cores() < 2:
+        pytest.skip("one core: nothing to deal out")
+    cores, glus = [], []
+    real_each, real_glu = fastpath._each_core, fastpath._glu
+    monkeypatch.setattr(fastpath, "_each_core", lambda fn, n: (cores.append(n), real_each(fn, n)))
+    monkeypatch.setattr(fastpath, "_glu", lambda h: (glus.append(len(h)), real_glu(h))[1])
+    rng = np.random.default_rng(5)
+    fast = CpuDecoder(model)
+    prompts = [rng.integers(0, model.args.vocab_size, n).tolist() for n in lengths]
+    caches = [model.make_cache() for _ in prompts]
+    assert fast.decode_rows([], [], list(zip(prompts, caches, strict=True))) is not None
+    assert bool(cores) == dealt
+    assert sum(glus) == sum(lengths) * (len(model.layers) - 1)
+    for p, c in zip(prompts, caches, strict=True):
+        plain = model.make_cache()
+        model(mx.array(p)[None], cache=plain)
+        assert [x.offset for x in c] == [len(p)] * len(c)
+        for a, b in zip(c, plain, strict=True):
+            assert rel_err(a.state[0], b.state[0]) < 1e-5
+            assert rel_err(a.state[1], b.state[1]) < 1e-5
+
+
+def test_a_prompt_fed_alone_skips_the_last_blocks_output(model, monkeypatch):
+    """`feed` (generate's prefill) fills the cache as the model's forward pass does and
+    computes no output for the last block; a cache numpy cannot write is left alone."""
+    glus = []
+    real_glu = fastpath._glu
+    monkeypatch.setattr(fastpath, "_glu", lambda h: (glus.append(len(h)), real_glu(h))[1])
+    fast = CpuDecoder(model)
+    ids = np.random.default_rng(6).integers(0, model.args.vocab_size, 37).tolist()
+    cache, plain = model.make_cache(), model.make_cache()
+    assert fast.feed(ids, cache)
+    model(mx.array(ids)[None], cache=plain)
+    assert glus == [37] * (len(model.layers) - 1)
+    for a, b in zip(cache, plain, strict=True):
+        assert rel_err(a.state[0], b.state[0]) < 1e-5
+        assert rel_err(a.state[1], b.state[1]) < 1e-5
+    window = [RotatingKVCache(max_size=16, keep=4) for _ in model.layers]
+    assert not fast.feed(ids, window)
+    assert all(c.offset == 0 for c in window)

@@ -15,6 +15,7 @@ import mlx.core as mx
 
 from ..formats.tokenizer import StreamingDetokenizer, Tokenizer
 from ..model.cache import ContextLengthError
+from ..runtime.fastpath import CpuDecoder
 from .sample import (
     LogitsProcessor,
     Sampler,
@@ -165,11 +166,14 @@ def prefill(model, prompt: mx.array, cache, prefill_step: int) -> mx.array:
     """Feed all but the last prompt token in chunks of `prefill_step`; return the last one.
 
     Only the cache is evaluated, so no vocabulary-sized head is computed for the
-    chunks; the last token then goes through the model alone.
+    chunks (on the CPU fast path, nor the last block's work past the keys and values);
+    the last token then goes through the model alone.
     """
     while prompt.size > 1:
         n = min(prefill_step, prompt.size - 1)
-        _forward(model, prompt[:n][None], cache)
+        fed = isinstance(model, CpuDecoder) and model.feed(prompt[:n].tolist(), cache)
+        if not fed:
+            _forward(model, prompt[:n][None], cache)
         mx.eval([c.state for c in cache])
         prompt = prompt[n:]
         mx.clear_cache()

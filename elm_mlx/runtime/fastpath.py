@@ -440,11 +440,29 @@ def _workers() -> _Workers:
 
 
 def _parallel(fn, n: int) -> None:
-    """fn(lo, hi) over [0, n) shared out over the cores (numpy releases the GIL)."""
+    """fn(lo, hi) over [0, n) shared out over the cores (numpy releases the GIL); within a
+    share of `_each_core` it runs on the calling thread."""
     k = min(_cores(), n)
-    if k <= 1:
+    if k <= 1 or getattr(_share, "inside", False):
         return fn(0, n)
     _workers().run(fn, [(n * i // k, n * (i + 1) // k) for i in range(k)])
+
+
+_share = threading.local()  # .inside: this thread runs a share of `_each_core`
+
+
+def _each_core(fn, n: int) -> None:
+    """`_parallel` of work coarse enough to run on one core a share: what fn calls runs on
+    its own thread (no nested hand-offs, which would wait on the share's own worker)."""
+
+    def share(lo: int, hi: int) -> None:
+        _share.inside = True
+        try:
+            fn(lo, hi)
+        finally:
+            _share.inside = False
+
+    _parallel(share, n)
 
 
 @functools.cache
@@ -583,6 +601,24 @@ def _prompts_attention(w: _LayerViews, qkv: np.ndarray, chunks: list, eps: float
     else:
         run(0, len(spans))
     return out
+
+
+def _prompts_kv(w: _LayerViews, qkv: np.ndarray, chunks: list, eps: float, rope) -> None:
+    """The keys and values of each prompt chunk (its length, its cache; positions first in
+    qkv in turn), appended to its cache: all a block computes for positions whose output
+    nothing reads. The same values as `_split_qkv` gives (the norm and RoPE act on each
+    head on its own)."""
+    a = w.attn
+    n_q, n_kv = a.n_heads, a.n_kv_heads
+    lo = 0
+    for n, cache in chunks:
+        part = qkv[lo : lo + n].reshape(n, n_q + 2 * n_kv, a.head_dim)
+        k, v = part[:, n_q : n_q + n_kv], part[:, n_q + n_kv :]
+        if w.qk_norm is not None:
+            k = _rms_norm(k, w.qk_norm[n_q:], eps)
+        k = _rope(k, *rope.span(0 if cache is None else cache.offset, n))
+        _append(cache, k.transpose(1, 0, 2), v.transpose(1, 0, 2))
+        lo += n
 
 
 def _numpy_only(w: _LayerViews, n: int, cache, rope) -> bool:
@@ -830,6 +866,11 @@ class CpuDecoder:
             )
         return self._rope_table
 
+    def feed(self, ids: list[int], cache: list) -> bool:
+        """Append prompt tokens to `cache` (one per layer) without computing their logits;
+        False (nothing done) where the numpy path cannot take them."""
+        return self.decode_rows([], [], [(ids, cache)]) is not None
+
     def decode_rows(
         self, tokens: list[int], caches: list[list], prompts: list[tuple[list[int], list]] = ()
     ) -> mx.array | None:
@@ -847,32 +888,65 @@ class CpuDecoder:
             return None
         args = self.model.args
         _make_room(views, [(row, 1) for row in caches] + [(c, len(t)) for t, c in prompts])
-        ids = np.asarray([t for chunk, _ in prompts for t in chunk] + list(tokens), np.int32)
+        eps, rope = args.rms_norm_eps, self._rope()
+        shares = _prompt_shares(prompts, rope)
         with _one_blas_thread():
-            h = _blocks(views, views.embed[ids], args.rms_norm_eps, self._rope(),
-                        prompts=[(len(t), c) for t, c in prompts], rows=caches)  # fmt: skip
+            if shares is not None:  # the chunks a core each, then the rows
+
+                def run(lo: int, hi: int) -> None:
+                    for part in shares[lo:hi]:
+                        _feed(views, part, eps, rope)
+
+                _each_core(run, len(shares))
+            elif prompts and not caches:
+                _feed(views, prompts, eps, rope)
             if not caches:
                 return mx.zeros((0, views.head.shape[1]), mx.float32)
+            if shares is not None:
+                prompts = []
+            ids = np.asarray([t for chunk, _ in prompts for t in chunk] + list(tokens), np.int32)
+            h = _blocks(views, views.embed[ids], eps, rope,
+                        prompts=[(len(t), c) for t, c in prompts], rows=caches)  # fmt: skip
             return mx.array(_matvec(h, views.head))  # (B, vocab)
+
+
+def _feed(views: _Views, prompts: list, eps: float, rope: _RopeTable) -> None:
+    """Prompt chunks (token ids, per-layer caches) into their caches; no logits."""
+    ids = np.asarray([t for chunk, _ in prompts for t in chunk], np.int32)
+    _blocks(views, views.embed[ids], eps, rope, prompts=[(len(t), c) for t, c in prompts],
+            last=False)  # fmt: skip
 
 
 def _blocks(
     views: _Views, h: np.ndarray, eps: float, rope: _RopeTable, *,
-    prompts: list[tuple[int, list]] = (), rows: list[list] = (),
-) -> np.ndarray:  # fmt: skip
+    prompts: list[tuple[int, list]] = (), rows: list[list] = (), last: bool = True,
+) -> np.ndarray | None:  # fmt: skip
     """Every block and the final norm over (N, d) positions: first the new tokens of each
     prompt chunk in turn (`prompts`: its length and its sequence's per-layer caches), then
     one new token for each of the sequences `rows` (row b's per-layer caches `rows[b]`).
     The products read each weight once for all positions. Returns the final norm of the
-    rows' positions, or of every position when there are no rows: (len(rows) or N, d)."""
+    rows' positions, or of every position when there are no rows: (len(rows) or N, d);
+    with `last=False` and no rows, None.
+
+    Where the chunks' outputs are not returned (there are rows, or `last=False`), the
+    last block computes only their keys and values: its attention, output projection
+    and feed-forward serve nothing but logits (a fifth of nano's products)."""
     L = sum(n for n, _ in prompts)
     if L + len(rows) != h.shape[0] or any(n < 1 for n, _ in prompts):
         raise ValueError(f"{h.shape[0]} positions for {len(rows)} rows and chunks "
                          f"{[n for n, _ in prompts]}")  # fmt: skip
     batch = _SlabRows([r[0] for r in rows]) if rows else None
+    final = len(views.layers) - 1 if L and (rows or not last) else -1
     for i, w in enumerate(views.layers):
         qkv = _matvec(_rms_norm(h, w.attn_norm, eps), w.qkv)  # (N, (q + 2 kv) * head_dim)
-        parts = _prompts_attention(w, qkv, [(n, c[i]) for n, c in prompts], eps, rope)
+        chunks = [(n, c[i]) for n, c in prompts]
+        if i == final:  # the chunks' outputs are not wanted: only their keys and values
+            _prompts_kv(w, qkv[:L], chunks, eps, rope)
+            if not rows:
+                return None
+            h, qkv, L, parts = h[L:], qkv[L:], 0, []
+        else:
+            parts = _prompts_attention(w, qkv, chunks, eps, rope)
         if rows:
             caches = [r[i] for r in rows]
             parts.append(_decode_attention(w, qkv[L:], caches, eps, rope, i, batch))
@@ -880,7 +954,36 @@ def _blocks(
         h = h + _matvec(attn, w.out)
         g = _matvec(_rms_norm(h, w.ffn_norm, eps), w.proj_1)  # (N, 2 * ffn_dim)
         h = h + _matvec(_glu(g), w.proj_2)
+    if not last:
+        return None
     return _rms_norm(h[L:] if rows else h, views.norm, eps)
+
+
+def _prompt_shares(prompts: list, rope: _RopeTable) -> list[list] | None:
+    """Prompt chunks (token ids, per-layer caches) dealt out into one part per core, when
+    several chunks can each go through every layer on a core of their own: their caches
+    have room (numpy alone writes them, on any thread) and the parts come out even
+    (within a third of each other). A core a part beats sharing out each product and
+    each chunk's attention, layer by layer; else None."""
+    k = _cores()
+    if k < 2 or len(prompts) < 2 or sum(len(t) for t, _ in prompts) < _SHARED_PROMPTS:
+        return None
+    for t, c in prompts:
+        if not rope.covers(c[0].offset + len(t)):
+            return None
+        if not all(_numpy_cache(x) and _has_room(x, len(t)) for x in c):
+            return None
+    parts: list[list] = [[] for _ in range(min(k, len(prompts)))]
+    sizes = [0] * len(parts)
+    for chunk in sorted(prompts, key=lambda p: -len(p[0])):  # longest first, to the least
+        i = sizes.index(min(sizes))
+        parts[i].append(chunk)
+        sizes[i] += len(chunk[0])
+    return parts if min(sizes) * 3 >= max(sizes) * 2 else None
+
+
+# Prompt tokens in a step from which the chunks go a core each (`_prompt_shares`).
+_SHARED_PROMPTS = 128
 
 
 def fast_decoder(model: OpenELM) -> OpenELM | CpuDecoder:
