@@ -8,7 +8,7 @@ HTTP with streamed /v1/completions requests:
   aggregate generated tokens/s, time to first token p50/p95, inter-token latency p50/p95.
   Each concurrency has prompts of its own (the same for both servers), so no server's
   prompt cache serves a prompt it saw at an earlier concurrency. The mix runs in rounds
-  (three for nano, whose rounds take seconds; `--rounds`), each concurrency once a round
+  (five for nano, whose rounds take seconds; `--rounds`), each concurrency once a round
   with fresh prompts, and the median round's tokens/s is reported beside every round's:
   on a shared machine the CPU's speed can change by half from one second to the next;
 - a multi-turn conversation whose history grows to about 1,000 tokens (less where the
@@ -48,7 +48,7 @@ import httpx
 ROOT = Path(__file__).resolve().parents[1]
 # Rounds of each model's request mix: a round of nano's takes seconds, so a spell of a slow
 # (shared) CPU can make or break one; 270M's take minutes.
-ROUNDS = {"nano": 3, "270m": 1}
+ROUNDS = {"nano": 5, "270m": 1}
 NANO = ROOT / "elm_mlx" / "assets" / "nano"
 
 

@@ -407,3 +407,85 @@ def test_a_server_whose_stderr_reader_is_gone_keeps_serving_and_exits_0():
     finally:
         if proc.poll() is None:
             proc.kill()
+
+
+# ---- the engine's own process -------------------------------------------------------
+
+
+def _start(*flags: str, log=None) -> tuple[str, subprocess.Popen]:
+    port = _free_port()
+    cmd = [sys.executable, "-m", "elm_mlx.cli", "serve", "--port", str(port), *flags]
+    proc = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=open(log, "wb") if log else None)
+    return f"http://127.0.0.1:{port}", proc
+
+
+def _engine_processes(pid: int) -> list[int]:
+    """The server's child processes that run an engine (multiprocessing's spawned ones;
+    its resource tracker is another child)."""
+    path = f"/proc/{pid}/task/{pid}/children"
+    if not os.path.exists(path):
+        pytest.skip("needs Linux's /proc to find the engine process")
+    with open(path) as f:
+        children = [int(x) for x in f.read().split()]
+    found = []
+    for child in children:
+        with open(f"/proc/{child}/cmdline", "rb") as f:
+            if b"spawn_main" in f.read():
+                found.append(child)
+    return found
+
+
+def test_an_engine_process_that_dies_fails_its_streams_and_the_server_exits_1(tmp_path):
+    """The model runs in a child process: when it is killed mid-stream the stream gets an
+    error event and [DONE], and the server stops with one error line and status 1."""
+    log = tmp_path / "stderr.log"
+    url, proc = _start("--shutdown-grace", "0.3", log=log)
+    try:
+        _until_up(url, proc, log)
+        (engine,) = _engine_processes(proc.pid)
+        body = {"model": "nano", "prompt": "ROMEO:", "max_tokens": 240, "stream": True}
+        with httpx.stream("POST", url + "/v1/completions", json=body, timeout=60) as r:
+            lines = r.iter_lines()
+            assert next(lines).startswith("data: ")
+            os.kill(engine, signal.SIGKILL)
+            rest = [x for x in lines if x]
+        assert rest[-1] == "data: [DONE]"
+        error = json.loads(rest[-2].removeprefix("data: "))["error"]
+        assert "engine process ended" in error["message"] and error["type"] == "server_error"
+        assert proc.wait(20) == 1
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+    errors = [x for x in log.read_text().splitlines() if x.startswith("error:")]
+    assert errors == [
+        "error: the engine process ended unexpectedly (killed by SIGKILL); the requests in "
+        "flight were answered with errors"
+    ]
+    assert "Traceback" not in log.read_text()
+
+
+def test_what_the_engine_process_cannot_load_is_one_error_line(tmp_path):
+    """The weights and adapters load in the engine's process; its failure is the command's
+    one error line (as with --single-process), and nothing is left listening."""
+    for flags in ([], ["--single-process"]):
+        url, proc = _start("--adapter-path", str(tmp_path / "none"), *flags, log=tmp_path / "e")
+        assert proc.wait(60) == 1
+        assert (tmp_path / "e").read_text().splitlines() == [
+            f"error: adapter directory {tmp_path / 'none'} not found"
+        ]
+
+
+def test_single_process_serves_as_the_default_does(nano):
+    """--single-process keeps the model in the server's process: same greedy text."""
+    url, proc = _start("--single-process")
+    try:
+        _until_up(url, proc)
+        body = {"model": "nano", "prompt": "JULIET:", "max_tokens": 12, "temperature": 0}
+        r = httpx.post(url + "/v1/completions", json=body, timeout=60)
+        assert r.json()["choices"][0]["text"] == _alone(nano, "JULIET:", 12)
+        assert _engine_processes(proc.pid) == []
+        proc.send_signal(signal.SIGTERM)
+        assert proc.wait(20) == 0
+    finally:
+        if proc.poll() is None:
+            proc.kill()

@@ -501,6 +501,7 @@ class _FailingEngine:
 
     def __init__(self, model, message: str, status: int):
         self.model, self.message, self.status = model, message, status
+        self.context = model.args.max_context_length
 
     def submit(self, job) -> None:
         from elm_mlx.serve.engine import Failed

@@ -203,7 +203,7 @@ class _Result:
 class _Api:
     def __init__(self, engine, tokenizer: Tokenizer, config: ServerConfig):
         self.engine, self.tokenizer, self.config = engine, tokenizer, config
-        self.context = engine.model.args.max_context_length  # as the model defines it
+        self.context = engine.context  # the model's context length, as it defines it
 
     async def health(self, request: Request) -> Response:
         if self.engine.closing:

@@ -115,8 +115,11 @@ class Job:
         self.emit = emit
         self.cancelled = False  # set by the API layer; the row is dropped at the next step
         self.ended = False  # a Finished or Failed event was emitted: nothing may follow it
+        self.on_cancel: Callable[[], None] | None = None  # told of a cancel (another process)
 
     def cancel(self) -> None:
+        if not (self.cancelled or self.ended) and self.on_cancel is not None:
+            self.on_cancel()
         self.cancelled = True
 
     def end(self, event: Finished | Failed) -> None:
@@ -194,6 +197,7 @@ class Engine:
         self._deadline = math.inf
         self._cancelled = 0  # rows dropped because their client went away
         self._thread = threading.Thread(target=self._loop, name="elm-mlx-engine", daemon=True)
+        self.after_step: Callable[[], None] | None = None  # called after each step's events
         self._pieces = [self._piece(i) for i in range(tokenizer.vocab_size)]
 
     # ---- any thread ----------------------------------------------------------
@@ -227,6 +231,16 @@ class Engine:
     @property
     def closing(self) -> bool:
         return self._closing
+
+    @property
+    def alive(self) -> bool:
+        """Whether the engine thread still runs (after `close`, until its rows have ended)."""
+        return self._thread.is_alive()
+
+    @property
+    def context(self) -> int:
+        """The model's context length, as it defines it."""
+        return self.model.args.max_context_length
 
     def stats(self) -> dict:
         return {
@@ -268,6 +282,8 @@ class Engine:
                 if self.slab is not None:
                     self.slab.release_all()
                 mx.clear_cache()
+            if self.after_step is not None:
+                self.after_step()
 
     def _admit(self) -> list[Job]:
         """Waiting jobs that fit in the batch (called holding the lock).

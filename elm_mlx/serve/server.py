@@ -127,6 +127,8 @@ def _serve(app, engine: Engine, *, host: str, port: int, grace: float, name: str
     )
     banner = f"serving {name} on http://{host}:{port}/v1 (Ctrl-C to stop)"
     server = _Server(config, engine, grace, banner)
+    if hasattr(engine, "on_death"):  # a process of its own: the server stops without it
+        engine.on_death = lambda why: setattr(server, "should_exit", True)
     engine.start()
     try:
         server.run()
@@ -135,5 +137,7 @@ def _serve(app, engine: Engine, *, host: str, port: int, grace: float, name: str
     finally:
         engine.close(0)
         engine.join(grace + 5)
+    if getattr(engine, "death", None):
+        raise OSError(f"{engine.death}; the requests in flight were answered with errors")
     if not server.started:
         raise OSError(f"could not listen on {host}:{port} (see the message above)")
