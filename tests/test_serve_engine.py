@@ -683,3 +683,53 @@ def test_a_connection_that_fails_while_watched_counts_as_gone():
 
     error, event = asyncio.run(run())
     assert error is None and event is app_mod._GONE
+
+
+def test_the_engine_process_queues_cancels_and_closes(instruct_dir, loaded):
+    """EngineProcess, without HTTP: jobs beyond the batch wait, beyond the queue are
+    refused; a cancelled job is forgotten at once (its place is free); close ends the
+    running row ("length") and refuses the waiting one, and the child exits."""
+    import threading
+
+    from elm_mlx.generation.generate import generate
+    from elm_mlx.serve.engine import Failed, Finished, Job, QueueFull, RowSettings, Token
+    from elm_mlx.serve.worker import EngineProcess, LoadSpec
+
+    engine = EngineProcess(LoadSpec(str(instruct_dir)), {"max_batch": 1, "max_queue": 1}, 256)
+    engine.start()
+    ended = {i: threading.Event() for i in range(4)}
+    events: dict[int, list] = {i: [] for i in range(4)}
+
+    def job(i: int, prompt: str, max_tokens: int) -> Job:
+        def emit(event):
+            events[i].append(event)
+            if isinstance(event, Finished | Failed):
+                ended[i].set()
+
+        ids = loaded[1].encode(prompt)
+        return Job(ids, RowSettings(max_tokens=max_tokens), emit)
+
+    try:
+        quick = job(0, "hello there", 5)
+        engine.submit(quick)
+        assert ended[0].wait(60)
+        text = "".join(e.text for e in events[0] if isinstance(e, Token))
+        assert text == generate(*loaded, "hello there", max_tokens=5, temp=0.0)
+        assert isinstance(events[0][-1], Finished) and events[0][-1].completion_tokens == 5
+        running, waiting = job(1, "a", 250), job(2, "b", 250)
+        engine.submit(running)
+        engine.submit(waiting)
+        with pytest.raises(QueueFull):
+            engine.submit(job(3, "c", 5))
+        waiting.cancel()  # forgotten here at once: the queue has room again
+        late = job(3, "c", 250)
+        engine.submit(late)
+        engine.close(0)
+        assert ended[1].wait(60) and ended[3].wait(60)
+        assert events[1][-1].reason == "length"
+        assert isinstance(events[3][-1], Failed) and events[3][-1].status == 503
+        engine.join(30)
+        assert events[2] == []  # cancelled: nothing reaches a job its client has left
+        assert engine.death is None and not engine._process.is_alive()
+    finally:
+        engine.kill()

@@ -85,7 +85,10 @@ class EngineProcess:
         """Start the child and wait for its model (once; later calls do nothing)."""
         if self._reader is not None:
             return
-        self._process.start()
+        try:
+            self._process.start()
+        except OSError as e:  # no process to be had (out of memory, process limit)
+            raise EngineLoadError(f"could not start the engine process: {e}") from None
         self._child_end.close()  # the child has its end: EOF here once it exits
         try:
             kind, message = self._conn.recv()
