@@ -443,7 +443,14 @@ def test_an_engine_process_that_dies_fails_its_streams_and_the_server_exits_1(tm
     try:
         _until_up(url, proc, log)
         (engine,) = _engine_processes(proc.pid)
-        body = {"model": "nano", "prompt": "ROMEO:", "max_tokens": 240, "stream": True}
+        body = {
+            "model": "nano",
+            "prompt": "ROMEO:",
+            "max_tokens": 240,
+            "stream": True,
+            "temperature": 0,
+            "logit_bias": {"2": -100},
+        }  # no EOS: it runs until killed
         with httpx.stream("POST", url + "/v1/completions", json=body, timeout=60) as r:
             lines = r.iter_lines()
             assert next(lines).startswith("data: ")

@@ -707,17 +707,21 @@ def test_the_engine_process_queues_cancels_and_closes(instruct_dir, loaded):
                 ended[i].set()
 
         ids = loaded[1].encode(prompt)
-        return Job(ids, RowSettings(max_tokens=max_tokens), emit)
+        no_eos = {loaded[1].eos_id: -1e9}  # rows end by length or by close, never by EOS
+        return Job(ids, RowSettings(max_tokens=max_tokens, logit_bias=no_eos), emit)
 
     try:
         quick = job(0, "hello there", 5)
         engine.submit(quick)
         assert ended[0].wait(60)
         text = "".join(e.text for e in events[0] if isinstance(e, Token))
-        assert text == generate(*loaded, "hello there", max_tokens=5, temp=0.0)
+        assert text == generate(*loaded, "hello there", settings=quick.settings)
         assert isinstance(events[0][-1], Finished) and events[0][-1].completion_tokens == 5
         running, waiting = job(1, "a", 250), job(2, "b", 250)
         engine.submit(running)
+        deadline = time.monotonic() + 60
+        while not events[1] and time.monotonic() < deadline:  # its row is decoding
+            time.sleep(0.001)
         engine.submit(waiting)
         with pytest.raises(QueueFull):
             engine.submit(job(3, "c", 5))
