@@ -220,8 +220,14 @@ def mlx_lm_server(shim: Path, work: Path) -> Server:
 def client() -> httpx.Client:
     """One client for every request, as an application would keep one: making an httpx
     client costs about 20 ms of CPU (an SSL context), which per request would be timed
-    as the server's first-token latency and, on a small machine, taken from the servers."""
-    return httpx.Client(timeout=600, limits=httpx.Limits(max_connections=64))
+    as the server's first-token latency and, on a small machine, taken from the servers.
+
+    Idle connections are dropped after a second, before a server closes them (uvicorn
+    after 5 s): a connection idle through a round at concurrency 1, then taken up by
+    one of several threads while the server was closing it, once failed a run here
+    with httpcore's "Bad file descriptor"."""
+    limits = httpx.Limits(max_connections=64, keepalive_expiry=1.0)
+    return httpx.Client(timeout=600, limits=limits)
 
 
 def stream(url: str, model: str, prompt: str, max_tokens: int) -> Timing:
