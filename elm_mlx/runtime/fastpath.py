@@ -929,7 +929,7 @@ def _blocks(
     one new token for each of the sequences `rows` (row b's per-layer caches `rows[b]`).
     The products read each weight once for all positions. Returns the final norm of the
     rows' positions, or of every position when there are no rows: (len(rows) or N, d);
-    with `last=False` and no rows, None.
+    with `last=False` (only the caches are wanted), None.
 
     Where the chunks' outputs are not returned (there are rows, or `last=False`), the
     last block computes only their keys and values: its attention, output projection

@@ -73,8 +73,7 @@ class EngineProcess:
         self._lock = threading.Lock()  # the jobs and the closing flag
         self._send_lock = threading.Lock()
         self._closing = False
-        self._stats = {"waiting": 0, "running": 0, "cancelled": 0,
-                       "prompt_cache_entries": 0, "prompt_cache_bytes": 0}  # fmt: skip
+        self._stats: dict = {}  # the engine's, as its last message had them
         self._reader: threading.Thread | None = None
         self.on_death: Callable[[str], None] | None = None
         self.death: str | None = None  # why the child ended, when nobody asked it to
@@ -103,6 +102,7 @@ class EngineProcess:
         if kind != "ready":
             self._process.join(5)
             raise EngineLoadError(message)
+        self._stats = message
         self._reader = threading.Thread(target=self._read, name="elm-mlx-events", daemon=True)
         self._reader.start()
 
@@ -130,10 +130,6 @@ class EngineProcess:
     @property
     def closing(self) -> bool:
         return self._closing
-
-    @property
-    def pid(self) -> int | None:
-        return self._process.pid
 
     def stats(self) -> dict:
         return dict(self._stats)
@@ -273,7 +269,7 @@ class _Child:
         engine.after_step = self.flush
 
     def run(self) -> None:
-        self.conn.send(("ready", ""))
+        self.conn.send(("ready", self.engine.stats()))
         self.engine.start()
         closing = False
         while not (closing and not self.engine.alive):
