@@ -50,6 +50,7 @@ ROOT = Path(__file__).resolve().parents[1]
 # (shared) CPU can make or break one; 270M's take minutes.
 ROUNDS = {"nano": 5, "270m": 1}
 NANO = ROOT / "elm_mlx" / "assets" / "nano"
+SINGLE = "elm-mlx 1-proc"  # elm-mlx serve --single-process, with --single-process
 
 
 @dataclass
@@ -198,10 +199,12 @@ class Server:
             self.proc.wait()
 
 
-def elm_server(model: Path, work: Path, cache: bool = True) -> Server:
+def elm_server(model: Path, work: Path, cache: bool = True, single: bool = False) -> Server:
     cmd = [sys.executable, "-m", "elm_mlx.cli", "serve", "--model", str(model)]
     cmd += ["--max-batch", "8", "--prompt-cache-gb", "1" if cache else "0"]
-    return Server(cmd, log=work / f"elm-{model.name}-{'cache' if cache else 'nocache'}.log")
+    cmd += ["--single-process"] if single else []
+    kind = ("cache" if cache else "nocache") + ("-single" if single else "")
+    return Server(cmd, log=work / f"elm-{model.name}-{kind}.log")
 
 
 def mlx_lm_server(shim: Path, work: Path) -> Server:
@@ -324,7 +327,9 @@ def bench_model(name: str, path: Path, work: Path, opts) -> None:
     shim = mlx_lm_dir(path, work, tokenizer)
     check_tokenizers(shim, tokenizer, prompts[opts.concurrency[0], 0][:8])
     mix, chat = {}, {}
-    servers = {"elm-mlx serve": lambda: elm_server(path, work), "mlx_lm.server": None}
+    servers = {"elm-mlx serve": lambda: elm_server(path, work)}
+    if opts.single_process:
+        servers[SINGLE] = lambda: elm_server(path, work, single=True)
     servers["mlx_lm.server"] = lambda: mlx_lm_server(shim, work)
     for label, make in servers.items():
         if label == "mlx_lm.server" and opts.no_mlx_lm:
@@ -370,6 +375,12 @@ def report(name: str, opts, mix: dict, chat: dict, target: int, rounds: int) -> 
     if top in theirs:
         line += f", {ours[top] / theirs[top]:.2f}x mlx_lm.server's"
     print(line)
+    single = {c: m["tok_s"] for (label, c), m in mix.items() if label == SINGLE}
+    if single:
+        print(
+            "elm-mlx serve (engine in its own process) / --single-process: "
+            + ", ".join(f"{ours[c] / single[c]:.2f}x at concurrency {c}" for c in single)
+        )
     print(f"\n{opts.turns}-turn chat, history up to ~{target} tokens: time to first token per turn")
     for label, ttfts in chat.items():
         print(f"{label:<32} " + " ".join(f"{t:.3f}s" for t in ttfts))
@@ -393,6 +404,9 @@ def main() -> None:
     p.add_argument("--reply-tokens", type=int, default=32)
     p.add_argument("--chat-tokens", type=int, default=1000)
     p.add_argument("--no-mlx-lm", action="store_true", help="only elm-mlx serve")
+    p.add_argument("--single-process", action="store_true",
+                   help="also elm-mlx serve --single-process (the engine in the server's "
+                        "own process)")  # fmt: skip
     p.add_argument("--workdir", help="where the 270M weights and logs go (default: a temp dir)")
     opts = p.parse_args()
     if opts.quick:
