@@ -4,8 +4,8 @@ In one process the web stack and the engine take turns holding Python's GIL: eve
 streamed token's trip through the web stack (tens of microseconds of Python) holds up
 the engine's next step, and each hand-over of the lock costs more on top. With the
 engine in a child process the two run side by side, on a core each, and never wait for
-each other's lock (nano, 2 cores: about a quarter more tokens/s at concurrency 1 and a
-third more at 8; benchmarks/README.md).
+each other's lock (nano, 2 cores: 1.09-1.20x the tokens/s at concurrency 1 to 8;
+`benchmarks/bench_serve.py --single-process` prints both).
 
 `EngineProcess` is what the API layer talks to (`submit`, `close`, `join`, `stats`,
 `closing`, `context`). The child (`_child_main`) loads OpenBLAS, then the model, runs an
