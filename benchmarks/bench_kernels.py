@@ -5,14 +5,18 @@
 Prints what MLX's CPU backend does with one-row, eight-row and prompt-sized float32
 products (with the system OpenBLAS preloaded, and with the BLAS its wheel bundles), what
 numpy does with the same arrays (zero-copy views, whole and in blocks), the shipped
-nano model's small matrices as zero-copy views and as the copies the fast path makes, four
-nano prompt chunks in one step, one, two and eight rows' decode step, MLX's and
-numpy's `exp`, and MLX's half-precision products.
+nano model's small matrices as zero-copy views and as the copies the fast path makes, nano
+prompt chunks fed in one step (a core each, or each product shared out; the last block in
+full or its keys and values only), RoPE's two forms, one, two and eight rows' decode step,
+MLX's and numpy's `exp`, and MLX's half-precision products. `--only NAME,...` runs some of
+these sections (products, few_rows, small_matrices, prompt_chunks, rope, decode_steps,
+transcendentals, half_precision).
 Best of several runs each; the machine may be shared.
 """
 
 from __future__ import annotations
 
+import functools
 import os
 import subprocess
 import sys
@@ -128,9 +132,11 @@ def small_matrices(mx, np) -> None:
 
 
 def prompt_chunks(mx, np) -> None:
-    """Four 127-token prompts of the shipped nano model in one step (prompts arriving
-    together at a busy server): their attention shared out over the cores, a chunk each,
-    against one after another."""
+    """127-token prompts of the shipped nano model fed in one step (prompts arriving
+    together at a busy server): one, and four a core each through every block against
+    each product and each chunk's attention shared out layer by layer; then one chunk
+    with its last block in full against its keys and values only (its outputs feed
+    nothing)."""
     from elm_mlx.generation.batch import decode_step, row_slab
     from elm_mlx.generation.loading import load_for_generation
     from elm_mlx.runtime import fastpath
@@ -140,17 +146,63 @@ def prompt_chunks(mx, np) -> None:
     rng = np.random.default_rng(0)
     prompts = [rng.integers(3, 4000, 127).tolist() for _ in range(4)]
 
-    def step() -> None:
-        caches = [slab.take() for _ in prompts]
-        decode_step(model, [], [], list(zip(prompts, caches, strict=True)))
+    def step(n: int) -> None:
+        caches = [slab.take() for _ in range(n)]
+        decode_step(model, [], [], list(zip(prompts[:n], caches, strict=True)))
         for c in caches:
             slab.release(c)
 
-    print("four 127-token prompt chunks in one step, nano model")
-    row("attention of the chunks shared out over the cores", best(step, 20))
-    shared, fastpath._numpy_only = fastpath._numpy_only, lambda *a: False
-    row("attention of the chunks one after another", best(step, 20))
-    fastpath._numpy_only = shared
+    print("127-token prompt chunks fed in one step, nano model")
+    row("one chunk", best(lambda: step(1), 20))
+    row("four chunks, a core each through every block", best(lambda: step(4), 20))
+    dealt, fastpath._prompt_shares = fastpath._prompt_shares, lambda *a: None
+    row("four chunks, each product and attention shared out", best(lambda: step(4), 20))
+    fastpath._prompt_shares = dealt
+
+    views, rope = model._current_views(), model._rope()
+    h = views.embed[np.asarray(prompts[0], np.int32)]
+
+    def blocks(last: bool) -> None:
+        caches = slab.take()
+        with fastpath._one_blas_thread():
+            fastpath._blocks(views, h, model.args.rms_norm_eps, rope, prompts=[(127, caches)],
+                             last=last)  # fmt: skip
+        slab.release(caches)
+
+    row("one chunk, every block in full", best(lambda: blocks(True), 20))
+    row("one chunk, the last block's keys and values only", best(lambda: blocks(False), 20))
+
+
+def rope(mx, np) -> None:
+    """The fast path's RoPE (full-width tables, four contiguous passes) against the
+    half-width form (six strided passes), on nano's last layer's queries and keys."""
+    from elm_mlx.runtime.fastpath import _rope
+
+    def half_width(x, cos, sin):
+        h = x.shape[-1] // 2
+        x1, x2 = x[..., :h], x[..., h:]
+        out = np.empty_like(x)
+        o1, o2 = out[..., :h], out[..., h:]
+        np.multiply(x1, cos, out=o1)
+        o1 -= x2 * sin
+        np.multiply(x1, sin, out=o2)
+        o2 += x2 * cos
+        return out
+
+    rng = np.random.default_rng(0)
+    print("RoPE of (positions, 9 heads, 32) float32")
+    for n in (127, 8, 1):
+        x = rng.standard_normal((n, 9, 32), np.float32)
+        cos, sin = rng.standard_normal((2, n, 1, 16), np.float32)
+        full_cos, full_sin = np.concatenate((cos, cos), -1), np.concatenate((-sin, sin), -1)
+        same = np.array_equal(_rope(x, full_cos, full_sin), half_width(x, cos, sin))
+        old = best(functools.partial(half_width, x, cos, sin), 200)
+        new = best(functools.partial(_rope, x, full_cos, full_sin), 200)
+        for label, seconds in (
+            ("half-width, six strided passes", old),
+            (f"full-width, four passes (same values: {same})", new),
+        ):
+            print(f"  {f'{n} position(s), {label}':58} {seconds * 1e6:9.1f} us")  # fmt: skip
 
 
 def decode_steps(mx, np) -> None:
@@ -250,12 +302,17 @@ def main() -> None:
 
     print(f"{os.cpu_count()} cores, load average {os.getloadavg()[0]:.2f}")
     print(f"MLX BLAS: {blas_description()}")
-    products(mx, np)
-    few_rows(mx, np)
-    small_matrices(mx, np)
-    prompt_chunks(mx, np)
-    decode_steps(mx, np)
-    transcendentals(mx, np)
+    sections = {"products": products, "few_rows": few_rows, "small_matrices": small_matrices,
+                "prompt_chunks": prompt_chunks, "rope": rope, "decode_steps": decode_steps,
+                "transcendentals": transcendentals}  # fmt: skip
+    only = sys.argv[2].split(",") if sys.argv[1:2] == ["--only"] else None
+    for name, section in sections.items():
+        if only is None or name in only:
+            section(mx, np)
+    if only is not None:
+        if "half_precision" in only:
+            half_precision(mx)
+        return print(f"load average after: {os.getloadavg()[0]:.2f}")
     half_precision(mx)
     env = {**os.environ, "ELM_MLX_BLAS": "0"}
     sys.stdout.flush()

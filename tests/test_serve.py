@@ -415,7 +415,11 @@ def test_a_server_whose_stderr_reader_is_gone_keeps_serving_and_exits_0():
 def _start(*flags: str, log=None) -> tuple[str, subprocess.Popen]:
     port = _free_port()
     cmd = [sys.executable, "-m", "elm_mlx.cli", "serve", "--port", str(port), *flags]
-    proc = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=open(log, "wb") if log else None)
+    if log is None:
+        proc = subprocess.Popen(cmd, stdout=subprocess.DEVNULL)
+    else:
+        with open(log, "wb") as err:  # the child has its own copy of the descriptor
+            proc = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=err)
     return f"http://127.0.0.1:{port}", proc
 
 

@@ -120,24 +120,24 @@ def _run_serve(args) -> None:
         model, tokenizer = load_model(args)
         engine = engine_mod.Engine(model, tokenizer, **kwargs)
     else:
-        tokenizer, engine = _engine_process(args, kwargs)
+        tokenizer, engine = _engine_process(path, args, kwargs)
     app = app_mod.create_app(engine, tokenizer, config)
     server_mod.serve(
         app, engine, host=args.host, port=args.port, grace=args.shutdown_grace, name=name
     )
 
 
-def _engine_process(args, kwargs: dict):
+def _engine_process(path: str, args, kwargs: dict):
     """(tokenizer, engine) with the model in a process of its own: this one reads only the
     model's config (its weights stay on disk) and the tokenizer."""
     from ..formats.modeldir import load, require_tokenizer
     from ..serve.worker import EngineLoadError, EngineProcess, LoadSpec
 
-    model, tokenizer = load(model_path(args.model), lazy=True)
-    tokenizer = require_tokenizer(tokenizer, model_path(args.model))
+    model, tokenizer = load(path, lazy=True)
+    tokenizer = require_tokenizer(tokenizer, path)
     context = model.args.max_context_length
     del model
-    spec = LoadSpec(args.model, args.adapter_path, args.dtype, not args.no_fast_path, args.verbose)
+    spec = LoadSpec(path, args.adapter_path, args.dtype, not args.no_fast_path, args.verbose)
     engine = EngineProcess(spec, kwargs, context)
     try:
         engine.start()

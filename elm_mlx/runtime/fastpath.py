@@ -286,8 +286,8 @@ def _glu(h: np.ndarray) -> np.ndarray:
 def _rope(x: np.ndarray, cos: np.ndarray, sin: np.ndarray) -> np.ndarray:
     """Rotate-half RoPE of (L, heads, head_dim) with `_RopeTable`'s full-width cos [c, c]
     and signed sin [-s, s] (L, 1, head_dim): x * cos + [x2, x1] * sin, four contiguous
-    passes where the half-width form takes six strided ones (2.5x faster, same values:
-    each half is one product plus another, as in x1 * c - x2 * s)."""
+    passes where the half-width form takes six strided ones (same values: each half is
+    one product plus another, as in x1 * c - x2 * s; `bench_kernels.py --only rope`)."""
     x1, x2 = _halves(x)
     out = x * cos
     swapped = np.concatenate((x2, x1), axis=-1)
@@ -370,7 +370,9 @@ def _causal_mask(n: int) -> np.ndarray:
     return mask
 
 
+@functools.cache
 def _cores() -> int:
+    """The cores this process may use (at most 8), asked once: it sizes the worker pool."""
     try:
         return min(8, len(os.sched_getaffinity(0)))
     except AttributeError:  # macOS
@@ -968,15 +970,14 @@ def _prompt_shares(prompts: list, rope: _RopeTable) -> list[list] | None:
     have room (numpy alone writes them, on any thread) and the parts come out even
     (within a third of each other). A core a part beats sharing out each product and
     each chunk's attention, layer by layer; else None."""
-    k = _cores()
-    if k < 2 or len(prompts) < 2 or sum(len(t) for t, _ in prompts) < _SHARED_PROMPTS:
+    if len(prompts) < 2 or _cores() < 2 or sum(len(t) for t, _ in prompts) < _SHARED_PROMPTS:
         return None
     for t, c in prompts:
         if not rope.covers(c[0].offset + len(t)):
             return None
         if not all(_numpy_cache(x) and _has_room(x, len(t)) for x in c):
             return None
-    parts: list[list] = [[] for _ in range(min(k, len(prompts)))]
+    parts: list[list] = [[] for _ in range(min(_cores(), len(prompts)))]
     sizes = [0] * len(parts)
     for chunk in sorted(prompts, key=lambda p: -len(p[0])):  # longest first, to the least
         i = sizes.index(min(sizes))
