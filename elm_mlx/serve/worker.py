@@ -172,7 +172,7 @@ class EngineProcess:
         while True:
             try:
                 events, stats = self._conn.recv()
-            except (EOFError, OSError):
+            except Exception:  # EOF (the child exited), or a message that cannot be read
                 break
             self._stats = stats
             for job_id, event in events:
@@ -192,6 +192,8 @@ class EngineProcess:
         from .engine import Failed
 
         self._process.join(5)
+        if self._process.is_alive():  # the channel broke under a live child: it serves nobody
+            self.kill()
         with self._lock:
             jobs, self._jobs = list(self._jobs.values()), {}
             asked, self._closing = self._closing, True
