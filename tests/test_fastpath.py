@@ -377,6 +377,10 @@ def test_rows_in_column_blocks_or_whole_match(blocked, monkeypatch):
     model's are)."""
     for copied in (False, True):  # the timing itself runs
         assert isinstance(fastpath._RowBlocks()._blocks_win(copied), bool)
+    # blocks round differently: they are chosen only by a margin noise does not make
+    assert fastpath._RowBlocks.clearly_faster(0.5, 1.0)
+    assert not fastpath._RowBlocks.clearly_faster(0.95, 1.0)
+    assert not fastpath._RowBlocks.clearly_faster(1.2, 1.0)
     monkeypatch.setattr(fastpath._RowBlocks, "WORK", 6000)  # blocks of a few columns
     monkeypatch.setattr(fastpath, "_SMALL_WORK", 0)
     monkeypatch.setattr(fastpath, "_row_blocks", fastpath._RowBlocks())
