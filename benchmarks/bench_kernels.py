@@ -38,6 +38,16 @@ def best(fn, n: int = 7) -> float:
     return min(times)
 
 
+def median(fn, n: int = 300) -> float:
+    fn()
+    times = []
+    for _ in range(n):
+        start = time.perf_counter()
+        fn()
+        times.append(time.perf_counter() - start)
+    return sorted(times)[n // 2]
+
+
 def row(label: str, seconds: float, amount: float = 0, unit: str = "B") -> None:
     """One timing and its rate: `amount` (bytes read, FLOP, values) per second, in billions."""
     rate = f"{amount / seconds / 1e9:7.1f} G{unit}/s" if amount else ""
@@ -129,6 +139,19 @@ def small_matrices(mx, np) -> None:
                     seconds = best(lambda x=x, o=operand: _matvec(x, o), 50)
                     print(f"  {f'_matvec, {rows} row(s), {label}, {how}':58} "
                           f"{seconds * 1e6:9.1f} us")  # fmt: skip
+            # 8 rows by the copy on this thread (as `_matvec` runs a product this small)
+            # and shared out over the cores, medians: the best of a few hides how long the
+            # worker takes to wake
+            x = np.asarray(mx.random.normal((8, k)))
+            out, size = np.empty((8, n), np.float32), fastpath._row_blocks.size(x, copy)
+
+            def shared(x=x, c=copy, o=out, s=size, n=n) -> None:
+                fastpath._parallel(lambda lo, hi: fastpath._block_product(x, c, o, lo, hi, s), n)
+
+            for label, fn in (("on this thread", lambda x=x, c=copy: _matvec(x, c)),
+                              ("shared out over the cores", shared)):  # fmt: skip
+                print(f"  {f'8 rows, C-contiguous copy, {label}, median':58} "
+                      f"{median(fn) * 1e6:9.1f} us")  # fmt: skip
 
 
 def prompt_chunks(mx, np) -> None:

@@ -578,6 +578,33 @@ def test_prompt_chunks_a_core_each_fill_their_caches(model, lengths, dealt, monk
             assert rel_err(a.state[1], b.state[1]) < 1e-5
 
 
+@pytest.mark.parametrize(
+    "lengths, now",
+    [
+        ([128], 1),  # one chunk: all there is
+        ([128, 128], 2),
+        ([128, 128, 128], 2),  # three on two cores: two a core each, the third waits
+        ([128, 64, 64], 3),  # dealt [128 | 64 + 64]: even
+        ([128, 128, 128, 128, 128], 5),  # dealt [3 | 2]: within a third
+        ([40, 40, 40], 3),  # too few tokens to deal out at all: all in one pass
+    ],
+)
+def test_a_step_takes_the_chunks_that_go_a_core_each(model, lengths, now, monkeypatch):
+    """Where the chunks of a step would not go a core each but fewer would, the step takes
+    those (the others wait for the next step); otherwise it takes them all."""
+    from elm_mlx.generation.batch import chunks_per_step
+
+    monkeypatch.setattr(fastpath, "_cores", lambda: 2)
+    fast = CpuDecoder(model)
+    rng = np.random.default_rng(7)
+    prompts = [(rng.integers(0, model.args.vocab_size, n).tolist(), model.make_cache())
+               for n in lengths]  # fmt: skip
+    for caches in (c for _, c in prompts):  # room made, as the step makes it
+        fastpath._make_room(fast._current_views(), [(caches, 128)])
+    assert chunks_per_step(fast, prompts) == now
+    assert chunks_per_step(model, prompts) == len(lengths)  # MLX's path: all of them
+
+
 def test_a_prompt_fed_alone_skips_the_last_blocks_output(model, monkeypatch):
     """`feed` (generate's prefill) fills the cache as the model's forward pass does and
     computes no output for the last block; a cache numpy cannot write is left alone."""

@@ -254,21 +254,47 @@ def test_prompt_cache_longest_prefix_lru_and_independent_copies(loaded):
     assert PromptCache(0).store(a, ca) is None and len(PromptCache(0)) == 0
 
 
-def test_prompt_cache_finds_the_longest_prefix_among_many_entries():
-    """Every entry is compared at once: the longest shared prefix (the least recently used
-    of equals) as a one-by-one comparison finds it, and prefixes of a stored sequence go."""
+def test_prompt_cache_copies_a_prefix_into_a_slab_slot(loaded):
+    """A kept prefix fetched into a slot of the rows' slab (numpy copies it in) holds the
+    kept keys and values; the slot's later writes never reach the kept entry."""
+    from elm_mlx.runtime.slab import RowSlab, SlotCache
+
+    raw = getattr(loaded[0], "model", loaded[0])
+    a = list(range(3, 23))
+    (ca,) = _prefilled(raw, [a + [0]])
+    cache = PromptCache(max_bytes=10**9)
+    cache.store(a, ca)
+    slab = RowSlab.for_model(raw, 2)
+    slab.take()  # slot 0 taken: the copy goes to slot 1
+    got, n = cache.fetch(a[:12] + [99], slab.take)
+    assert n == 12 and isinstance(got[0], SlotCache) and got[0].slot == 1
+    for c, kept in zip(got, ca, strict=True):
+        assert c.offset == 12
+        for mine, theirs in zip(c.state, kept.state, strict=True):
+            np.testing.assert_array_equal(np.asarray(mine), np.asarray(theirs)[..., :12, :])
+    before = np.array(ca[0].state[0])
+    np.asarray(got[0].keys)[...] = 7.0  # the slot's own memory
+    np.testing.assert_array_equal(np.asarray(ca[0].state[0]), before)
+
+
+def _token_caches(n: int) -> list:
     from elm_mlx.model.cache import KVCache
 
-    def caches(n):
-        c = KVCache()
-        c.state = [mx.zeros((1, 1, n, 2)), mx.zeros((1, 1, n, 2))]
-        return [c]
+    c = KVCache()
+    c.state = [mx.zeros((1, 1, n, 2)), mx.zeros((1, 1, n, 2))]
+    return [c]
+
+
+def test_prompt_cache_finds_the_longest_prefix_among_many_entries():
+    """Every entry is compared at once: the longest shared prefix as a one-by-one
+    comparison finds it, and prefixes of a stored sequence go."""
+    from elm_mlx.model.cache import KVCache
 
     rng = np.random.default_rng(0)
     cache, kept = PromptCache(max_bytes=10**9), []
     for _ in range(60):
         tokens = [1] + rng.integers(2, 5, rng.integers(1, 12)).tolist()  # many shared prefixes
-        cache.store(tokens, caches(len(tokens)))
+        cache.store(tokens, _token_caches(len(tokens)))
         kept = [k for k in kept if k != tokens[: len(k)]] + [tokens]
     assert len(cache) == len(kept)
     for _ in range(50):
@@ -279,7 +305,43 @@ def test_prompt_cache_finds_the_longest_prefix_among_many_entries():
         assert n == (want if want >= PromptCache.MIN_REUSE else 0)  # a lone BOS: not kept
         if n:
             assert got[0].offset == n
-            kept.append(kept.pop(shared.index(max(shared))))  # fetched: most recently used
+
+
+def test_prompt_cache_evicts_least_recently_used_and_packs_its_table():
+    """A byte bound some hundred entries wide, a thousand stores: what is kept, evicted
+    and found follows a one-by-one model of the LRU through every change (the table's
+    blanked rows packed away again and again, its rows widened past 256 tokens). Of
+    equally long prefixes, the entry kept first is taken."""
+    from elm_mlx.model.cache import KVCache
+
+    size = sum(c.nbytes for c in _token_caches(1))  # bytes a token
+    rng = np.random.default_rng(1)
+    cache = PromptCache(max_bytes=700 * size)
+    kept, born = [], {}  # tokens, least recently used first; when each was stored
+    for i in range(1000):
+        length = int(rng.integers(1, 8) if i % 100 else rng.integers(250, 300))
+        if kept and rng.random() < 0.3:  # a continuation of a kept sequence
+            tokens = kept[rng.integers(len(kept))] + rng.integers(2, 6, length).tolist()
+        else:
+            tokens = [1] + rng.integers(2, 6, length).tolist()
+        prompt = tokens + [7]
+        shared = [_shared(k, prompt) for k in kept]
+        want = min(max(shared, default=0), len(prompt) - 1)
+        got, n = cache.fetch(prompt, lambda: [KVCache()])
+        assert n == (want if want >= PromptCache.MIN_REUSE else 0)
+        if n:  # of the longest, the first kept is now the most recently used
+            used = min((k for k, m in zip(kept, shared, strict=True) if m == max(shared)),
+                       key=lambda k: born[tuple(k)])  # fmt: skip
+            assert got[0].offset == n
+            kept.remove(used)
+            kept.append(used)
+        cache.store(tokens, _token_caches(len(tokens)))
+        kept = [k for k in kept if k != tokens[: len(k)]] + [tokens]
+        born[tuple(tokens)] = i
+        while sum(len(k) for k in kept) * size > cache.max_bytes:
+            kept.pop(0)
+        assert len(cache) == len(kept)
+        assert cache.nbytes == sum(len(k) for k in kept) * size
 
 
 def _shared(a: list, b: list) -> int:

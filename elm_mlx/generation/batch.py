@@ -59,6 +59,15 @@ def decode_step(
     return _mlx_step(model.model if isinstance(model, CpuDecoder) else model, tokens, caches)
 
 
+def chunks_per_step(model, prompts: Sequence[tuple[list[int], list]]) -> int:
+    """How many of `prompts` (token ids, per-layer caches), in order, one `decode_step`
+    should feed: all of them, except on the CPU fast path where fewer go faster (a core
+    each); the rest wait for the next step."""
+    if isinstance(model, CpuDecoder) and prompts:
+        return model.chunks_now(list(prompts))
+    return len(prompts)
+
+
 def row_slab(model, slots: int) -> RowSlab | None:
     """Caches for up to `slots` rows of `decode_step` in one buffer per layer, where that
     makes the step faster (the CPU fast path batches their attention); else None (each

@@ -31,6 +31,7 @@ import numpy as np
 from ..formats.tokenizer import Tokenizer
 from ..generation.batch import (
     RowSampling,
+    chunks_per_step,
     decode_step,
     release_caches,
     row_slab,
@@ -350,7 +351,8 @@ class Engine:
             budget -= hi - lo
             if budget <= 0:
                 break
-        return chunks
+        n = chunks_per_step(self.model, [(r.job.prompt[lo:hi], r.caches) for r, lo, hi in chunks])
+        return chunks[:n]
 
     def _forward(self, chunks: list[tuple[_Row, int, int]]) -> None:
         """One token for every running row, and `chunks` (row, lo, hi) of prefilling rows'

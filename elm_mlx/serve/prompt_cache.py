@@ -12,6 +12,8 @@ from collections import OrderedDict
 import mlx.core as mx
 import numpy as np
 
+from ..runtime.slab import SlotCache
+
 
 class PromptCache:
     """Finished sequences' per-layer caches, least recently used evicted beyond `max_bytes`."""
@@ -27,7 +29,7 @@ class PromptCache:
         self._entries: OrderedDict[int, tuple[np.ndarray, list]] = OrderedDict()
         self._next_key = 0
         self.nbytes = 0
-        self._table: tuple[list[int], np.ndarray] | None = None  # (keys, their tokens padded)
+        self._table = _Table()
 
     def __len__(self) -> int:
         return len(self._entries)
@@ -41,16 +43,19 @@ class PromptCache:
         keys, shared = self._shared_prefixes(np.asarray(prompt, np.int64))
         if not keys:
             return None, 0
-        i = int(shared.argmax())  # the longest (of equals, the first in the table)
+        i = int(shared.argmax())  # the longest (of equals, the earliest kept)
         best, best_n = keys[i], min(int(shared[i]), len(prompt) - 1)
         if best_n < self.MIN_REUSE:
             return None, 0
         self._entries.move_to_end(best)
         caches = make_cache()
         for c, kept in zip(caches, self._entries[best][1], strict=True):
+            keys, values = kept.keys, kept.values  # evaluated when stored
+            if isinstance(c, SlotCache):  # copied in by numpy: no MLX slice to evaluate
+                keys, values = np.asarray(keys), np.asarray(values)
             # New array objects: the fresh cache's writes never reach the kept buffer.
-            c.state = [kept.keys[..., :best_n, :], kept.values[..., :best_n, :]]
-        mx.eval([c.state for c in caches])
+            c.state = [keys[..., :best_n, :], values[..., :best_n, :]]
+        mx.eval([c.state for c in caches if not isinstance(c, SlotCache)])
         return caches, best_n
 
     def store(self, tokens: list[int], caches: list) -> None:
@@ -63,12 +68,10 @@ class PromptCache:
         if size > self.max_bytes:
             return
         ids = np.asarray(tokens, np.int64)
-        keys, shared = self._shared_prefixes(ids)
-        for key, n in zip(keys, shared.tolist(), strict=True):  # superseded: prefixes of ids
-            if n == len(self._entries[key][0]):
-                self._drop(key)
+        for key in self._table.prefixes_of(ids):  # superseded
+            self._drop(key)
         self._entries[self._next_key] = (ids, caches)
-        self._table = None
+        self._table.add(self._next_key, ids)
         self._next_key += 1
         self.nbytes += size
         while self.nbytes > self.max_bytes:
@@ -77,21 +80,81 @@ class PromptCache:
     def _drop(self, key: int) -> None:
         _, caches = self._entries.pop(key)
         self.nbytes -= sum(c.nbytes for c in caches)
-        self._table = None
+        self._table.remove(key)
 
     def _shared_prefixes(self, ids: np.ndarray) -> tuple[list[int], np.ndarray]:
-        """(the kept entries' keys, in their order when the table was last built; how many
-        leading tokens each shares with `ids`), all entries compared at once."""
-        if self._table is None:  # rebuilt after a change: one row per entry, padded with -1
-            keys = list(self._entries)
-            rows = [self._entries[k][0] for k in keys]
-            table = np.full((len(rows), max(map(len, rows), default=0)), -1, np.int64)
-            for row, tokens in zip(table, rows, strict=True):
-                row[: len(tokens)] = tokens
-            self._table = keys, table
-        keys, table = self._table
-        if not keys:
-            return keys, np.zeros(0, np.int64)
-        n = min(table.shape[1], len(ids))
-        same = table[:, :n] == ids[:n]  # (entries, n)
-        return keys, np.where(same.all(axis=1), n, same.argmin(axis=1))
+        """(the kept entries' keys, how many leading tokens each shares with `ids`)."""
+        return self._table.shared(ids)
+
+
+class _Table:
+    """The kept sequences' tokens, a row each padded with -1 (no token id), compared with
+    a prompt all at once. A new entry is a row appended, a dropped one a row blanked; the
+    rows are packed again when most are blank. (Rebuilding the table at every change cost
+    a busy server a millisecond a request with a few hundred entries kept.)"""
+
+    def __init__(self):
+        self.tokens = np.full((16, 256), -1, np.int32)
+        self.lengths = np.full(16, -1, np.int64)  # -1: a blank row
+        self.keys: list[int | None] = []  # each row's entry, in the order they were kept
+        self.rows: dict[int, int] = {}  # entry -> row
+
+    def add(self, key: int, ids: np.ndarray) -> None:
+        n, width = len(self.keys), self.tokens.shape[1]
+        if n == len(self.tokens) or len(ids) > width:
+            rows = len(self.tokens) * (2 if n == len(self.tokens) else 1)
+            self._resize(rows, max(width, 1 << (len(ids) - 1).bit_length()))
+        self.tokens[n, : len(ids)] = ids
+        self.lengths[n] = len(ids)
+        self.keys.append(key)
+        self.rows[key] = n
+
+    def remove(self, key: int) -> None:
+        r = self.rows.pop(key)
+        self.tokens[r] = -1
+        self.lengths[r] = -1
+        self.keys[r] = None
+        if len(self.keys) > 64 and 2 * len(self.rows) < len(self.keys):
+            self._pack()
+
+    def shared(self, ids: np.ndarray) -> tuple[list[int], np.ndarray]:
+        """(the entries' keys, how many leading tokens each shares with `ids`)."""
+        if not self.rows:
+            return [], np.zeros(0, np.int64)
+        used = len(self.keys)
+        n = min(self.tokens.shape[1], len(ids))
+        counts = np.zeros(used, np.int64)
+        rows = np.arange(used)  # the rows that share every token so far
+        lo, step = 0, 8
+        while len(rows) and lo < n:  # a few columns for all, then more for fewer rows
+            hi = min(n, lo + step)
+            same = self.tokens[rows, lo:hi] == ids[lo:hi]  # a blank row shares nothing
+            whole = same.all(axis=1)
+            counts[rows] = lo + np.where(whole, hi - lo, same.argmin(axis=1))
+            rows, lo, step = rows[whole], hi, 2 * step
+        live = self.lengths[:used] >= 0
+        return [k for k in self.keys if k is not None], counts[live]
+
+    def prefixes_of(self, ids: np.ndarray) -> list[int]:
+        """The entries whose whole sequence begins `ids`."""
+        keys, counts = self.shared(ids)
+        lengths = self.lengths[: len(self.keys)]
+        return [keys[i] for i in np.flatnonzero(counts == lengths[lengths >= 0])]
+
+    def _resize(self, rows: int, width: int) -> None:
+        tokens = np.full((rows, width), -1, np.int32)
+        lengths = np.full(rows, -1, np.int64)
+        n, w = len(self.keys), min(width, self.tokens.shape[1])
+        tokens[:n, :w] = self.tokens[:n, :w]
+        lengths[:n] = self.lengths[:n]
+        self.tokens, self.lengths = tokens, lengths
+
+    def _pack(self) -> None:
+        live = [r for r, k in enumerate(self.keys) if k is not None]
+        n = len(live)
+        self.tokens[:n] = self.tokens[live]
+        self.lengths[:n] = self.lengths[live]
+        self.tokens[n : len(self.keys)] = -1
+        self.lengths[n : len(self.keys)] = -1
+        self.keys = [self.keys[r] for r in live]
+        self.rows = {k: i for i, k in enumerate(self.keys)}
