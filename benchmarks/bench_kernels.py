@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import functools
 import os
+import resource
 import subprocess
 import sys
 import time
@@ -156,13 +157,16 @@ def small_matrices(mx, np) -> None:
 
 def prompt_chunks(mx, np) -> None:
     """127-token prompts of the shipped nano model fed in one step (prompts arriving
-    together at a busy server): one, and four a core each through every block against
+    together at a busy server): one chunk on one core with malloc's own thresholds and
+    with freed memory kept (`runtime.memory`, which the sections after this one keep);
+    one, and four a core each through every block against
     each product and each chunk's attention shared out layer by layer; then one chunk
     with its last block in full against its keys and values only (its outputs feed
     nothing)."""
     from elm_mlx.generation.batch import decode_step, row_slab
     from elm_mlx.generation.loading import load_for_generation
     from elm_mlx.runtime import fastpath
+    from elm_mlx.runtime.memory import keep_freed_memory
 
     model, _, _ = load_for_generation(None)
     slab = row_slab(model, 4)
@@ -176,13 +180,33 @@ def prompt_chunks(mx, np) -> None:
             slab.release(c)
 
     print("127-token prompt chunks fed in one step, nano model")
+    views, rope, eps = model._current_views(), model._rope(), model.args.rms_norm_eps
+
+    def one_core() -> None:  # one chunk through every block on this thread
+        caches = slab.take()
+        fastpath._share.inside = True
+        try:
+            with fastpath._one_blas_thread():
+                fastpath._feed(views, [(prompts[0], caches)], eps, rope)
+        finally:
+            fastpath._share.inside = False
+            slab.release(caches)
+
+    for label, keep in (("malloc's own thresholds", False), ("freed memory kept", True)):
+        if keep and not keep_freed_memory():
+            break  # not glibc: nothing to compare
+        seconds = best(one_core, 20)
+        before = resource.getrusage(resource.RUSAGE_SELF).ru_minflt
+        for _ in range(20):
+            one_core()
+        faults = (resource.getrusage(resource.RUSAGE_SELF).ru_minflt - before) / 20
+        row(f"one chunk, one core, {label}, {faults:.0f} faults", seconds)
     row("one chunk", best(lambda: step(1), 20))
     row("four chunks, a core each through every block", best(lambda: step(4), 20))
     dealt, fastpath._prompt_shares = fastpath._prompt_shares, lambda *a: None
     row("four chunks, each product and attention shared out", best(lambda: step(4), 20))
     fastpath._prompt_shares = dealt
 
-    views, rope = model._current_views(), model._rope()
     h = views.embed[np.asarray(prompts[0], np.int32)]
 
     def blocks(last: bool) -> None:

@@ -15,12 +15,14 @@ import sys
 
 def _blas_first() -> bool:
     from ..runtime.blas import BlasError, preload_blas
+    from ..runtime.memory import keep_freed_memory
 
     try:
         preload_blas()  # must precede any MLX import
     except BlasError as e:
         print(f"error: {e}", file=sys.stderr)
         return False
+    keep_freed_memory()
     return True
 
 

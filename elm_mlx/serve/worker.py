@@ -223,12 +223,14 @@ def _child_main(conn, spec: LoadSpec, engine_kwargs: dict) -> None:
     signal.signal(signal.SIGINT, signal.SIG_IGN)  # Ctrl-C reaches the whole process group:
     # the parent decides how the engine ends (its rows get their grace period)
     from ..runtime.blas import BlasError, preload_blas
+    from ..runtime.memory import keep_freed_memory
 
     try:
         preload_blas()  # before MLX is imported, as the command line does
     except BlasError as e:
         conn.send(("error", str(e)))
         return
+    keep_freed_memory()
     from .server import forgiving_stderr
 
     with forgiving_stderr():  # the parent's stderr: a reader that has gone stops nothing
