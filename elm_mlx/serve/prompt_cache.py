@@ -88,10 +88,12 @@ class PromptCache:
 
 
 class _Table:
-    """The kept sequences' tokens, a row each padded with -1 (no token id), compared with
-    a prompt all at once. A new entry is a row appended, a dropped one a row blanked; the
-    rows are packed again when most are blank. (Rebuilding the table at every change cost
-    a busy server a millisecond a request with a few hundred entries kept.)"""
+    """The kept sequences' tokens, a row each padded with -1 (no token id). A prompt is
+    compared with every row's first few tokens at once, then with more of the rows that
+    still match (most rows differ within a few tokens). A new entry is a row appended, a
+    dropped one a row blanked; the rows are packed again when most are blank. (Rebuilding
+    the table at every change, and comparing every row's every token, cost a busy server
+    about a millisecond a request with a few hundred entries kept.)"""
 
     def __init__(self):
         self.tokens = np.full((16, 256), -1, np.int32)
