@@ -95,6 +95,30 @@ def test_the_slab_grows_for_every_slot_and_keeps_what_they_hold(model):
     assert rel_err(long_[-1].state[1], plain[-1].state[1]) < 1e-5
 
 
+def test_decode_rows_grow_the_slab_when_a_step_needs_room(model, monkeypatch):
+    """Rows filling the slab to its capacity take their next step after it grows (checked
+    once for all the slab's rows, not cache by cache), and decode as each row alone does."""
+    fast = CpuDecoder(model)
+    slab = RowSlab.for_model(model, 2)
+    rows, plain = [slab.take(), slab.take()], [model.make_cache(), model.make_cache()]
+    rng = np.random.default_rng(2)
+    for n, row, ref in zip((KVCache.step - 1, 40), rows, plain, strict=True):
+        p = rng.integers(0, model.args.vocab_size, n).tolist()
+        fast(mx.array(p)[None], cache=row)
+        model(mx.array(p)[None], cache=ref)
+    _no_row_attention(monkeypatch)
+    tokens = [3, 4]
+    for step in range(3):  # positions 255 (the last with room), 256 (grows), 257
+        assert fastpath._slab_rows_ready(rows, len(model.layers)) == (step != 1)
+        got = fast.decode_rows(tokens, rows)
+        for b, t in enumerate(tokens):
+            want = model(mx.array([[t]]), cache=plain[b])[0, -1]
+            assert rel_err(got[b], want) < 1e-5, (step, b)
+        tokens = np.asarray(mx.argmax(got, axis=-1)).tolist()
+    assert slab.capacity(0) == 2 * KVCache.step
+    assert [r[0].offset for r in rows] == [KVCache.step + 2, 43]
+
+
 def test_the_mlx_path_and_state_write_into_the_slot(model):
     """Whatever feeds a slot cache (the model's MLX modules, a prompt cache setting its
     state) writes into its slot, so the batched attention sees it."""
