@@ -29,24 +29,23 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 N, K, M = 10240, 1280, 512  # proj_1 of OpenELM-270M's last layer, a 512-token prompt
 
 
-def best(fn, n: int = 7) -> float:
+def timings(fn, n: int) -> list[float]:
+    """Seconds of `n` calls of fn, after one to warm up."""
     fn()
     times = []
     for _ in range(n):
         start = time.perf_counter()
         fn()
         times.append(time.perf_counter() - start)
-    return min(times)
+    return times
+
+
+def best(fn, n: int = 7) -> float:
+    return min(timings(fn, n))
 
 
 def median(fn, n: int = 300) -> float:
-    fn()
-    times = []
-    for _ in range(n):
-        start = time.perf_counter()
-        fn()
-        times.append(time.perf_counter() - start)
-    return sorted(times)[n // 2]
+    return sorted(timings(fn, n))[n // 2]
 
 
 def row(label: str, seconds: float, amount: float = 0, unit: str = "B") -> None:
