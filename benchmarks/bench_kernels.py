@@ -7,10 +7,11 @@ products (with the system OpenBLAS preloaded, and with the BLAS its wheel bundle
 numpy does with the same arrays (zero-copy views, whole and in blocks), the shipped
 nano model's small matrices as zero-copy views and as the copies the fast path makes, nano
 prompt chunks fed in one step (a core each, or each product shared out; the last block in
-full or its keys and values only), RoPE's two forms, one, two and eight rows' decode step,
+full or its keys and values only), RoPE's two forms, nano's served decode step (rows in
+the slab) and its bookkeeping, one, two and eight rows' decode step,
 MLX's and numpy's `exp`, and MLX's half-precision products. `--only NAME,...` runs some of
-these sections (products, few_rows, small_matrices, prompt_chunks, rope, decode_steps,
-transcendentals, half_precision).
+these sections (products, few_rows, small_matrices, prompt_chunks, rope, slab_steps,
+decode_steps, transcendentals, half_precision).
 Best of several runs each; the machine may be shared.
 """
 
@@ -251,6 +252,47 @@ def rope(mx, np) -> None:
             print(f"  {f'{n} position(s), {label}':58} {seconds * 1e6:9.1f} us")  # fmt: skip
 
 
+def slab_steps(mx, np) -> None:
+    """A served batch's decode step on the shipped nano model: one and eight rows in slots
+    of the rows' slab (128 cached tokens each), medians; then, for eight rows, the per-step
+    bookkeeping the step now does once against what it did for every cache or layer: the
+    room check (every row's every cache against the slab's capacity) and RoPE's table
+    lookup (at every layer against once)."""
+    from elm_mlx.generation.batch import decode_step, row_slab
+    from elm_mlx.generation.loading import load_for_generation
+    from elm_mlx.runtime import fastpath
+
+    model, _, _ = load_for_generation(None)
+    views, rope = model._current_views(), model._rope()
+    print("decode step of rows in the slab, nano model, 128 cached tokens a row")
+    for n in (1, 8):
+        slab = row_slab(model, n)
+        rows = [slab.take() for _ in range(n)]
+        decode_step(model, [], [], [(list(range(3, 131)), c) for c in rows])
+
+        def step(rows=rows) -> None:
+            mx.eval(decode_step(model, [5] * len(rows), rows))
+            for c in rows:
+                for layer in c:
+                    layer.offset -= 1  # the same position every time
+
+        row(f"decode step, {n} row(s), median", median(step, 200))
+    layers = len(views.layers)
+    offsets = [c[0].offset for c in rows]
+
+    def per_cache() -> None:
+        all(fastpath._numpy_cache(c) for r in rows for c in r)
+        fastpath._make_room(views, [(r, 1) for r in rows])
+
+    for label, fn in (
+        ("room: every row's every cache checked", per_cache),
+        ("room: the slab's capacity checked once", lambda: fastpath._slab_rows_ready(rows, layers)),
+        ("RoPE lookup at every layer", lambda: [rope.rows(offsets) for _ in range(layers)]),
+        ("RoPE lookup once", lambda: rope.rows(offsets)),
+    ):
+        print(f"  {f'8 rows, {label}, median':58} {median(fn, 2000) * 1e6:9.1f} us")
+
+
 def decode_steps(mx, np) -> None:
     """CpuDecoder.decode_rows on OpenELM-270M shapes (random weights), 128 cached tokens a
     row: one row, two (and two in blocks capped as for more rows), eight, and eight without
@@ -349,7 +391,8 @@ def main() -> None:
     print(f"{os.cpu_count()} cores, load average {os.getloadavg()[0]:.2f}")
     print(f"MLX BLAS: {blas_description()}")
     sections = {"products": products, "few_rows": few_rows, "small_matrices": small_matrices,
-                "prompt_chunks": prompt_chunks, "rope": rope, "decode_steps": decode_steps,
+                "prompt_chunks": prompt_chunks, "rope": rope, "slab_steps": slab_steps,
+                "decode_steps": decode_steps,
                 "transcendentals": transcendentals}  # fmt: skip
     only = sys.argv[2].split(",") if sys.argv[1:2] == ["--only"] else None
     for name, section in sections.items():

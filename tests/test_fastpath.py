@@ -618,7 +618,8 @@ def test_prompt_chunks_a_core_each_fill_their_caches(model, lengths, dealt, monk
 )
 def test_a_step_takes_the_chunks_that_go_a_core_each(model, lengths, now, monkeypatch):
     """Where the chunks of a step would not go a core each but fewer would, the step takes
-    those (the others wait for the next step); otherwise it takes them all."""
+    those (the others wait for the next step); otherwise it takes them all. Fresh caches,
+    no room made yet: the lengths decide (the step makes the room)."""
     from elm_mlx.generation.batch import chunks_per_step
 
     monkeypatch.setattr(fastpath, "_cores", lambda: 2)
@@ -626,8 +627,6 @@ def test_a_step_takes_the_chunks_that_go_a_core_each(model, lengths, now, monkey
     rng = np.random.default_rng(7)
     prompts = [(rng.integers(0, model.args.vocab_size, n).tolist(), model.make_cache())
                for n in lengths]  # fmt: skip
-    for caches in (c for _, c in prompts):  # room made, as the step makes it
-        fastpath._make_room(fast._current_views(), [(caches, 128)])
     assert chunks_per_step(fast, prompts) == now
     assert chunks_per_step(model, prompts) == len(lengths)  # MLX's path: all of them
 

@@ -660,9 +660,8 @@ def _numpy_only(w: _LayerViews, n: int, cache, rope) -> bool:
 
 
 def _decode_attention(
-    w: _LayerViews, qkv: np.ndarray, caches: list, eps: float, rope, layer: int, batch=None,
-    cos_sin=None,
-):  # fmt: skip
+    w: _LayerViews, qkv: np.ndarray, caches: list, eps: float, cos_sin, layer: int, batch=None
+):
     """One new position for each of B sequences: (B, qkv_out_dim) -> (B, q * head_dim);
     row b's key and value are appended to `caches[b]`.
 
@@ -670,12 +669,10 @@ def _decode_attention(
     same at every layer) are scored together (`_slab_attention`); any other row against
     its own cache, shared out over the cores when the caches are long. A row whose cache
     numpy does not handle (a rotating window) takes MLX's attention. `cos_sin`: the rows'
-    RoPE tables (`_RopeTable.rows` of their offsets, the same at every layer), or None.
+    RoPE tables (`_RopeTable.rows` of their offsets, the same at every layer).
     """
     a = w.attn
     B, n_kv, hd = len(caches), a.n_kv_heads, a.head_dim
-    if cos_sin is None:
-        cos_sin = rope.rows([0 if c is None else c.offset for c in caches])
     q, k, v = _split_qkv(w, qkv, eps, *cos_sin)
     q = q.reshape(B, n_kv, -1, hd)  # (B, n_kv, rep, hd): query head h reads KV head h // rep
     out = np.empty_like(q)
@@ -907,13 +904,12 @@ class CpuDecoder:
 
     def chunks_now(self, prompts: list[tuple[list[int], list]]) -> int:
         """How many of `prompts` (token ids, per-layer caches), in order, `decode_rows`
-        should take in one step: all of them, or, where they would not go a core each
-        (`_prompt_shares`: three chunks on two cores) but fewer would, the most that do;
-        the others wait a step."""
-        if _prompt_shares(prompts, self._rope()) is not None:
-            return len(prompts)
-        for n in range(len(prompts) - 1, 1, -1):
-            if _prompt_shares(prompts[:n], self._rope()) is not None:
+        should take in one step: all of them, or, where their lengths would not deal out a
+        core each (`_deal`: three chunks on two cores) but fewer would, the most that do;
+        the others wait a step. (Room in their caches is made by the step itself.)"""
+        lengths = [len(t) for t, _ in prompts]
+        for n in range(len(prompts), 1, -1):
+            if _deal(lengths[:n]) is not None:
                 return n
         return len(prompts)
 
@@ -1001,7 +997,7 @@ def _blocks(
             parts = _prompts_attention(w, qkv, chunks, eps, rope)
         if rows:
             caches = [r[i] for r in rows]
-            parts.append(_decode_attention(w, qkv[L:], caches, eps, rope, i, batch, cos_sin))
+            parts.append(_decode_attention(w, qkv[L:], caches, eps, cos_sin, i, batch))
         attn = parts[0] if len(parts) == 1 else np.concatenate(parts)
         h = h + _matvec(attn, w.out)
         g = _matvec(_rms_norm(h, w.ffn_norm, eps), w.proj_1)  # (N, 2 * ffn_dim)
@@ -1015,21 +1011,32 @@ def _prompt_shares(prompts: list, rope: _RopeTable) -> list[list] | None:
     """Prompt chunks (token ids, per-layer caches) dealt out into one part per core, when
     several chunks can each go through every layer on a core of their own: their caches
     have room (numpy alone writes them, on any thread) and the parts come out even
-    (within a third of each other). A core a part beats sharing out each product and
-    each chunk's attention, layer by layer; else None."""
-    if len(prompts) < 2 or _cores() < 2 or sum(len(t) for t, _ in prompts) < _SHARED_PROMPTS:
+    (`_deal`). A core a part beats sharing out each product and each chunk's attention,
+    layer by layer; else None."""
+    parts = _deal([len(t) for t, _ in prompts])
+    if parts is None:
         return None
     for t, c in prompts:
         if not rope.covers(c[0].offset + len(t)):
             return None
         if not all(_numpy_cache(x) and _has_room(x, len(t)) for x in c):
             return None
-    parts: list[list] = [[] for _ in range(min(_cores(), len(prompts)))]
+    return [[prompts[i] for i in part] for part in parts]
+
+
+def _deal(lengths: list[int]) -> list[list[int]] | None:
+    """Chunks of these lengths dealt out into one part per core (the indexes of each
+    part's chunks), longest first to the least loaded part, where there are several
+    chunks, enough tokens and cores, and the parts come out within a third of each
+    other; else None."""
+    if len(lengths) < 2 or _cores() < 2 or sum(lengths) < _SHARED_PROMPTS:
+        return None
+    parts: list[list[int]] = [[] for _ in range(min(_cores(), len(lengths)))]
     sizes = [0] * len(parts)
-    for chunk in sorted(prompts, key=lambda p: -len(p[0])):  # longest first, to the least
-        i = sizes.index(min(sizes))
-        parts[i].append(chunk)
-        sizes[i] += len(chunk[0])
+    for i in sorted(range(len(lengths)), key=lambda i: -lengths[i]):
+        p = sizes.index(min(sizes))
+        parts[p].append(i)
+        sizes[p] += lengths[i]
     return parts if min(sizes) * 3 >= max(sizes) * 2 else None
 
 

@@ -26,10 +26,10 @@ class PromptCache:
         if max_bytes < 0:
             raise ValueError(f"max_bytes must be >= 0 (0 turns the cache off), got {max_bytes}")
         self.max_bytes = max_bytes
-        self._entries: OrderedDict[int, tuple[np.ndarray, list]] = OrderedDict()
+        self._entries: OrderedDict[int, list] = OrderedDict()  # key -> per-layer caches
+        self._table = _Table()  # the entries' tokens
         self._next_key = 0
         self.nbytes = 0
-        self._table = _Table()
 
     def __len__(self) -> int:
         return len(self._entries)
@@ -40,7 +40,7 @@ class PromptCache:
         At least the last prompt token is always left to compute (its logits are
         needed). `make_cache()` builds the empty per-layer caches to fill.
         """
-        keys, shared = self._shared_prefixes(np.asarray(prompt, np.int64))
+        keys, shared = self._table.shared(np.asarray(prompt, np.int64))
         if not keys:
             return None, 0
         i = int(shared.argmax())  # the longest (of equals, the earliest kept)
@@ -49,7 +49,7 @@ class PromptCache:
             return None, 0
         self._entries.move_to_end(best)
         caches = make_cache()
-        for c, kept in zip(caches, self._entries[best][1], strict=True):
+        for c, kept in zip(caches, self._entries[best], strict=True):
             keys, values = kept.keys, kept.values  # evaluated when stored
             if isinstance(c, SlotCache):  # copied in by numpy: no MLX slice to evaluate
                 keys, values = np.asarray(keys), np.asarray(values)
@@ -70,7 +70,7 @@ class PromptCache:
         ids = np.asarray(tokens, np.int64)
         for key in self._table.prefixes_of(ids):  # superseded
             self._drop(key)
-        self._entries[self._next_key] = (ids, caches)
+        self._entries[self._next_key] = caches
         self._table.add(self._next_key, ids)
         self._next_key += 1
         self.nbytes += size
@@ -78,13 +78,9 @@ class PromptCache:
             self._drop(next(iter(self._entries)))
 
     def _drop(self, key: int) -> None:
-        _, caches = self._entries.pop(key)
+        caches = self._entries.pop(key)
         self.nbytes -= sum(c.nbytes for c in caches)
         self._table.remove(key)
-
-    def _shared_prefixes(self, ids: np.ndarray) -> tuple[list[int], np.ndarray]:
-        """(the kept entries' keys, how many leading tokens each shares with `ids`)."""
-        return self._table.shared(ids)
 
 
 class _Table:
