@@ -52,6 +52,23 @@ def test_rows_sample_as_they_would_alone(model, tokenizer):
     assert ys[0].item() == int(mx.argmax(logits[0]).item())
 
 
+def test_greedy_rows_take_the_first_of_equal_maxima(model, tokenizer):
+    """All-greedy rows with nothing to process take numpy's argmax: the same token as MLX's
+    argmax, the first of equal maxima included, and the same log-probabilities."""
+    rng = np.random.default_rng(1)
+    x = rng.standard_normal((4, 300)).astype(np.float32)
+    x[1, [7, 250]] = x[1].max() + 1.0  # a tie: the first wins
+    x[2, :] = 0.5  # all equal
+    logits = mx.array(x)
+    rows = [RowSampling(model, tokenizer, GenerationSettings(), []) for _ in range(4)]
+    assert not any(r.processors for r in rows)
+    ys, logprobs = sample_rows(logits, rows)
+    assert ys.tolist() == mx.argmax(logits, axis=-1).tolist()
+    assert ys.tolist()[1:3] == [7, 0]
+    expected = logits - mx.logsumexp(logits, axis=-1, keepdims=True)
+    np.testing.assert_allclose(np.asarray(logprobs), np.asarray(expected), atol=1e-6)
+
+
 def test_engine_bounds_a_job_by_the_context_itself(model, tokenizer):
     from elm_mlx.serve.engine import Engine, Failed, Finished, Job, RowSettings
 

@@ -26,6 +26,7 @@ from collections import deque
 from collections.abc import Callable, Sequence
 
 import mlx.core as mx
+import numpy as np
 
 from ..formats.tokenizer import Tokenizer
 from ..runtime.fastpath import CpuDecoder
@@ -127,9 +128,14 @@ def sample_rows(logits: mx.array, rows: Sequence[RowSampling]) -> tuple[mx.array
     """(next token of each row (B,), log-probabilities (B, vocab) it was drawn from).
 
     Each row's processors and sampler act on its own row. Greedy rows with nothing to
-    process (the common case) share one argmax over the batch; the log-probabilities
-    are then returned lazily, computed only if the caller reads them.
+    process (the common case) share one argmax over the batch, taken by numpy (MLX's
+    argmax, its evaluation and `tolist` cost ~60-100 us a step on the CPU, a tenth of a
+    nano decode step; numpy's ~3-7 us); the log-probabilities are then returned lazily,
+    computed only if the caller reads them.
     """
+    if not any(r.processors for r in rows) and all(r.sampler is greedy for r in rows):
+        ys = np.asarray(logits).argmax(axis=-1).astype(np.uint32)  # first of equals, as MLX's
+        return mx.array(ys), logits - mx.logsumexp(logits, axis=-1, keepdims=True)
     if any(r.processors for r in rows):
         logits = mx.concatenate(
             [r.process(logits[b : b + 1]) if r.processors else logits[b : b + 1]
