@@ -27,6 +27,7 @@ does. Both servers run with the same OpenBLAS (mlx_lm.server through LD_PRELOAD)
 from __future__ import annotations
 
 import argparse
+import contextlib
 import functools
 import json
 import os
@@ -47,8 +48,9 @@ import httpx
 
 ROOT = Path(__file__).resolve().parents[1]
 # Rounds of each model's request mix: a round of nano's takes seconds, so a spell of a slow
-# (shared) CPU can make or break one; 270M's take minutes.
-ROUNDS = {"nano": 5, "270m": 1}
+# (shared) CPU can make or break one (concurrency 8's rounds of one run have spanned
+# 2062-3060 tokens/s); 270M's take minutes.
+ROUNDS = {"nano": 9, "270m": 1}
 NANO = ROOT / "elm_mlx" / "assets" / "nano"
 SINGLE = "elm-mlx 1-proc"  # elm-mlx serve --single-process, with --single-process
 
@@ -234,6 +236,25 @@ def client() -> httpx.Client:
 
 
 def stream(url: str, model: str, prompt: str, max_tokens: int) -> Timing:
+    """One streamed completion. A connection that fails before the response begins (a
+    kept-alive connection the server closed as it was taken up: httpcore's "Bad file
+    descriptor", once in a few thousand requests here) is retried once, timed from the
+    retry, and counted in `RETRIES`."""
+    try:
+        return _stream(url, model, prompt, max_tokens)
+    except _NotStarted:
+        RETRIES.append(url)
+        return _stream(url, model, prompt, max_tokens)
+
+
+RETRIES: list[str] = []
+
+
+class _NotStarted(Exception):
+    """The request failed before any of its response arrived."""
+
+
+def _stream(url: str, model: str, prompt: str, max_tokens: int) -> Timing:
     body = {
         "model": model,
         "prompt": prompt,
@@ -244,7 +265,11 @@ def stream(url: str, model: str, prompt: str, max_tokens: int) -> Timing:
     }
     t = Timing(time.perf_counter())
     chunks = 0
-    with client().stream("POST", url + "/v1/completions", json=body) as r:
+    with contextlib.ExitStack() as stack:
+        try:
+            r = stack.enter_context(client().stream("POST", url + "/v1/completions", json=body))
+        except httpx.TransportError as e:
+            raise _NotStarted(str(e)) from e
         r.raise_for_status()
         for line in r.iter_lines():
             if not line.startswith("data: ") or line == "data: [DONE]":
@@ -375,6 +400,16 @@ def report(name: str, opts, mix: dict, chat: dict, target: int, rounds: int) -> 
     if top in theirs:
         line += f", {ours[top] / theirs[top]:.2f}x mlx_lm.server's"
     print(line)
+    if rounds > 1:
+        ours_rounds = {c: m["rounds"] for (label, c), m in mix.items() if label == "elm-mlx serve"}
+        pairs = [a / b for a, b in zip(ours_rounds[top], ours_rounds[low], strict=True)]
+        print(
+            f"each round's concurrency {top} over its concurrency {low}: "
+            + " ".join(f"{x:.2f}" for x in pairs)
+            + f" (median {statistics.median(pairs):.2f}x)"
+        )
+    if RETRIES:
+        print(f"requests retried after a connection failed before the response: {len(RETRIES)}")
     single = {c: m["tok_s"] for (label, c), m in mix.items() if label == SINGLE}
     if single:
         print(
