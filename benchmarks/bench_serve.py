@@ -5,10 +5,11 @@ shapes), each server is started as its own process on 127.0.0.1 and driven over
 HTTP with streamed /v1/completions requests:
 
 - N requests with P-token prompts and T new tokens (greedy) at each concurrency:
-  aggregate generated tokens/s, time to first token p50/p95, inter-token latency p50/p95.
+  aggregate generated tokens/s, time to first token p50/p95, inter-token latency p50/p95
+  (between text chunks as they arrive) and time per output token p50/p95 (a request's).
   Each concurrency has prompts of its own (the same for both servers), so no server's
   prompt cache serves a prompt it saw at an earlier concurrency. The mix runs in rounds
-  (five for nano, whose rounds take seconds; `--rounds`), each concurrency once a round
+  (nine for nano, whose rounds take seconds; `--rounds`), each concurrency once a round
   with fresh prompts, and the median round's tokens/s is reported beside every round's:
   on a shared machine the CPU's speed can change by half from one second to the next;
 - a multi-turn conversation whose history grows to about 1,000 tokens (less where the
@@ -63,6 +64,12 @@ class Timing:
     arrivals: list[float] = field(default_factory=list)  # chunks that carried text
     tokens: int = 0
     text: str = ""
+
+    @property
+    def tpot(self) -> float:
+        """Time per output token after the first: the first text's arrival to the last's,
+        over the tokens after the first."""
+        return (self.arrivals[-1] - self.arrivals[0]) / (self.tokens - 1)
 
     @property
     def ttft(self) -> float:
@@ -297,6 +304,7 @@ def run_mix(url: str, model: str, prompts: list[str], new: int, concurrency: int
         "tok_s": sum(t.tokens for t in timings) / wall,
         "ttft": [t.ttft for t in timings],
         "itl": [b - a for t in timings for a, b in zip(t.arrivals, t.arrivals[1:], strict=False)],
+        "tpot": [t.tpot for t in timings if t.tokens > 1 and t.arrivals],
     }
 
 
@@ -305,11 +313,13 @@ def summary(rounds: list[dict]) -> dict:
     latencies of every round."""
     ttft = [x for r in rounds for x in r["ttft"]]
     itl = [x for r in rounds for x in r["itl"]]
+    tpot = [x for r in rounds for x in r["tpot"]]
     return {
         "tok_s": statistics.median(r["tok_s"] for r in rounds),
         "rounds": [r["tok_s"] for r in rounds],
         "ttft": (pct(ttft, 50), pct(ttft, 95)),
         "itl": (pct(itl, 50), pct(itl, 95)),
+        "tpot": (pct(tpot, 50), pct(tpot, 95)),
     }
 
 
@@ -382,16 +392,20 @@ def report(name: str, opts, mix: dict, chat: dict, target: int, rounds: int) -> 
         f"\n## {name}: {opts.requests} requests, {opts.prompt_tokens}-token prompts, "
         f"{opts.new_tokens} new tokens, greedy; {rounds} round(s), fresh prompts in each"
     )
-    head = ("server", "conc", "tok/s", "TTFT p50", "p95", "ITL p50", "p95", "rounds' tok/s")
-    print("{:<16} {:>4} {:>8} {:>9} {:>7} {:>8} {:>7}  {}".format(*head))
+    head = ("server", "conc", "tok/s", "TTFT p50", "p95", "ITL p50", "p95", "TPOT p50", "p95",
+            "rounds' tok/s")  # fmt: skip
+    print("{:<16} {:>4} {:>8} {:>9} {:>7} {:>8} {:>7} {:>9} {:>7}  {}".format(*head))
     for (label, c), m in mix.items():
         print(
             f"{label:<16} {c:>4} {m['tok_s']:>8.1f} {m['ttft'][0]:>8.3f}s {m['ttft'][1]:>6.3f}s "
-            f"{m['itl'][0] * 1000:>6.1f}ms {m['itl'][1] * 1000:>5.1f}ms  "
+            f"{m['itl'][0] * 1000:>6.1f}ms {m['itl'][1] * 1000:>5.1f}ms "
+            f"{m['tpot'][0] * 1000:>7.1f}ms {m['tpot'][1] * 1000:>5.1f}ms  "
             + " ".join(f"{x:.1f}" for x in m["rounds"])
         )
     if rounds > 1:
         print("tok/s: the median of the rounds; latencies: percentiles over every round")
+    print("ITL: between a stream's text chunks as they arrive (tokens sent in one write arrive "
+          "together); TPOT: a request's time per token after its first")  # fmt: skip
     ours = {c: m["tok_s"] for (label, c), m in mix.items() if label == "elm-mlx serve"}
     theirs = {c: m["tok_s"] for (label, c), m in mix.items() if label == "mlx_lm.server"}
     top = max(ours)

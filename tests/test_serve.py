@@ -500,3 +500,20 @@ def test_single_process_serves_as_the_default_does(nano):
     finally:
         if proc.poll() is None:
             proc.kill()
+
+
+@pytest.mark.parametrize(
+    "flags, message",
+    [
+        (["--stream-interval-ms", "-1"], "--stream-interval-ms must be >= 0, got -1.0"),
+        (["--port", "0"], "--port must be in 1-65535, got 0"),
+        (["--max-batch", "0"], "--max-batch must be >= 1, got 0"),
+    ],
+)
+def test_bad_serve_flags_are_one_error_line(flags, message):
+    """Out-of-range flags stop the command before it loads anything: one error line that
+    names the flag, status 1."""
+    cmd = [sys.executable, "-m", "elm_mlx.cli", "serve", *flags]
+    done = subprocess.run(cmd, capture_output=True, text=True, timeout=120)
+    assert done.returncode == 1
+    assert done.stderr.strip().splitlines() == [f"error: {message}"]

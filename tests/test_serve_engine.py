@@ -799,3 +799,56 @@ def test_the_engine_process_queues_cancels_and_closes(instruct_dir, loaded):
         assert engine.death is None and not engine._process.is_alive()
     finally:
         engine.kill()
+
+
+def test_the_childs_messages_hold_tokens_of_running_streams_for_the_interval(monkeypatch):
+    """The engine process's messages: a step's tokens of streams already under way wait for
+    the next step's until the interval has passed since the last message; a first token,
+    an end, a step with prompt chunks due and a new request send everything at once, in
+    order; with no interval every step is sent."""
+    from elm_mlx.serve import worker
+    from elm_mlx.serve.engine import Finished, Token
+
+    class Engine:
+        after_step = None
+        decoding_only = True
+
+        def stats(self) -> dict:
+            return {}
+
+    class Conn:
+        def __init__(self):
+            self.sent = []
+
+        def send(self, message) -> None:
+            self.sent.append(["END" if type(e) is Finished else e.text for _, e in message[0]])
+
+    now = [100.0]
+    monkeypatch.setattr(worker.time, "monotonic", lambda: now[0])
+    for interval, expected in (
+        (0.002, [["a"], ["b", "c"], ["d", "x"], ["e", "y"], ["f"], ["g", "END"]]),
+        (0.0, [["a"], ["b"], ["c"], ["d", "x"], ["e"], ["y"], ["f"], ["g"], ["END"]]),
+    ):
+        conn, engine = Conn(), Engine()
+        child = worker._Child(conn, engine, interval)
+
+        def step(*events, child=child, engine=engine):
+            now[0] += 0.001
+            for job_id, event in events:
+                child._emit(job_id, event)
+            engine.after_step()
+
+        step((0, Token("a", 1)))  # a first token: at once
+        step((0, Token("b", 1)))  # 1 ms after the last message: held
+        step((0, Token("c", 1)))  # 2 ms: both
+        step((0, Token("d", 1)), (1, Token("x", 1)))  # stream 1's first token: both
+        step((0, Token("e", 1)))  # held
+        engine.decoding_only = False  # prompt chunks due: nothing waits behind them
+        step((1, Token("y", 1)))
+        engine.decoding_only = True
+        step((0, Token("f", 1)))  # held...
+        child.flush(hold=False)  # ...until a new request comes in
+        step((0, Token("g", 1)))  # held
+        step((0, Finished("stop", 3, 7, 0)))  # the end takes what was held with it
+        assert conn.sent == expected, interval
+        assert child.streaming == {1}  # stream 0 has ended

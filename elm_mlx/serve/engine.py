@@ -239,6 +239,14 @@ class Engine:
         return self._thread.is_alive()
 
     @property
+    def decoding_only(self) -> bool:
+        """Whether the next step will be one more decode step of the running rows alone (no
+        prompt chunk due, no job waiting, not closing), soon after this one."""
+        return bool(self._running) and not (
+            self._prefilling or self._admitted or self._waiting or self._closing
+        )
+
+    @property
     def context(self) -> int:
         """The model's context length, as it defines it."""
         return self.model.args.max_context_length
