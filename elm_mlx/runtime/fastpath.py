@@ -679,6 +679,8 @@ def _decode_attention(
     slotted = set()
     if batch is not None and batch.matches(caches, layer):
         _slab_attention(q, k, v, batch, layer, caches, out)
+        if len(batch.rows) == B:  # every row in the slab (a server's batch): done
+            return out.reshape(B, -1)
         slotted = set(batch.rows)
     cached = []
     for b, c in enumerate(caches):
