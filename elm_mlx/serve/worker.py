@@ -310,7 +310,9 @@ class _Child:
             elif kind == "cancel":
                 job = self.jobs.get(message[1])
                 if job is not None:
-                    job.cancel()
+                    job.cancel()  # its row ends without an event:
+                with self.send_lock:
+                    self.streaming.discard(message[1])  # forget it here
             elif kind == "close":
                 closing = True
                 self.engine.close(message[1])
