@@ -17,9 +17,9 @@ once. If the child dies, every job in flight ends with a 500, new ones get 503s,
 Under load a stream's tokens leave in twos or threes: a step's tokens of streams already
 under way may wait for the next step's while less than `stream_interval` has passed since
 the last message (each message wakes the web stack, and each stream's tokens in it go out
-in one socket write; at 2 ms, eight nano streams: about half the writes, 7% more tokens/s
-on 2 cores). A stream's first token, its end, and tokens that a prefill step would hold up
-(a new request has come in, or prompt chunks are due) are never held.
+in one socket write; at 2 ms on nano, 2 cores, servers taking turns: 8% more tokens/s at
+concurrency 1, 5% at 8). A stream's first token, its end, and tokens that a prefill step
+would hold up (a new request has come in, or prompt chunks are due) are never held.
 
 Nothing here imports MLX at module level: the child is started with `spawn` (a fresh
 interpreter; `fork` would copy MLX's threads' state) and must load OpenBLAS before MLX.
