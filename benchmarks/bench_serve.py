@@ -275,6 +275,8 @@ def _stream(url: str, model: str, prompt: str, max_tokens: int) -> Timing:
     with contextlib.ExitStack() as stack:
         try:
             r = stack.enter_context(client().stream("POST", url + "/v1/completions", json=body))
+        except httpx.TimeoutException:
+            raise  # the server may be working on it: no second request beside it
         except httpx.TransportError as e:
             raise _NotStarted(str(e)) from e
         r.raise_for_status()
@@ -351,6 +353,7 @@ def bench_model(name: str, path: Path, work: Path, opts) -> None:
 
     tokenizer = Tokenizer(path / "tokenizer.model")
     context = read_config(path).max_context_length
+    RETRIES.clear()  # counted per model
     rounds = opts.rounds or ROUNDS[name]
     prompts = {(c, r): make_prompts(tokenizer, opts.requests + 1, opts.prompt_tokens,
                                     seed=100 + c + 1000 * r)

@@ -11,6 +11,7 @@ import pytest
 
 from elm_mlx.generation.batch import RowSampling, sample_rows
 from elm_mlx.generation.generate import GenerationSettings
+from elm_mlx.generation.sample import greedy
 from elm_mlx.testing import random_model, tiny_args
 
 
@@ -61,10 +62,13 @@ def test_greedy_rows_take_the_first_of_equal_maxima(model, tokenizer):
     x[2, :] = 0.5  # all equal
     logits = mx.array(x)
     rows = [RowSampling(model, tokenizer, GenerationSettings(), []) for _ in range(4)]
-    assert not any(r.processors for r in rows)
+    assert all(r.sampler is greedy and not r.processors for r in rows)  # numpy's argmax
+    for dtype in (mx.float32, mx.float16, mx.bfloat16):  # bfloat16: MLX's (numpy has none)
+        ys, logprobs = sample_rows(logits.astype(dtype), rows)
+        assert ys.dtype == mx.uint32
+        assert ys.tolist() == mx.argmax(logits.astype(dtype), axis=-1).tolist(), dtype
+        assert ys.tolist()[1:3] == [7, 0]
     ys, logprobs = sample_rows(logits, rows)
-    assert ys.tolist() == mx.argmax(logits, axis=-1).tolist()
-    assert ys.tolist()[1:3] == [7, 0]
     expected = logits - mx.logsumexp(logits, axis=-1, keepdims=True)
     np.testing.assert_allclose(np.asarray(logprobs), np.asarray(expected), atol=1e-6)
 

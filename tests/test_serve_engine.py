@@ -802,10 +802,10 @@ def test_the_engine_process_queues_cancels_and_closes(instruct_dir, loaded):
 
 
 def test_the_childs_messages_hold_tokens_of_running_streams_for_the_interval(monkeypatch):
-    """The engine process's messages: a step's tokens of streams already under way wait for
-    the next step's until the interval has passed since the last message; a first token,
-    an end, a step with prompt chunks due and a new request send everything at once, in
-    order; with no interval every step is sent."""
+    """The engine process's messages: a step's tokens of streams already under way (their
+    first text sent) wait for the next step's when the last message went out less than the
+    interval ago; a first text, an end, a step with prompt chunks due and a new request
+    send everything at once, in order; with no interval every step is sent."""
     from elm_mlx.serve import worker
     from elm_mlx.serve.engine import Finished, Token
 
@@ -825,12 +825,14 @@ def test_the_childs_messages_hold_tokens_of_running_streams_for_the_interval(mon
 
     now = [100.0]
     monkeypatch.setattr(worker.time, "monotonic", lambda: now[0])
-    for interval, expected in (
-        (0.002, [["a"], ["b", "c"], ["d", "x"], ["e", "y"], ["f"], ["g", "END"]]),
-        (0.0, [["a"], ["b"], ["c"], ["d", "x"], ["e"], ["y"], ["f"], ["g"], ["END"]]),
-    ):
+    held = [["a"], ["b", "c"], ["d", "x"], ["e", "y"], ["f"], ["g", "END"]]
+    held += [[""], ["z"], ["w", "END"]]
+    every = [["a"], ["b"], ["c"], ["d", "x"], ["e"], ["y"], ["f"], ["g"], ["END"]]
+    every += [[""], ["z"], ["w"], ["END"]]
+    for interval, expected in ((0.0015, held), (0.0, every)):
         conn, engine = Conn(), Engine()
         child = worker._Child(conn, engine, interval)
+        child.jobs.update({0: "job 0", 1: "job 1", 2: "job 2"})  # submitted
 
         def step(*events, child=child, engine=engine):
             now[0] += 0.001
@@ -838,10 +840,10 @@ def test_the_childs_messages_hold_tokens_of_running_streams_for_the_interval(mon
                 child._emit(job_id, event)
             engine.after_step()
 
-        step((0, Token("a", 1)))  # a first token: at once
+        step((0, Token("a", 1)))  # a first text: at once
         step((0, Token("b", 1)))  # 1 ms after the last message: held
         step((0, Token("c", 1)))  # 2 ms: both
-        step((0, Token("d", 1)), (1, Token("x", 1)))  # stream 1's first token: both
+        step((0, Token("d", 1)), (1, Token("x", 1)))  # stream 1's first text: both
         step((0, Token("e", 1)))  # held
         engine.decoding_only = False  # prompt chunks due: nothing waits behind them
         step((1, Token("y", 1)))
@@ -850,5 +852,10 @@ def test_the_childs_messages_hold_tokens_of_running_streams_for_the_interval(mon
         child.flush(hold=False)  # ...until a new request comes in
         step((0, Token("g", 1)))  # held
         step((0, Finished("stop", 3, 7, 0)))  # the end takes what was held with it
+        step((2, Token("", 1)))  # no text yet (a held-back stop string or character)...
+        step((2, Token("z", 1)))  # ...so its first text still goes at once
+        step((2, Token("w", 1)))  # held
+        step((2, Finished("stop", 3, 3, 0)))
         assert conn.sent == expected, interval
-        assert child.streaming == {1}  # stream 0 has ended
+        assert child.streaming == {1}  # streams 0 and 2 have ended
+        assert set(child.jobs) == {1}

@@ -58,10 +58,11 @@ def _add_serve(p) -> None:
     )
     p.add_argument(
         "--stream-interval-ms", type=float, default=2.0,
-        help="longest a streamed token may wait to leave with the next step's (2): under load "
-        "a stream's tokens then go out in twos or threes, one socket write each time, leaving "
-        "more of the CPU to the model; a stream's first token and its end never wait; 0 = "
-        "every step's tokens at once (with --single-process they always are)",
+        help="a step's streamed tokens may wait for the next decode step's when the last were "
+        "sent less than this ago (2): under load a stream's tokens then go out in twos or "
+        "threes, one socket write each time, leaving more of the CPU to the model; a stream's "
+        "first text and its end never wait; 0 = every step's tokens at once (with "
+        "--single-process they always are)",
     )  # fmt: skip
     p.add_argument("--max-body-mb", type=float, default=4.0, help="largest request body in MiB (4)")
     p.add_argument(

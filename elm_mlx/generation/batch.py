@@ -133,7 +133,8 @@ def sample_rows(logits: mx.array, rows: Sequence[RowSampling]) -> tuple[mx.array
     nano decode step; numpy's ~3-7 us); the log-probabilities are then returned lazily,
     computed only if the caller reads them.
     """
-    if not any(r.processors for r in rows) and all(r.sampler is greedy for r in rows):
+    greedy_rows = not any(r.processors for r in rows) and all(r.sampler is greedy for r in rows)
+    if greedy_rows and logits.dtype in (mx.float32, mx.float16):  # numpy has no bfloat16
         ys = np.asarray(logits).argmax(axis=-1).astype(np.uint32)  # first of equals, as MLX's
         return mx.array(ys), logits - mx.logsumexp(logits, axis=-1, keepdims=True)
     if any(r.processors for r in rows):

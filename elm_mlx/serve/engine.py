@@ -241,9 +241,10 @@ class Engine:
     @property
     def decoding_only(self) -> bool:
         """Whether the next step will be one more decode step of the running rows alone (no
-        prompt chunk due, no job waiting, not closing), soon after this one."""
+        prompt chunk due, no waiting job it could take, not closing), soon after this one."""
+        room = len(self._running) + len(self._prefilling) < self.max_batch
         return bool(self._running) and not (
-            self._prefilling or self._admitted or self._waiting or self._closing
+            self._prefilling or self._admitted or (self._waiting and room) or self._closing
         )
 
     @property

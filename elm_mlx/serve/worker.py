@@ -15,11 +15,12 @@ once. If the child dies, every job in flight ends with a 500, new ones get 503s,
 `on_death` is called (the server then stops and the command exits 1).
 
 Under load a stream's tokens leave in twos or threes: a step's tokens of streams already
-under way may wait for the next step's while less than `stream_interval` has passed since
-the last message (each message wakes the web stack, and each stream's tokens in it go out
-in one socket write; at 2 ms on nano, 2 cores, servers taking turns: 8% more tokens/s at
-concurrency 1, 5% at 8). A stream's first token, its end, and tokens that a prefill step
-would hold up (a new request has come in, or prompt chunks are due) are never held.
+under way may wait for the next step's (one decode step more) when the last message went
+out less than `stream_interval` ago. Each message wakes the web stack, and each stream's
+tokens in it go out in one socket write (at 2 ms on nano, 2 cores, servers taking turns:
+8% more tokens/s at concurrency 1, 5% at 8). A stream's first text, its end, and tokens
+that a prefill step would hold up (a new request has come in, or prompt chunks are due)
+are never held.
 
 Nothing here imports MLX at module level: the child is started with `spawn` (a fresh
 interpreter; `fork` would copy MLX's threads' state) and must load OpenBLAS before MLX.
@@ -62,8 +63,9 @@ class EngineProcess:
     length. `start()` waits until the model is loaded and raises EngineLoadError with the
     child's message when it cannot be.
 
-    `stream_interval` (seconds): how long a streamed token may wait to leave with the next
-    step's (see the module doc); 0: every step's tokens at once.
+    `stream_interval` (seconds): a step's streamed tokens may wait for the next decode
+    step's when the last message went out less than this ago (see the module doc); 0:
+    every step's tokens at once.
 
     The queue limit is counted here, where `submit` must answer at once: a job waits
     when more than `max_batch` jobs are in flight, and more than `max_queue` waiting
@@ -284,7 +286,7 @@ class _Child:
         self.interval = stream_interval
         self.jobs: dict = {}
         self.events: list = []
-        self.streaming: set = set()  # jobs whose first token has been sent
+        self.streaming: set = set()  # jobs whose first text has been sent
         self.sent_at = -math.inf  # time.monotonic() of the last message
         self.sent_stats: dict | None = None
         self.lock = threading.Lock()  # the events
@@ -305,14 +307,14 @@ class _Child:
                 break
             kind = message[0]
             if kind == "submit":
-                self.flush(hold=False)  # its prompt's step would hold up waiting tokens
                 self._submit(*message[1:])
+                self.flush(hold=False)  # its prompt's step would hold up waiting tokens
             elif kind == "cancel":
-                job = self.jobs.get(message[1])
+                job = self.jobs.pop(message[1], None)
                 if job is not None:
-                    job.cancel()  # its row ends without an event:
+                    job.cancel()  # its row ends without an event: forget it here
                 with self.send_lock:
-                    self.streaming.discard(message[1])  # forget it here
+                    self.streaming.discard(message[1])
             elif kind == "close":
                 closing = True
                 self.engine.close(message[1])
@@ -328,7 +330,7 @@ class _Child:
             self.engine.submit(job)
         except (QueueFull, Closed) as e:
             job.end(Failed(str(e), 503))
-            self.flush()
+            self.flush(hold=False)
 
     def _emit(self, job_id: int, event) -> None:
         from .engine import Failed, Finished
@@ -359,16 +361,16 @@ class _Child:
                 if events:
                     self.sent_at = time.monotonic()
             for job_id, event in events:
-                if type(event) is Token:
-                    self.streaming.add(job_id)
-                else:  # the job's end
+                if type(event) is not Token:  # the job's end
                     self.streaming.discard(job_id)
+                elif event.text and job_id in self.jobs:  # under way (a cancelled job is not)
+                    self.streaming.add(job_id)
 
     def _may_hold(self) -> bool:
         """Whether the gathered events may wait for the next step's (called holding the
-        lock): only tokens of streams already under way, less than the interval after the
-        last message, and only when the next step is one more decode step (no prompt chunks
-        due, rows still running) that will flush them."""
+        lock): only tokens of streams already under way (their first text sent), when the
+        last message went out less than the interval ago, and only when the next step is one
+        more decode step (no prompt chunks due, rows still running), whose end sends them."""
         from .engine import Token
 
         if not self.events or time.monotonic() - self.sent_at >= self.interval:
