@@ -444,6 +444,41 @@ def test_decode_step_on_a_quantized_model_takes_mlx_and_matches_its_forward():
         np.testing.assert_allclose(np.asarray(logits[b]), np.asarray(ref), atol=2e-4)
 
 
+@pytest.mark.parametrize("kind", ["float16", "bfloat16", "q8"])
+def test_the_engine_thread_serves_lazily_loaded_models_the_numpy_path_does_not_take(kind):
+    """Half-precision and quantized weights, loaded lazily on this thread, decode on the
+    engine's own thread (MLX ties a lazy array to the stream of the thread that made it):
+    greedy text equal to `generate` on this thread."""
+    import queue
+
+    from elm_mlx.generation.generate import generate
+    from elm_mlx.generation.loading import load_for_generation
+    from elm_mlx.quant.quantize import QuantizeSpec, quantize_model
+    from elm_mlx.serve.engine import Engine, Failed, Finished, Job, RowSettings
+
+    model, tokenizer, _ = load_for_generation(None, dtype="float32" if kind == "q8" else kind)
+    if kind == "q8":
+        quantize_model(model.model if isinstance(model, CpuDecoder) else model,
+                       QuantizeSpec(bits=8, group_size=32))  # fmt: skip
+        model = model.model if isinstance(model, CpuDecoder) else model
+    assert not isinstance(model, CpuDecoder)  # MLX's kernels, on the engine's thread
+    prompt = tokenizer.encode("To be, or not to be")
+    settings = RowSettings(max_tokens=6, temp=0.0)
+    engine = Engine(model, tokenizer)
+    engine.start()
+    try:
+        events = queue.Queue()
+        engine.submit(Job(prompt, settings, events.put))
+        tokens = []
+        while not isinstance(event := events.get(timeout=120), Finished | Failed):
+            tokens.append(event.text)
+        assert isinstance(event, Finished), event
+    finally:
+        engine.close(grace=0)
+        engine.join(30)
+    assert "".join(tokens) == generate(model, tokenizer, prompt, settings=settings)
+
+
 def test_a_failing_step_fails_its_requests_and_the_engine_keeps_serving(app_client, monkeypatch):
     import elm_mlx.serve.engine as engine_mod
 
@@ -616,7 +651,7 @@ class _BrokenModel:
     """A model whose every computation fails: the engine logs a traceback and fails the job."""
 
     def __init__(self, model):
-        self.args, self.make_cache = model.args, model.make_cache
+        self.args, self.make_cache, self.parameters = model.args, model.make_cache, model.parameters
 
     def __call__(self, *args, **kwargs):
         raise RuntimeError("boom")

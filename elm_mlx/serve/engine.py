@@ -186,6 +186,11 @@ class Engine:
         if max_queue < 0:
             raise ValueError(f"max_queue must be >= 0, got {max_queue}")
         self.model, self.tokenizer = model, tokenizer
+        # The weights are evaluated here, on the thread that loaded them: a lazily loaded or
+        # cast array is tied to its thread's stream, and evaluating it on the engine's thread
+        # fails ("There is no Stream(cpu, 0) in current thread"; models the numpy path does
+        # not take: half precision, quantized, LoRA).
+        mx.eval(model.parameters())
         self.max_batch, self.max_queue, self.prefill_step = max_batch, max_queue, prefill_step
         self.prompt_cache = PromptCache(prompt_cache_bytes)
         self.slab = row_slab(model, max_batch)  # the rows' caches, where one buffer is faster
