@@ -188,8 +188,8 @@ class Engine:
         self.model, self.tokenizer = model, tokenizer
         # The weights are evaluated here, on the thread that loaded them: a lazily loaded or
         # cast array is tied to its thread's stream, and evaluating it on the engine's thread
-        # fails ("There is no Stream(cpu, 0) in current thread"; models the numpy path does
-        # not take: half precision, quantized, LoRA).
+        # fails ("There is no Stream(cpu, 0) in current thread": half-precision models, which
+        # only MLX's kernels run, failed every request).
         mx.eval(model.parameters())
         self.max_batch, self.max_queue, self.prefill_step = max_batch, max_queue, prefill_step
         self.prompt_cache = PromptCache(prompt_cache_bytes)
