@@ -8,10 +8,12 @@ numpy does with the same arrays (zero-copy views, whole and in blocks), the ship
 nano model's small matrices as zero-copy views and as the copies the fast path makes, nano
 prompt chunks fed in one step (a core each, or each product shared out; the last block in
 full or its keys and values only), RoPE's two forms, nano's served decode step (rows in
-the slab) and its bookkeeping, one, two and eight rows' decode step,
-MLX's and numpy's `exp`, and MLX's half-precision products. `--only NAME,...` runs some of
-these sections (products, few_rows, small_matrices, prompt_chunks, rope, slab_steps,
-decode_steps, transcendentals, half_precision).
+the slab) and its bookkeeping, one, two and eight rows' decode step, the greedy pick of a
+step's logits (MLX's and numpy's argmax), the serving engine alone in this process at
+concurrency 1 and 8, MLX's and numpy's `exp`, and MLX's half-precision products.
+`--only NAME,...` runs some of these sections (products, few_rows, small_matrices,
+prompt_chunks, rope, slab_steps, decode_steps, sampling, engine, transcendentals,
+half_precision).
 Best of several runs each; the machine may be shared.
 """
 
@@ -328,6 +330,100 @@ def decode_steps(mx, np) -> None:
             blocks.CHUNKED = chunked
 
 
+def sampling(mx, np) -> None:
+    """The greedy pick of a decode step's logits (float32, on the CPU): MLX's argmax, its
+    evaluation and `tolist` against numpy's argmax of the same array (what
+    `generation.batch.sample_rows` takes for rows that are all greedy), medians."""
+    print("greedy pick of a step's logits")
+    rng = np.random.default_rng(0)
+    for vocab in (4096, 32000):  # nano, OpenELM
+        for rows in (1, 8):
+            logits = mx.array(rng.standard_normal((rows, vocab)).astype(np.float32))
+            for label, fn in (
+                ("MLX argmax", lambda x=logits: mx.argmax(x, axis=-1).tolist()),
+                ("numpy argmax", lambda x=logits: np.asarray(x).argmax(axis=-1).tolist()),
+            ):
+                label = f"{rows} row(s) of {vocab}, {label}, median"
+                print(f"  {label:58} {median(fn, 2000) * 1e6:9.1f} us")
+
+
+def engine(mx, np) -> None:
+    """The serving engine alone, in this process (no HTTP, no client): nano, 64 requests of
+    128-token prompts and 64 new tokens (greedy), each client sending its next request the
+    moment its last ends, at concurrency 1 and 8; with the step's greedy pick by numpy (as
+    shipped) and by MLX's argmax (as before it). Tokens/s of three rounds each, taken in
+    turns."""
+    import threading
+
+    from elm_mlx.generation import batch
+    from elm_mlx.generation.loading import load_for_generation
+    from elm_mlx.serve import engine as engine_mod
+
+    sys.path.insert(0, str(Path(__file__).resolve().parent))
+    from bench_serve import make_prompts
+
+    def mlx_pick(logits, rows):
+        if any(r.processors for r in rows) or any(r.sampler is not batch.greedy for r in rows):
+            return batch.sample_rows(logits, rows)
+        return mx.argmax(logits, axis=-1), logits - mx.logsumexp(logits, axis=-1, keepdims=True)
+
+    model, tokenizer, _ = load_for_generation(None)
+    settings = engine_mod.RowSettings(max_tokens=64, temp=0.0)
+
+    def run(concurrency: int, prompts: list[list[int]]) -> float:
+        server = engine_mod.Engine(model, tokenizer, max_batch=8, prompt_cache_bytes=1 << 30)
+        server.start()
+        left, lock, done, tokens = iter(prompts), threading.Lock(), threading.Event(), [0]
+        ended = [0]
+
+        def submit() -> None:
+            with lock:
+                prompt = next(left, None)
+            if prompt is not None:
+                server.submit(engine_mod.Job(prompt, settings, emit))
+
+        def emit(event) -> None:
+            if isinstance(event, engine_mod.Finished | engine_mod.Failed):
+                with lock:
+                    tokens[0] += getattr(event, "completion_tokens", 0)
+                    ended[0] += 1
+                    if ended[0] == len(prompts):
+                        done.set()
+                submit()  # the client's next request, at once
+
+        start = time.perf_counter()
+        for _ in range(concurrency):
+            submit()
+        done.wait()
+        seconds = time.perf_counter() - start
+        server.close(0)
+        server.join()
+        return tokens[0] / seconds
+
+    print("serving engine in-process, nano, 64 requests, 128-token prompts, 64 new tokens")
+    results = {}
+    for r in range(3):
+        for c in (1, 8):
+            prompts = [
+                tokenizer.encode(p) for p in make_prompts(tokenizer, 64, 128, seed=r * 10 + c)
+            ]
+            for label, pick in (("numpy argmax", batch.sample_rows), ("MLX argmax", mlx_pick)):
+                engine_mod.sample_rows = pick
+                try:
+                    results.setdefault((c, label), []).append(run(c, prompts))
+                finally:
+                    engine_mod.sample_rows = batch.sample_rows
+    for (c, label), rates in results.items():
+        rounds = " ".join(f"{x:.0f}" for x in rates)
+        print(f"  {f'concurrency {c}, {label}, rounds (tokens/s)':58} {rounds}")
+    for label in ("numpy argmax", "MLX argmax"):
+        c1 = sorted(results[1, label])[1]
+        c8 = sorted(results[8, label])[1]
+        print(
+            f"  {label}: concurrency 8 {c8:.0f} / concurrency 1 {c1:.0f} = {c8 / c1:.2f}x (medians)"
+        )
+
+
 def transcendentals(mx, np) -> None:
     s = mx.random.normal((20, 512, 512))  # attention scores of one 270M layer, 512 tokens
     mx.eval(s)
@@ -392,7 +488,7 @@ def main() -> None:
     print(f"MLX BLAS: {blas_description()}")
     sections = {"products": products, "few_rows": few_rows, "small_matrices": small_matrices,
                 "prompt_chunks": prompt_chunks, "rope": rope, "slab_steps": slab_steps,
-                "decode_steps": decode_steps,
+                "decode_steps": decode_steps, "sampling": sampling, "engine": engine,
                 "transcendentals": transcendentals}  # fmt: skip
     only = sys.argv[2].split(",") if sys.argv[1:2] == ["--only"] else None
     for name, section in sections.items():

@@ -23,6 +23,7 @@ does. Both servers run with the same OpenBLAS (mlx_lm.server through LD_PRELOAD)
 
     python benchmarks/bench_serve.py            # the full run (quiet machine: many minutes)
     python benchmarks/bench_serve.py --quick    # a short end-to-end check on the nano model
+    python benchmarks/bench_serve.py --compare-flags='--prompt-cache-gb 0' --concurrency 1,8
 """
 
 from __future__ import annotations
@@ -208,12 +209,47 @@ class Server:
             self.proc.wait()
 
 
-def elm_server(model: Path, work: Path, cache: bool = True, single: bool = False) -> Server:
+def elm_server(
+    model: Path, work: Path, cache: bool = True, single: bool = False, flags: list[str] = ()
+) -> Server:
     cmd = [sys.executable, "-m", "elm_mlx.cli", "serve", "--model", str(model)]
     cmd += ["--max-batch", "8", "--prompt-cache-gb", "1" if cache else "0"]
     cmd += ["--single-process"] if single else []
     kind = ("cache" if cache else "nocache") + ("-single" if single else "")
-    return Server(cmd, log=work / f"elm-{model.name}-{kind}.log")
+    kind += "-flags" if flags else ""
+    return Server([*cmd, *flags], log=work / f"elm-{model.name}-{kind}.log")
+
+
+def compare_flags(work: Path, opts) -> None:
+    """elm-mlx serve as it starts by default (A) against the same with `opts.compare_flags`
+    (B) on nano: both servers up at once, taking turns round by round (A first in even
+    rounds), fresh prompts each round, the same for both: a slow spell of the machine hits
+    both, and each round's B/A is a pair measured seconds apart."""
+    from elm_mlx.formats.tokenizer import Tokenizer
+
+    tokenizer = Tokenizer(NANO / "tokenizer.model")
+    rounds = opts.rounds or 8
+    flags = opts.compare_flags.split()
+    rates = {(kind, c): [] for kind in "AB" for c in opts.concurrency}
+    print(
+        f"nano, A: elm-mlx serve, B: elm-mlx serve {' '.join(flags)}; {opts.requests} "
+        f"requests, {opts.prompt_tokens}-token prompts, {opts.new_tokens} new tokens"
+    )
+    with elm_server(NANO, work) as a, elm_server(NANO, work, flags=flags) as b:
+        for r in range(rounds):
+            line = []
+            for c in opts.concurrency:
+                prompts = make_prompts(tokenizer, opts.requests + 1, opts.prompt_tokens,
+                                       seed=5000 + c + 1000 * r)  # fmt: skip
+                for kind, server in (("A", a), ("B", b)) if r % 2 == 0 else (("B", b), ("A", a)):
+                    mix = run_mix(server.url, str(NANO), prompts, opts.new_tokens, c)
+                    rates[kind, c].append(mix["tok_s"])
+                line.append(f"concurrency {c}: A {rates['A', c][-1]:.1f} B {rates['B', c][-1]:.1f}")
+            print(f"  round {r + 1}: " + ", ".join(line), flush=True)
+    for c in opts.concurrency:
+        ratios = [y / x for x, y in zip(rates["A", c], rates["B", c], strict=True)]
+        print(f"concurrency {c}: B/A each round " + " ".join(f"{x:.3f}" for x in ratios)
+              + f" (median {statistics.median(ratios):.3f})")  # fmt: skip
 
 
 def mlx_lm_server(shim: Path, work: Path) -> Server:
@@ -460,6 +496,10 @@ def main() -> None:
                    help="also elm-mlx serve --single-process (the engine in the server's "
                         "own process)")  # fmt: skip
     p.add_argument("--workdir", help="where the 270M weights and logs go (default: a temp dir)")
+    p.add_argument("--compare-flags", metavar="FLAGS",
+                   help="instead: nano's mix on elm-mlx serve as it starts by default against "
+                        "the same with FLAGS (--compare-flags='--prompt-cache-gb 0'), the two "
+                        "servers taking turns round by round (default 8 rounds)")  # fmt: skip
     opts = p.parse_args()
     if opts.quick:
         opts.models, opts.requests, opts.new_tokens = "nano", 8, 16
@@ -470,6 +510,9 @@ def main() -> None:
     work.mkdir(parents=True, exist_ok=True)
     print(f"logs and weights in {work}", file=sys.stderr)
     print(f"{os.cpu_count()} cores; load average {_load()} before", flush=True)
+    if opts.compare_flags:
+        compare_flags(work, opts)
+        return print(f"load average {_load()} after")
     for name, path in model_dirs(work, opts.models.split(",")).items():
         print(f"benchmarking {name} ({path})", flush=True)
         bench_model(name, path, work, opts)

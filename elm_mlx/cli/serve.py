@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import math
 import os
 
 from ..generation.loading import is_instruct, sampling_defaults
@@ -56,14 +55,6 @@ def _add_serve(p) -> None:
         default=512,
         help="prompt tokens per prefill chunk: the longest a new prompt stalls the others (512)",
     )
-    p.add_argument(
-        "--stream-interval-ms", type=float, default=2.0,
-        help="a step's streamed tokens may wait for the next decode step's when the last were "
-        "sent less than this ago (2): under load a stream's tokens then go out in twos or "
-        "threes, one socket write each time, leaving more of the CPU to the model; a stream's "
-        "first text and its end never wait; 0 = every step's tokens at once (with "
-        "--single-process they always are)",
-    )  # fmt: skip
     p.add_argument("--max-body-mb", type=float, default=4.0, help="largest request body in MiB (4)")
     p.add_argument(
         "--shutdown-grace",
@@ -89,8 +80,6 @@ def _check(args) -> None:
         raise CliError(f"--max-queue must be >= 0, got {args.max_queue}")
     if not args.prompt_cache_gb >= 0:
         raise CliError(f"--prompt-cache-gb must be >= 0, got {args.prompt_cache_gb}")
-    if not 0 <= args.stream_interval_ms < math.inf:
-        raise CliError(f"--stream-interval-ms must be >= 0, got {args.stream_interval_ms}")
     if not args.max_body_mb > 0:
         raise CliError(f"--max-body-mb must be > 0, got {args.max_body_mb}")
     if not args.shutdown_grace >= 0:
@@ -149,7 +138,7 @@ def _engine_process(path: str, args, kwargs: dict):
     context = model.args.max_context_length
     del model
     spec = LoadSpec(path, args.adapter_path, args.dtype, not args.no_fast_path, args.verbose)
-    engine = EngineProcess(spec, kwargs, context, args.stream_interval_ms / 1000)
+    engine = EngineProcess(spec, kwargs, context)
     try:
         engine.start()
     except EngineLoadError as e:

@@ -14,14 +14,6 @@ each other's lock (nano, 2 cores: 1.09-1.20x the tokens/s at concurrency 1 to 8;
 once. If the child dies, every job in flight ends with a 500, new ones get 503s, and
 `on_death` is called (the server then stops and the command exits 1).
 
-Under load a stream's tokens leave in twos or threes: a step's tokens of streams already
-under way may wait for the next step's (one decode step more) when the last message went
-out less than `stream_interval` ago. Each message wakes the web stack, and each stream's
-tokens in it go out in one socket write (at 2 ms on nano, 2 cores, servers taking turns:
-8% more tokens/s at concurrency 1, 5% at 8). A stream's first text, its end, and tokens
-that a prefill step would hold up (a new request has come in, or prompt chunks are due)
-are never held.
-
 Nothing here imports MLX at module level: the child is started with `spawn` (a fresh
 interpreter; `fork` would copy MLX's threads' state) and must load OpenBLAS before MLX.
 """
@@ -29,13 +21,11 @@ interpreter; `fork` would copy MLX's threads' state) and must load OpenBLAS befo
 from __future__ import annotations
 
 import itertools
-import math
 import multiprocessing
 import os
 import signal
 import sys
 import threading
-import time
 from collections.abc import Callable
 from dataclasses import dataclass
 
@@ -63,17 +53,11 @@ class EngineProcess:
     length. `start()` waits until the model is loaded and raises EngineLoadError with the
     child's message when it cannot be.
 
-    `stream_interval` (seconds): a step's streamed tokens may wait for the next decode
-    step's when the last message went out less than this ago (see the module doc); 0:
-    every step's tokens at once.
-
     The queue limit is counted here, where `submit` must answer at once: a job waits
     when more than `max_batch` jobs are in flight, and more than `max_queue` waiting
     ones are refused."""
 
-    def __init__(
-        self, spec: LoadSpec, engine_kwargs: dict, context: int, stream_interval: float = 0.0
-    ):
+    def __init__(self, spec: LoadSpec, engine_kwargs: dict, context: int):
         self.context = context
         self.max_batch = engine_kwargs.get("max_batch", 8)
         self.max_queue = engine_kwargs.get("max_queue", 64)
@@ -81,9 +65,8 @@ class EngineProcess:
         self._conn, child_end = ctx.Pipe()
         kwargs = dict(engine_kwargs, max_queue=self.max_queue + self.max_batch)  # never refuses
         self._process = ctx.Process(
-            target=_child_main, args=(child_end, spec, kwargs, stream_interval),
-            name="elm-mlx-engine", daemon=True,
-        )  # fmt: skip
+            target=_child_main, args=(child_end, spec, kwargs), name="elm-mlx-engine", daemon=True
+        )
         self._child_end = child_end
         self._jobs: dict = {}
         self._ids = itertools.count()
@@ -234,7 +217,7 @@ class EngineProcess:
 # ---- the child ------------------------------------------------------------------
 
 
-def _child_main(conn, spec: LoadSpec, engine_kwargs: dict, stream_interval: float) -> None:
+def _child_main(conn, spec: LoadSpec, engine_kwargs: dict) -> None:
     """Load the model, run an Engine, and serve the parent's commands until its engine
     has ended after a close (or at once when the parent goes away)."""
     signal.signal(signal.SIGINT, signal.SIG_IGN)  # Ctrl-C reaches the whole process group:
@@ -251,11 +234,11 @@ def _child_main(conn, spec: LoadSpec, engine_kwargs: dict, stream_interval: floa
     from .server import forgiving_stderr
 
     with forgiving_stderr():  # the parent's stderr: a reader that has gone stops nothing
-        _child(conn, spec, engine_kwargs, stream_interval)
+        _child(conn, spec, engine_kwargs)
     os._exit(0)  # the engine's daemon threads need no goodbye
 
 
-def _child(conn, spec: LoadSpec, engine_kwargs: dict, stream_interval: float) -> None:
+def _child(conn, spec: LoadSpec, engine_kwargs: dict) -> None:
     try:
         from ..generation.loading import load_for_generation
         from .engine import Engine
@@ -273,21 +256,17 @@ def _child(conn, spec: LoadSpec, engine_kwargs: dict, stream_interval: float) ->
         message = os_error_message(e) if isinstance(e, OSError) else str(e)
         conn.send(("error", message or type(e).__name__))
         return
-    _Child(conn, engine, stream_interval).run()
+    _Child(conn, engine).run()
     sys.stderr.flush()
 
 
 class _Child:
-    """The child's side: the parent's commands in, each step's events out (some steps'
-    tokens held for the next: `_may_hold`)."""
+    """The child's side: the parent's commands in, each step's events out."""
 
-    def __init__(self, conn, engine, stream_interval: float = 0.0):
+    def __init__(self, conn, engine):
         self.conn, self.engine = conn, engine
-        self.interval = stream_interval
         self.jobs: dict = {}
         self.events: list = []
-        self.streaming: set = set()  # jobs whose first text has been sent
-        self.sent_at = -math.inf  # time.monotonic() of the last message
         self.sent_stats: dict | None = None
         self.lock = threading.Lock()  # the events
         self.send_lock = threading.Lock()  # the engine thread and this one both send
@@ -308,18 +287,15 @@ class _Child:
             kind = message[0]
             if kind == "submit":
                 self._submit(*message[1:])
-                self.flush(hold=False)  # its prompt's step would hold up waiting tokens
             elif kind == "cancel":
-                job = self.jobs.pop(message[1], None)
+                job = self.jobs.get(message[1])
                 if job is not None:
-                    job.cancel()  # its row ends without an event: forget it here
-                with self.send_lock:
-                    self.streaming.discard(message[1])
+                    job.cancel()
             elif kind == "close":
                 closing = True
                 self.engine.close(message[1])
         self.engine.join()
-        self.flush(hold=False)
+        self.flush()
 
     def _submit(self, job_id: int, prompt: list[int], settings) -> None:
         from .engine import Closed, Failed, Job, QueueFull
@@ -330,7 +306,7 @@ class _Child:
             self.engine.submit(job)
         except (QueueFull, Closed) as e:
             job.end(Failed(str(e), 503))
-            self.flush(hold=False)
+            self.flush()
 
     def _emit(self, job_id: int, event) -> None:
         from .engine import Failed, Finished
@@ -340,16 +316,11 @@ class _Child:
         if isinstance(event, Finished | Failed):
             self.jobs.pop(job_id, None)
 
-    def flush(self, hold: bool = True) -> None:
+    def flush(self) -> None:
         """Send the events gathered since the last flush, with the engine's stats (also
-        when only those changed: a cancelled row leaves no event); with `hold`, tokens that
-        `_may_hold` stay for the next flush."""
-        from .engine import Token
-
+        when only those changed: a cancelled row leaves no event)."""
         with self.send_lock:
             with self.lock:
-                if hold and self._may_hold():
-                    return
                 events, self.events = self.events, []
             stats = self.engine.stats()
             if events or stats != self.sent_stats:
@@ -358,23 +329,3 @@ class _Child:
                     self.conn.send((events, stats))
                 except (OSError, ValueError):  # the parent is gone
                     pass
-                if events:
-                    self.sent_at = time.monotonic()
-            for job_id, event in events:
-                if type(event) is not Token:  # the job's end
-                    self.streaming.discard(job_id)
-                elif event.text and job_id in self.jobs:  # under way (a cancelled job is not)
-                    self.streaming.add(job_id)
-
-    def _may_hold(self) -> bool:
-        """Whether the gathered events may wait for the next step's (called holding the
-        lock): only tokens of streams already under way (their first text sent), when the
-        last message went out less than the interval ago, and only when the next step is one
-        more decode step (no prompt chunks due, rows still running), whose end sends them."""
-        from .engine import Token
-
-        if not self.events or time.monotonic() - self.sent_at >= self.interval:
-            return False
-        if not all(type(e) is Token and j in self.streaming for j, e in self.events):
-            return False
-        return self.engine.decoding_only
