@@ -505,7 +505,7 @@ def test_single_process_serves_as_the_default_does(nano):
 @pytest.mark.parametrize(
     "flags, message",
     [
-        (["--stream-interval-ms", "-1"], "--stream-interval-ms must be >= 0, got -1.0"),
+        (["--prompt-cache-gb", "-1"], "--prompt-cache-gb must be >= 0, got -1.0"),
         (["--port", "0"], "--port must be in 1-65535, got 0"),
         (["--max-batch", "0"], "--max-batch must be >= 1, got 0"),
     ],

@@ -836,61 +836,50 @@ def test_the_engine_process_queues_cancels_and_closes(instruct_dir, loaded):
         engine.kill()
 
 
-def test_the_childs_messages_hold_tokens_of_running_streams_for_the_interval(monkeypatch):
-    """The engine process's messages: a step's tokens of streams already under way (their
-    first text sent) wait for the next step's when the last message went out less than the
-    interval ago; a first text, an end, a step with prompt chunks due and a new request
-    send everything at once, in order; with no interval every step is sent."""
+def test_the_child_forgets_a_cancelled_job_at_once():
+    """A cancelled row ends without an event: the engine process drops the job when the
+    cancel arrives (it stayed in the child's table for good before), and cancels it."""
     from elm_mlx.serve import worker
-    from elm_mlx.serve.engine import Finished, Token
+
+    class Job:
+        cancelled = False
+
+        def cancel(self) -> None:
+            self.cancelled = True
+
+    class Conn:
+        def __init__(self, messages):
+            self.messages = list(messages)
+
+        def poll(self, timeout) -> bool:
+            return True
+
+        def recv(self):
+            if not self.messages:
+                raise EOFError
+            return self.messages.pop(0)
+
+        def send(self, message) -> None:
+            pass
 
     class Engine:
         after_step = None
-        decoding_only = True
+        alive = False
 
         def stats(self) -> dict:
             return {}
 
-    class Conn:
-        def __init__(self):
-            self.sent = []
+        def start(self) -> None:
+            pass
 
-        def send(self, message) -> None:
-            self.sent.append(["END" if type(e) is Finished else e.text for _, e in message[0]])
+        def close(self, grace) -> None:
+            pass
 
-    now = [100.0]
-    monkeypatch.setattr(worker.time, "monotonic", lambda: now[0])
-    held = [["a"], ["b", "c"], ["d", "x"], ["e", "y"], ["f"], ["g", "END"]]
-    held += [[""], ["z"], ["w", "END"]]
-    every = [["a"], ["b"], ["c"], ["d", "x"], ["e"], ["y"], ["f"], ["g"], ["END"]]
-    every += [[""], ["z"], ["w"], ["END"]]
-    for interval, expected in ((0.0015, held), (0.0, every)):
-        conn, engine = Conn(), Engine()
-        child = worker._Child(conn, engine, interval)
-        child.jobs.update({0: "job 0", 1: "job 1", 2: "job 2"})  # submitted
+        def join(self) -> None:
+            pass
 
-        def step(*events, child=child, engine=engine):
-            now[0] += 0.001
-            for job_id, event in events:
-                child._emit(job_id, event)
-            engine.after_step()
-
-        step((0, Token("a", 1)))  # a first text: at once
-        step((0, Token("b", 1)))  # 1 ms after the last message: held
-        step((0, Token("c", 1)))  # 2 ms: both
-        step((0, Token("d", 1)), (1, Token("x", 1)))  # stream 1's first text: both
-        step((0, Token("e", 1)))  # held
-        engine.decoding_only = False  # prompt chunks due: nothing waits behind them
-        step((1, Token("y", 1)))
-        engine.decoding_only = True
-        step((0, Token("f", 1)))  # held...
-        child.flush(hold=False)  # ...until a new request comes in
-        step((0, Token("g", 1)))  # held
-        step((0, Finished("stop", 3, 7, 0)))  # the end takes what was held with it
-        step((2, Token("", 1)))  # no text yet (a held-back stop string or character)...
-        step((2, Token("z", 1)))  # ...so its first text still goes at once
-        step((2, Token("w", 1)))  # held
-        step((2, Finished("stop", 3, 3, 0)))
-        assert conn.sent == expected, interval
-        assert child.streaming == {1}  # streams 0 and 2 have ended
-        assert set(child.jobs) == {1}
+    child = worker._Child(Conn([("cancel", 0), ("cancel", 5)]), Engine())
+    job = child.jobs[0] = Job()
+    child.jobs[1] = Job()
+    child.run()  # two cancels (one for a job already gone), then the parent goes away
+    assert job.cancelled and set(child.jobs) == {1}

@@ -244,15 +244,6 @@ class Engine:
         return self._thread.is_alive()
 
     @property
-    def decoding_only(self) -> bool:
-        """Whether the next step will be one more decode step of the running rows alone (no
-        prompt chunk due, no waiting job it could take, not closing), soon after this one."""
-        room = len(self._running) + len(self._prefilling) < self.max_batch
-        return bool(self._running) and not (
-            self._prefilling or self._admitted or (self._waiting and room) or self._closing
-        )
-
-    @property
     def context(self) -> int:
         """The model's context length, as it defines it."""
         return self.model.args.max_context_length

@@ -288,9 +288,9 @@ class _Child:
             if kind == "submit":
                 self._submit(*message[1:])
             elif kind == "cancel":
-                job = self.jobs.get(message[1])
+                job = self.jobs.pop(message[1], None)
                 if job is not None:
-                    job.cancel()
+                    job.cancel()  # its row ends without an event: forget it here
             elif kind == "close":
                 closing = True
                 self.engine.close(message[1])
