@@ -128,10 +128,10 @@ def sample_rows(logits: mx.array, rows: Sequence[RowSampling]) -> tuple[mx.array
     """(next token of each row (B,), log-probabilities (B, vocab) it was drawn from).
 
     Each row's processors and sampler act on its own row. Greedy rows with nothing to
-    process (the common case) share one argmax over the batch, taken by numpy (MLX's
-    argmax, its evaluation and `tolist` cost ~60-100 us a step on the CPU, a tenth of a
-    nano decode step; numpy's ~3-7 us); the log-probabilities are then returned lazily,
-    computed only if the caller reads them.
+    process (the common case) share one argmax over the batch, taken by numpy (on the
+    CPU, eight rows of nano's logits: MLX's argmax, evaluation and `tolist` 75 us, a
+    twentieth of the step, numpy's 3 us; `benchmarks/bench_kernels.py --only sampling`);
+    the log-probabilities are then returned lazily, computed only if the caller reads them.
     """
     greedy_rows = not any(r.processors for r in rows) and all(r.sampler is greedy for r in rows)
     if greedy_rows and logits.dtype in (mx.float32, mx.float16):  # numpy has no bfloat16
