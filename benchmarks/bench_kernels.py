@@ -162,7 +162,9 @@ def prompt_chunks(mx, np) -> None:
     together at a busy server): one chunk on one core with malloc's own thresholds and
     with freed memory kept (`runtime.memory`, which the sections after this one keep);
     one, and four a core each through every block against
-    each product and each chunk's attention shared out layer by layer; then one chunk
+    each product and each chunk's attention shared out layer by layer; three with the
+    middle one cut in two (a part of one and a half chunks a core) against two a core each
+    and then the third; one 255-token chunk cut in two against whole; then one chunk
     with its last block in full against its keys and values only (its outputs feed
     nothing)."""
     from elm_mlx.generation.batch import decode_step, row_slab
@@ -208,6 +210,28 @@ def prompt_chunks(mx, np) -> None:
     dealt, fastpath._prompt_shares = fastpath._prompt_shares, lambda *a: None
     row("four chunks, each product and attention shared out", best(lambda: step(4), 20))
     fastpath._prompt_shares = dealt
+
+    def two_then_one() -> None:  # as steps took three chunks before a chunk could be cut
+        step(2)
+        caches = slab.take()
+        decode_step(model, [], [], [(prompts[2], caches)])
+        slab.release(caches)
+
+    row("three chunks, the middle one cut in two, a part a core", best(lambda: step(3), 20))
+    row("three chunks: two a core each, then the third", best(two_then_one, 20))
+    long = rng.integers(3, 4000, 255).tolist()
+
+    def one_long(cut: bool) -> None:
+        caches = slab.take()
+        real, fastpath._deal = fastpath._deal, fastpath._deal if cut else lambda lengths: None
+        try:
+            decode_step(model, [], [], [(long, caches)])
+        finally:
+            fastpath._deal = real
+            slab.release(caches)
+
+    row("one 255-token chunk cut in two, a piece a core", best(lambda: one_long(True), 20))
+    row("one 255-token chunk, each product shared out", best(lambda: one_long(False), 20))
 
     h = views.embed[np.asarray(prompts[0], np.int32)]
 

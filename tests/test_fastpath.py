@@ -576,13 +576,22 @@ def test_caches_get_buffers_of_their_own_before_a_step(model, monkeypatch):
 
 @pytest.mark.parametrize(
     "lengths, dealt",
-    [((70, 50, 45), True), ((40, 40, 40, 40), True), ((150, 20), False), ((30, 20), False)],
+    [
+        ((70, 50, 45), True),
+        ((40, 40, 40, 40), True),
+        ((127, 127, 127), True),  # the middle chunk cut in two, a piece on each core
+        ((230,), True),  # one chunk cut in two
+        ((150, 20), False),
+        ((30, 20), False),
+    ],
 )
 def test_prompt_chunks_a_core_each_fill_their_caches(model, lengths, dealt, monkeypatch):
     """Several prompt chunks in one step go a core each through every block when they
-    come out even (at least 128 tokens, parts within a third of each other), and each
-    cache ends as the MLX path's prefill of that prompt leaves it. The last block computes
-    only the chunks' keys and values: one feed-forward fewer than there are blocks."""
+    come out even (at least 128 tokens, parts within a third of each other), or cut into
+    parts of about equal length (a chunk's pieces on different cores, the later piece
+    waiting at each layer for the earlier one's keys); each cache ends as the MLX path's
+    prefill of that prompt leaves it. The last block computes only the chunks' keys and
+    values: one feed-forward fewer than there are blocks."""
     if fastpath._cores() < 2:
         pytest.skip("one core: nothing to deal out")
     cores, glus = [], []
@@ -606,11 +615,66 @@ def test_prompt_chunks_a_core_each_fill_their_caches(model, lengths, dealt, monk
 
 
 @pytest.mark.parametrize(
+    "lengths, parts",
+    [
+        ([127], None),  # too short to be worth two cores
+        ([40, 40, 40], None),
+        ([70, 50, 45], [[(0, 0, 70)], [(1, 0, 50), (2, 0, 45)]]),  # whole chunks: even
+        ([255], [[(0, 0, 128)], [(0, 128, 255)]]),
+        # the piece the next part waits for first, the piece that waits last
+        ([127, 127, 127], [[(1, 0, 63), (0, 0, 127)], [(2, 0, 127), (1, 63, 127)]]),
+        ([300, 20], [[(0, 0, 160)], [(1, 0, 20), (0, 160, 300)]]),
+        ([120, 100, 5], [[(0, 0, 120)], [(1, 0, 100), (2, 0, 5)]]),  # no piece under 16
+        ([150, 20], None),  # 85 a part: too few
+    ],
+)
+def test_chunks_are_dealt_whole_or_cut_into_even_parts(lengths, parts, monkeypatch):
+    monkeypatch.setattr(fastpath, "_cores", lambda: 2)
+    assert fastpath._deal(lengths) == parts
+
+
+def test_a_piece_that_fails_never_leaves_the_other_waiting(model, monkeypatch):
+    """The chunk's first piece fails at its second layer: the other piece, waiting for
+    its keys there, goes on and finds them missing; the step raises, in seconds."""
+    import threading
+
+    if fastpath._cores() < 2:
+        pytest.skip("one core: nothing to deal out")
+    real = fastpath._linked_append
+    calls = []
+
+    def failing(cache, k, v, link, layer):
+        calls.append((link is not None and link.before is None, layer))
+        if link is not None and link.before is None and layer == 1:
+            raise MemoryError("out of memory")
+        return real(cache, k, v, link, layer)
+
+    monkeypatch.setattr(fastpath, "_linked_append", failing)
+    fast = CpuDecoder(model)
+    ids = np.random.default_rng(4).integers(0, model.args.vocab_size, 230).tolist()
+    errors = []
+
+    def run() -> None:
+        try:
+            fast.feed(ids, model.make_cache())
+        except Exception as e:
+            errors.append(e)
+
+    t = threading.Thread(target=run, daemon=True)
+    t.start()
+    t.join(30)
+    assert not t.is_alive(), "the step hangs"
+    assert len(errors) == 1 and isinstance(errors[0], MemoryError | RuntimeError)
+    assert (False, 1) in calls  # the waiting piece got as far as the failed layer
+
+
+@pytest.mark.parametrize(
     "lengths, now",
     [
         ([128], 1),  # one chunk: all there is
         ([128, 128], 2),
-        ([128, 128, 128], 2),  # three on two cores: two a core each, the third waits
+        ([128, 128, 128], 3),  # three on two cores: the middle one cut in two
+        ([128, 20, 20], 3),  # uneven, too few tokens to cut: all in one pass
         ([128, 64, 64], 3),  # dealt [128 | 64 + 64]: even
         ([128, 128, 128, 128, 128], 5),  # dealt [3 | 2]: within a third
         ([40, 40, 40], 3),  # too few tokens to deal out at all: all in one pass

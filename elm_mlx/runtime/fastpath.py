@@ -600,53 +600,76 @@ def _split_qkv(w: _LayerViews, qkv: np.ndarray, eps: float, cos, sin):
     return qk[:, :n_q] * a.scale, qk[:, n_q:], v
 
 
-def _prompt_attention(w: _LayerViews, qkv: np.ndarray, cache, eps: float, rope) -> np.ndarray:
+def _prompt_attention(
+    w: _LayerViews, qkv: np.ndarray, cache, eps: float, rope, link=None, layer: int = 0
+) -> np.ndarray:
     """L new positions of one sequence: (L, qkv_out_dim) -> (L, q * head_dim); appends them
-    to `cache`."""
-    offset = 0 if cache is None else cache.offset
+    to `cache` (a piece of a chunk: after the piece before it, `link`)."""
+    offset = 0 if cache is None else cache.offset if link is None else link.start
     q, k, v = _split_qkv(w, qkv, eps, *rope.span(offset, len(qkv)))
-    keys, values = _append(cache, k.transpose(1, 0, 2), v.transpose(1, 0, 2))
+    keys, values = _linked_append(cache, k, v, link, layer)
     return _causal_sdpa(q, keys, values)
 
 
-def _prompts_attention(w: _LayerViews, qkv: np.ndarray, chunks: list, eps: float, rope) -> list:
-    """`_prompt_attention` of each prompt chunk (its length, its cache), whose positions come
-    first in qkv in turn. Chunks whose attention is small (run on one core) and touches only
-    numpy (the cache has room, the positions are in the RoPE table) are shared out over the
-    cores, a chunk each: the prompts arriving together at a busy server."""
+def _linked_append(cache, k: np.ndarray, v: np.ndarray, link, layer: int):
+    """`_append` of k, v (L, n_kv, hd); a piece of a chunk (`link`) waits for the piece
+    before it to append this layer's positions first, and tells the one after it."""
+    if link is None:
+        return _append(cache, k.transpose(1, 0, 2), v.transpose(1, 0, 2))
+    link.wait(layer)
+    if cache.offset != link.start:  # the piece before failed: it appended nothing
+        raise RuntimeError("a prompt piece's cache lacks the positions before it")
+    keys, values = _append(cache, k.transpose(1, 0, 2), v.transpose(1, 0, 2))
+    link.appended[layer].set()
+    return keys, values
+
+
+def _prompts_attention(
+    w: _LayerViews, qkv: np.ndarray, chunks: list, eps: float, rope, layer: int = 0
+) -> list:
+    """`_prompt_attention` of each prompt chunk (its length, its cache, its `_Link` or None),
+    whose positions come first in qkv in turn. Chunks whose attention is small (run on one
+    core) and touches only numpy (the cache has room, the positions are in the RoPE table)
+    are shared out over the cores, a chunk each: the prompts arriving together at a busy
+    server. (Pieces of chunks are already a core's share.)"""
     spans, lo = [], 0
-    for n, cache in chunks:
-        spans.append((lo, n, cache))
+    for n, cache, link in chunks:
+        spans.append((lo, n, cache, link))
         lo += n
     out = [None] * len(spans)
 
     def run(a: int, b: int) -> None:
         for j in range(a, b):
-            lo, n, cache = spans[j]
-            out[j] = _prompt_attention(w, qkv[lo : lo + n], cache, eps, rope)
+            lo, n, cache, link = spans[j]
+            out[j] = _prompt_attention(w, qkv[lo : lo + n], cache, eps, rope, link, layer)
 
-    if len(spans) > 1 and all(_numpy_only(w, n, c, rope) for _, n, c in spans):
+    if len(spans) > 1 and all(
+        link is None and _numpy_only(w, n, c, rope) for _, n, c, link in spans
+    ):
         _parallel(run, len(spans))
     else:
         run(0, len(spans))
     return out
 
 
-def _prompts_kv(w: _LayerViews, qkv: np.ndarray, chunks: list, eps: float, rope) -> None:
-    """The keys and values of each prompt chunk (its length, its cache; positions first in
-    qkv in turn), appended to its cache: all a block computes for positions whose output
-    nothing reads. The same values as `_split_qkv` gives (the norm and RoPE act on each
-    head on its own)."""
+def _prompts_kv(
+    w: _LayerViews, qkv: np.ndarray, chunks: list, eps: float, rope, layer: int = 0
+) -> None:
+    """The keys and values of each prompt chunk (its length, its cache, its `_Link` or
+    None; positions first in qkv in turn), appended to its cache: all a block computes for
+    positions whose output nothing reads. The same values as `_split_qkv` gives (the norm
+    and RoPE act on each head on its own)."""
     a = w.attn
     n_q, n_kv = a.n_heads, a.n_kv_heads
     lo = 0
-    for n, cache in chunks:
+    for n, cache, link in chunks:
         part = qkv[lo : lo + n].reshape(n, n_q + 2 * n_kv, a.head_dim)
         k, v = part[:, n_q : n_q + n_kv], part[:, n_q + n_kv :]
         if w.qk_norm is not None:
             k = _rms_norm(k, w.qk_norm[n_q:], eps)
-        k = _rope(k, *rope.span(0 if cache is None else cache.offset, n))
-        _append(cache, k.transpose(1, 0, 2), v.transpose(1, 0, 2))
+        offset = 0 if cache is None else cache.offset if link is None else link.start
+        k = _rope(k, *rope.span(offset, n))
+        _linked_append(cache, k, v, link, layer)
         lo += n
 
 
@@ -906,9 +929,9 @@ class CpuDecoder:
 
     def chunks_now(self, prompts: list[tuple[list[int], list]]) -> int:
         """How many of `prompts` (token ids, per-layer caches), in order, `decode_rows`
-        should take in one step: all of them, or, where their lengths would not deal out a
-        core each (`_deal`: three chunks on two cores) but fewer would, the most that do;
-        the others wait a step. (Room in their caches is made by the step itself.)"""
+        should take in one step: all of them, or, where their lengths would not deal out
+        over the cores (`_deal`) but fewer would, the most that do; the others wait a step.
+        (Room in their caches is made by the step itself.)"""
         lengths = [len(t) for t, _ in prompts]
         for n in range(len(prompts), 1, -1):
             if _deal(lengths[:n]) is not None:
@@ -943,7 +966,7 @@ class CpuDecoder:
 
                 def run(lo: int, hi: int) -> None:
                     for part in shares[lo:hi]:
-                        _feed(views, part, eps, rope)
+                        _feed_part(views, part, eps, rope)
 
                 _each_core(run, len(shares))
             elif prompts and not caches:
@@ -959,18 +982,30 @@ class CpuDecoder:
 
 
 def _feed(views: _Views, prompts: list, eps: float, rope: _RopeTable) -> None:
-    """Prompt chunks (token ids, per-layer caches) into their caches; no logits."""
-    ids = np.asarray([t for chunk, _ in prompts for t in chunk], np.int32)
-    _blocks(views, views.embed[ids], eps, rope, prompts=[(len(t), c) for t, c in prompts],
+    """Prompt chunks (token ids, per-layer caches[, `_Link`]) into their caches; no logits."""
+    ids = np.asarray([t for chunk, *_ in prompts for t in chunk], np.int32)
+    _blocks(views, views.embed[ids], eps, rope, prompts=[(len(t), *c) for t, *c in prompts],
             last=False)  # fmt: skip
+
+
+def _feed_part(views: _Views, part: list, eps: float, rope: _RopeTable) -> None:
+    """`_feed` of one core's part of `_prompt_shares`; however it ends, no piece on another
+    core waits for its pieces any longer."""
+    try:
+        _feed(views, part, eps, rope)
+    finally:
+        for *_, link in part:
+            if link is not None:
+                link.finish()
 
 
 def _blocks(
     views: _Views, h: np.ndarray, eps: float, rope: _RopeTable, *,
-    prompts: list[tuple[int, list]] = (), rows: list[list] = (), last: bool = True,
+    prompts: list[tuple] = (), rows: list[list] = (), last: bool = True,
 ) -> np.ndarray | None:  # fmt: skip
     """Every block and the final norm over (N, d) positions: first the new tokens of each
-    prompt chunk in turn (`prompts`: its length and its sequence's per-layer caches), then
+    prompt chunk in turn (`prompts`: its length, its sequence's per-layer caches, and for a
+    piece of a chunk its `_Link`), then
     one new token for each of the sequences `rows` (row b's per-layer caches `rows[b]`).
     The products read each weight once for all positions. Returns the final norm of the
     rows' positions, or of every position when there are no rows: (len(rows) or N, d);
@@ -979,24 +1014,25 @@ def _blocks(
     Where the chunks' outputs are not returned (there are rows, or `last=False`), the
     last block computes only their keys and values: its attention, output projection
     and feed-forward serve nothing but logits (a fifth of nano's products)."""
-    L = sum(n for n, _ in prompts)
-    if L + len(rows) != h.shape[0] or any(n < 1 for n, _ in prompts):
+    prompts = [(p[0], p[1], p[2] if len(p) > 2 else None) for p in prompts]
+    L = sum(n for n, *_ in prompts)
+    if L + len(rows) != h.shape[0] or any(n < 1 for n, *_ in prompts):
         raise ValueError(f"{h.shape[0]} positions for {len(rows)} rows and chunks "
-                         f"{[n for n, _ in prompts]}")  # fmt: skip
+                         f"{[n for n, *_ in prompts]}")  # fmt: skip
     batch = _SlabRows([r[0] for r in rows]) if rows else None
     # the rows' RoPE tables, once: every layer's cache of a row holds as many positions
     cos_sin = rope.rows([0 if r[0] is None else r[0].offset for r in rows]) if rows else None
     final = len(views.layers) - 1 if L and (rows or not last) else -1
     for i, w in enumerate(views.layers):
         qkv = _matvec(_rms_norm(h, w.attn_norm, eps), w.qkv)  # (N, (q + 2 kv) * head_dim)
-        chunks = [(n, c[i]) for n, c in prompts]
+        chunks = [(n, c[i], link) for n, c, link in prompts]
         if i == final:  # the chunks' outputs are not wanted: only their keys and values
-            _prompts_kv(w, qkv[:L], chunks, eps, rope)
+            _prompts_kv(w, qkv[:L], chunks, eps, rope, i)
             if not rows:
                 return None
             h, qkv, L, parts = h[L:], qkv[L:], 0, []
         else:
-            parts = _prompts_attention(w, qkv, chunks, eps, rope)
+            parts = _prompts_attention(w, qkv, chunks, eps, rope, i)
         if rows:
             caches = [r[i] for r in rows]
             parts.append(_decode_attention(w, qkv[L:], caches, eps, cos_sin, i, batch))
@@ -1010,11 +1046,11 @@ def _blocks(
 
 
 def _prompt_shares(prompts: list, rope: _RopeTable) -> list[list] | None:
-    """Prompt chunks (token ids, per-layer caches) dealt out into one part per core, when
-    several chunks can each go through every layer on a core of their own: their caches
-    have room (numpy alone writes them, on any thread) and the parts come out even
-    (`_deal`). A core a part beats sharing out each product and each chunk's attention,
-    layer by layer; else None."""
+    """Prompt chunks (token ids, per-layer caches) dealt out into one part per core (`_deal`),
+    each part a list of (token ids, caches, `_Link` or None), when every chunk can go
+    through every layer on any core: its caches have room (numpy alone writes them, on
+    any thread) and its positions are in the RoPE table. A core a part beats sharing out
+    each product and each chunk's attention, layer by layer; else None."""
     parts = _deal([len(t) for t, _ in prompts])
     if parts is None:
         return None
@@ -1023,27 +1059,106 @@ def _prompt_shares(prompts: list, rope: _RopeTable) -> list[list] | None:
             return None
         if not all(_numpy_cache(x) and _has_room(x, len(t)) for x in c):
             return None
-    return [[prompts[i] for i in part] for part in parts]
+    links: dict[int, _Link] = {}  # a cut chunk's piece that the next one waits for
+    out = []
+    for part in parts:
+        pieces = []
+        for i, lo, hi in part:
+            t, c = prompts[i]
+            link = None
+            if (lo, hi) != (0, len(t)):  # a piece: after the one before it, layer by layer
+                link = _Link(c[0].offset + lo, links.get(i), len(c))
+                links[i] = link
+            pieces.append((t[lo:hi], c, link))
+        out.append(pieces)
+    return out
 
 
-def _deal(lengths: list[int]) -> list[list[int]] | None:
-    """Chunks of these lengths dealt out into one part per core (the indexes of each
-    part's chunks), longest first to the least loaded part, where there are several
-    chunks, enough tokens and cores, and the parts come out within a third of each
-    other; else None."""
-    if len(lengths) < 2 or _cores() < 2 or sum(lengths) < _SHARED_PROMPTS:
+class _Link:
+    """A piece of a prompt chunk cut into pieces that go on different cores (`_deal`).
+
+    At every layer a piece's keys and values go into the chunk's caches after those of
+    the piece before it (`before`), whose attention does not read them and whose
+    positions its own attention does: `wait(layer)` until they are there; `appended`
+    tells the piece after. `start` is the piece's first position. A part's pieces come in
+    an order that never waits for itself (`_deal`); a part that ends, however it ends,
+    `finish`es its pieces, so nothing waits for ever on a piece that failed."""
+
+    def __init__(self, start: int, before: _Link | None, layers: int):
+        self.start, self.before = start, before
+        self.appended = [threading.Event() for _ in range(layers)]
+
+    def wait(self, layer: int) -> None:
+        if self.before is not None:
+            self.before.appended[layer].wait()
+
+    def finish(self) -> None:
+        for event in self.appended:
+            event.set()
+
+
+def _deal(lengths: list[int]) -> list[list[tuple[int, int, int]]] | None:
+    """Prompt chunks of these lengths dealt out into one part per core, each part a list of
+    (chunk, lo, hi) pieces; None where there are too few tokens or cores, or the parts
+    would not come out within a third of each other.
+
+    Whole chunks where there are several, enough tokens, and they come out even (longest
+    first to the least loaded part: no core waits for another). Otherwise (three chunks
+    on two cores, one long chunk) the chunks in order are cut into parts of about equal
+    length, where each part has enough tokens to be worth a core (`_CUT_PART`) and each
+    piece of a cut chunk at least `_PIECE`: the pieces of a chunk then go through the
+    layers on different cores, each waiting at every layer for the keys of the piece
+    before it (`_Link`). Within a part, the piece whose chunk goes on in the next part
+    comes first and the piece that goes on from the part before comes last: no part
+    waits for a piece its neighbour has not started on."""
+    total, cores = sum(lengths), _cores()
+    if cores < 2 or not lengths:
         return None
-    parts: list[list[int]] = [[] for _ in range(min(_cores(), len(lengths)))]
-    sizes = [0] * len(parts)
-    for i in sorted(range(len(lengths)), key=lambda i: -lengths[i]):
-        p = sizes.index(min(sizes))
-        parts[p].append(i)
-        sizes[p] += lengths[i]
-    return parts if min(sizes) * 3 >= max(sizes) * 2 else None
+    if len(lengths) >= 2 and total >= _SHARED_PROMPTS:
+        parts: list[list[int]] = [[] for _ in range(min(cores, len(lengths)))]
+        sizes = [0] * len(parts)
+        for i in sorted(range(len(lengths)), key=lambda i: -lengths[i]):
+            p = sizes.index(min(sizes))
+            parts[p].append(i)
+            sizes[p] += lengths[i]
+        if min(sizes) * 3 >= max(sizes) * 2:
+            return [[(i, 0, lengths[i]) for i in part] for part in parts]
+    k = min(cores, total // _CUT_PART)
+    if k < 2:
+        return None
+    starts = [sum(lengths[:i]) for i in range(len(lengths))]
+    ends = [s + n for s, n in zip(starts, lengths, strict=True)]
+    cuts = []
+    for j in range(1, k):
+        cut = round(total * j / k)
+        for s, e in zip(starts, ends, strict=True):  # too close to a chunk's end: there
+            if s < cut < e and min(cut - s, e - cut) < _PIECE:
+                cut = s if cut - s < e - cut else e
+        if cuts and cut <= cuts[-1] or cut >= total:
+            return None
+        cuts.append(cut)
+    bounds = [0, *cuts, total]
+    spans = list(zip(bounds, bounds[1:], strict=False))
+    sizes = [b - a for a, b in spans]
+    if min(sizes) < _CUT_PART or min(sizes) * 3 < max(sizes) * 2:
+        return None
+    dealt = []
+    for a, b in spans:
+        part = [(i, max(a, s) - s, min(b, e) - s)
+                for i, (s, e) in enumerate(zip(starts, ends, strict=True))
+                if max(a, s) < min(b, e)]  # fmt: skip
+        # first the piece the next part waits for, last the one waiting for the part before
+        part.sort(key=lambda p: 2 if p[1] > 0 else 0 if p[2] < lengths[p[0]] else 1)
+        dealt.append(part)
+    return dealt
 
 
-# Prompt tokens in a step from which the chunks go a core each (`_prompt_shares`).
+# Prompt tokens in a step from which whole chunks go a core each (`_prompt_shares`).
 _SHARED_PROMPTS = 128
+# The fewest tokens a core's part has where chunks are cut (fewer go faster on one core:
+# the two cores then hand Python's lock to each other at every numpy call), and the fewest
+# a piece of a cut chunk has.
+_CUT_PART, _PIECE = 96, 16
 
 
 def fast_decoder(model: OpenELM) -> OpenELM | CpuDecoder:
