@@ -164,7 +164,8 @@ def prompt_chunks(mx, np) -> None:
     one, and four a core each through every block against
     each product and each chunk's attention shared out layer by layer; three with the
     middle one cut in two (a part of one and a half chunks a core) against two a core each
-    and then the third; one 255-token chunk cut in two against whole; then one chunk
+    and then the third; one 255-token chunk cut in two against whole; a chunk's GLU on
+    one core against shared out; then one chunk
     with its last block in full against its keys and values only (its outputs feed
     nothing)."""
     from elm_mlx.generation.batch import decode_step, row_slab
@@ -232,6 +233,18 @@ def prompt_chunks(mx, np) -> None:
 
     row("one 255-token chunk cut in two, a piece a core", best(lambda: one_long(True), 20))
     row("one 255-token chunk, each product shared out", best(lambda: one_long(False), 20))
+    g = np.random.default_rng(1).standard_normal((127, 1280)).astype(np.float32)
+
+    def glu(shared: bool) -> None:
+        real, fastpath._SHARED_GLU = fastpath._SHARED_GLU, 0 if shared else 1 << 62
+        try:
+            fastpath._glu(g)
+        finally:
+            fastpath._SHARED_GLU = real
+
+    for label, shared in (("on one core", False), ("shared out over the cores", True)):
+        print(f"  {f'GLU of a chunk (127 x 640), {label}, median':58} "
+              f"{median(lambda s=shared: glu(s), 2000) * 1e6:9.1f} us")  # fmt: skip
 
     h = views.embed[np.asarray(prompts[0], np.int32)]
 

@@ -277,7 +277,7 @@ def _rms_norm(x: np.ndarray, weight: np.ndarray, eps: float) -> np.ndarray:
 
 
 def _glu(h: np.ndarray) -> np.ndarray:
-    """silu(gate) * up of (L, 2 * ffn_dim); prompt chunks are shared out over the cores."""
+    """silu(gate) * up of (L, 2 * ffn_dim); large ones are shared out over the cores."""
     gate, up = _halves(h)  # (L, ffn_dim) each
     out = np.empty_like(gate)
 
@@ -289,11 +289,17 @@ def _glu(h: np.ndarray) -> np.ndarray:
         np.divide(gate[lo:hi], t, out=t)
         t *= up[lo:hi]
 
-    if len(h) < 64:
+    if gate.size < _SHARED_GLU:
         rows(0, len(h))
     else:
         _parallel(rows, len(h))
     return out
+
+
+# Feed-forward activations from which the GLU is shared out over the cores: below, the
+# hand-off costs more than the second core saves (a nano prompt chunk's 127 x 640: 114.8
+# us shared out against 91.4 us on one core, `bench_kernels.py --only prompt_chunks`).
+_SHARED_GLU = 1 << 20
 
 
 def _rope(x: np.ndarray, cos: np.ndarray, sin: np.ndarray) -> np.ndarray:
