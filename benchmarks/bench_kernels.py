@@ -233,18 +233,19 @@ def prompt_chunks(mx, np) -> None:
 
     row("one 255-token chunk cut in two, a piece a core", best(lambda: one_long(True), 20))
     row("one 255-token chunk, each product shared out", best(lambda: one_long(False), 20))
-    g = np.random.default_rng(1).standard_normal((127, 1280)).astype(np.float32)
 
-    def glu(shared: bool) -> None:
+    def glu(g, shared: bool) -> None:
         real, fastpath._SHARED_GLU = fastpath._SHARED_GLU, 0 if shared else 1 << 62
         try:
             fastpath._glu(g)
         finally:
             fastpath._SHARED_GLU = real
 
-    for label, shared in (("on one core", False), ("shared out over the cores", True)):
-        print(f"  {f'GLU of a chunk (127 x 640), {label}, median':58} "
-              f"{median(lambda s=shared: glu(s), 2000) * 1e6:9.1f} us")  # fmt: skip
+    for ffn in (640, 2560):
+        g = np.random.default_rng(1).standard_normal((127, 2 * ffn)).astype(np.float32)
+        for label, shared in (("on one core", False), ("shared out over the cores", True)):
+            print(f"  {f'GLU of a chunk (127 x {ffn}), {label}, median':58} "
+                  f"{median(lambda g=g, s=shared: glu(g, s), 1000) * 1e6:9.1f} us")  # fmt: skip
 
     h = views.embed[np.asarray(prompts[0], np.int32)]
 
