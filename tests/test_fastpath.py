@@ -279,6 +279,19 @@ def test_parallel_shares_cover_the_range_and_pass_errors_on():
     assert sorted(seen) == list(range(5))
 
 
+@pytest.mark.parametrize("rows, ffn", [(8, 64), (300, 512)])  # one core; shared out
+def test_glu_is_silu_of_the_gate_times_the_up_projection(rows, ffn, monkeypatch):
+    shared = []
+    real = fastpath._parallel
+    monkeypatch.setattr(fastpath, "_parallel", lambda fn, n: (shared.append(n), real(fn, n)))
+    h = np.random.default_rng(3).standard_normal((rows, 2 * ffn)).astype(np.float32) * 4
+    h[0, :4] = [-100.0, 100.0, 0.0, -0.0]  # exp overflows for -100: silu is -0
+    gate, up = h[:, :ffn].astype(np.float64), h[:, ffn:].astype(np.float64)
+    want = gate / (1 + np.exp(-gate)) * up
+    np.testing.assert_allclose(fastpath._glu(h), want, rtol=1e-5, atol=1e-6)
+    assert bool(shared) == (rows * ffn >= fastpath._SHARED_GLU and fastpath._cores() > 1)
+
+
 def test_generation_takes_the_path_it_is_given(model, monkeypatch):
     """generate_step calls the model it is handed: the wrapper's numpy path, or MLX's."""
     seen = []
