@@ -164,8 +164,8 @@ def prompt_chunks(mx, np) -> None:
     one, and four a core each through every block against
     each product and each chunk's attention shared out layer by layer; three with the
     middle one cut in two (a part of one and a half chunks a core) against two a core each
-    and then the third; one 255-token chunk cut in two against whole; a chunk's GLU on
-    one core against shared out; then one chunk
+    and then the third; one 255-token chunk cut in two against whole, and one 127-token
+    chunk cut in two; a chunk's GLU on one core against shared out; then one chunk
     with its last block in full against its keys and values only (its outputs feed
     nothing)."""
     from elm_mlx.generation.batch import decode_step, row_slab
@@ -212,27 +212,39 @@ def prompt_chunks(mx, np) -> None:
     row("four chunks, each product and attention shared out", best(lambda: step(4), 20))
     fastpath._prompt_shares = dealt
 
-    def two_then_one() -> None:  # as steps took three chunks before a chunk could be cut
-        step(2)
-        caches = slab.take()
-        decode_step(model, [], [], [(prompts[2], caches)])
-        slab.release(caches)
-
-    row("three chunks, the middle one cut in two, a part a core", best(lambda: step(3), 20))
-    row("three chunks: two a core each, then the third", best(two_then_one, 20))
     long = rng.integers(3, 4000, 255).tolist()
 
-    def one_long(cut: bool) -> None:
-        caches = slab.take()
-        real, fastpath._deal = fastpath._deal, fastpath._deal if cut else lambda lengths: None
+    def feed(chunks: list, deal=None) -> None:
+        """One step of `chunks`, dealt as `_deal` deals them or as `deal` says."""
+        caches = [slab.take() for _ in chunks]
+        real = fastpath._deal
+        fastpath._deal = real if deal is None else deal
         try:
-            decode_step(model, [], [], [(long, caches)])
+            decode_step(model, [], [], list(zip(chunks, caches, strict=True)))
         finally:
             fastpath._deal = real
-            slab.release(caches)
+            for c in caches:
+                slab.release(c)
 
-    row("one 255-token chunk cut in two, a piece a core", best(lambda: one_long(True), 20))
-    row("one 255-token chunk, each product shared out", best(lambda: one_long(False), 20))
+    whole = lambda lengths: None  # noqa: E731
+    cuts = {  # taken in turns, 60 times, medians: a slow spell hits them all
+        "three chunks, the middle one cut in two": lambda: feed(prompts[:3]),
+        "three chunks: two a core each, then one (no cut)":
+            lambda: (feed(prompts[:2]), feed(prompts[2:3], whole)),
+        "one 255-token chunk cut in two": lambda: feed([long]),
+        "one 255-token chunk whole": lambda: feed([long], whole),
+        "one chunk cut in two (64 + 63: not made)":
+            lambda: feed(prompts[:1], lambda lengths: [[(0, 0, 64)], [(0, 64, 127)]]),
+        "one chunk whole": lambda: feed(prompts[:1], whole),
+    }  # fmt: skip
+    times = {label: [] for label in cuts}
+    for _ in range(60):
+        for label, fn in cuts.items():
+            start = time.perf_counter()
+            fn()
+            times[label].append(time.perf_counter() - start)
+    for label, ts in times.items():
+        row(f"{label}, median", sorted(ts)[len(ts) // 2])
 
     def glu(g, shared: bool) -> None:
         real, fastpath._SHARED_GLU = fastpath._SHARED_GLU, 0 if shared else 1 << 62

@@ -297,9 +297,8 @@ def _glu(h: np.ndarray) -> np.ndarray:
 
 
 # Feed-forward activations from which the GLU is shared out over the cores: below, the
-# hand-off costs more than the second core saves (`bench_kernels.py --only prompt_chunks`:
-# a nano prompt chunk's 127 x 640 took 172.5 us shared out against 95.6 us on one core;
-# 127 x 2560 took 253.0 us against 371.1 us).
+# hand-off costs more than the second core saves (`bench_kernels.py --only prompt_chunks`
+# prints a nano prompt chunk's, 127 x 640, and a 270M-sized one's, 127 x 2560).
 _SHARED_GLU = 1 << 17
 
 
