@@ -264,8 +264,8 @@ def prompt_chunks(mx, np) -> None:
     def blocks(last: bool) -> None:
         caches = slab.take()
         with fastpath._one_blas_thread():
-            fastpath._blocks(views, h, model.args.rms_norm_eps, rope, prompts=[(127, caches)],
-                             last=last)  # fmt: skip
+            fastpath._blocks(views, h, model.args.rms_norm_eps, rope,
+                             prompts=[(127, caches, None)], last=last)  # fmt: skip
         slab.release(caches)
 
     row("one chunk, every block in full", best(lambda: blocks(True), 20))

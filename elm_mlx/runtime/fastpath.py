@@ -611,10 +611,16 @@ def _prompt_attention(
 ) -> np.ndarray:
     """L new positions of one sequence: (L, qkv_out_dim) -> (L, q * head_dim); appends them
     to `cache` (a piece of a chunk: after the piece before it, `link`)."""
-    offset = 0 if cache is None else cache.offset if link is None else link.start
-    q, k, v = _split_qkv(w, qkv, eps, *rope.span(offset, len(qkv)))
+    q, k, v = _split_qkv(w, qkv, eps, *rope.span(_first_position(cache, link), len(qkv)))
     keys, values = _linked_append(cache, k, v, link, layer)
     return _causal_sdpa(q, keys, values)
+
+
+def _first_position(cache, link) -> int:
+    """The position of a chunk's (or a piece's: `link`) first new token."""
+    if link is not None:
+        return link.start  # the cache may not have the positions before it yet
+    return 0 if cache is None else cache.offset
 
 
 def _linked_append(cache, k: np.ndarray, v: np.ndarray, link, layer: int):
@@ -673,8 +679,7 @@ def _prompts_kv(
         k, v = part[:, n_q : n_q + n_kv], part[:, n_q + n_kv :]
         if w.qk_norm is not None:
             k = _rms_norm(k, w.qk_norm[n_q:], eps)
-        offset = 0 if cache is None else cache.offset if link is None else link.start
-        k = _rope(k, *rope.span(offset, n))
+        k = _rope(k, *rope.span(_first_position(cache, link), n))
         _linked_append(cache, k, v, link, layer)
         lo += n
 
@@ -914,7 +919,7 @@ class CpuDecoder:
         with _one_blas_thread():  # the pool shares the work out instead
             h = _blocks(
                 views, views.embed[tokens], args.rms_norm_eps, self._rope(),
-                prompts=[] if one else [(len(tokens), cache)], rows=[cache] if one else [],
+                prompts=[] if one else [(len(tokens), cache, None)], rows=[cache] if one else [],
             )  # fmt: skip
             if one:
                 return mx.array(_matvec(h, views.head))[None]  # (1, 1, vocab)
@@ -983,15 +988,15 @@ class CpuDecoder:
                 prompts = []
             ids = np.asarray([t for chunk, _ in prompts for t in chunk] + list(tokens), np.int32)
             h = _blocks(views, views.embed[ids], eps, rope,
-                        prompts=[(len(t), c) for t, c in prompts], rows=caches)  # fmt: skip
+                        prompts=[(len(t), c, None) for t, c in prompts], rows=caches)  # fmt: skip
             return mx.array(_matvec(h, views.head))  # (B, vocab)
 
 
 def _feed(views: _Views, prompts: list, eps: float, rope: _RopeTable) -> None:
     """Prompt chunks (token ids, per-layer caches[, `_Link`]) into their caches; no logits."""
     ids = np.asarray([t for chunk, *_ in prompts for t in chunk], np.int32)
-    _blocks(views, views.embed[ids], eps, rope, prompts=[(len(t), *c) for t, *c in prompts],
-            last=False)  # fmt: skip
+    chunks = [(len(p[0]), p[1], p[2] if len(p) > 2 else None) for p in prompts]
+    _blocks(views, views.embed[ids], eps, rope, prompts=chunks, last=False)
 
 
 def _feed_part(views: _Views, part: list, eps: float, rope: _RopeTable) -> None:
@@ -1007,7 +1012,8 @@ def _feed_part(views: _Views, part: list, eps: float, rope: _RopeTable) -> None:
 
 def _blocks(
     views: _Views, h: np.ndarray, eps: float, rope: _RopeTable, *,
-    prompts: list[tuple] = (), rows: list[list] = (), last: bool = True,
+    prompts: list[tuple[int, list, _Link | None]] = (), rows: list[list] = (),
+    last: bool = True,
 ) -> np.ndarray | None:  # fmt: skip
     """Every block and the final norm over (N, d) positions: first the new tokens of each
     prompt chunk in turn (`prompts`: its length, its sequence's per-layer caches, and for a
@@ -1020,7 +1026,6 @@ def _blocks(
     Where the chunks' outputs are not returned (there are rows, or `last=False`), the
     last block computes only their keys and values: its attention, output projection
     and feed-forward serve nothing but logits (a fifth of nano's products)."""
-    prompts = [(p[0], p[1], p[2] if len(p) > 2 else None) for p in prompts]
     L = sum(n for n, *_ in prompts)
     if L + len(rows) != h.shape[0] or any(n < 1 for n, *_ in prompts):
         raise ValueError(f"{h.shape[0]} positions for {len(rows)} rows and chunks "
@@ -1083,12 +1088,12 @@ def _prompt_shares(prompts: list, rope: _RopeTable) -> list[list] | None:
 class _Link:
     """A piece of a prompt chunk cut into pieces that go on different cores (`_deal`).
 
-    At every layer a piece's keys and values go into the chunk's caches after those of
-    the piece before it (`before`), whose attention does not read them and whose
-    positions its own attention does: `wait(layer)` until they are there; `appended`
-    tells the piece after. `start` is the piece's first position. A part's pieces come in
-    an order that never waits for itself (`_deal`); a part that ends, however it ends,
-    `finish`es its pieces, so nothing waits for ever on a piece that failed."""
+    At every layer a piece appends its keys and values to the chunk's caches only once the
+    piece before it (`before`) has appended its own, which come first and which its
+    attention reads: `wait(layer)`, then `appended[layer]` tells the piece after. `start`
+    is the piece's first position. A part's pieces come in an order that never waits for
+    itself (`_deal`); a part that ends, however it ends, `finish`es its pieces, so nothing
+    waits for ever on a piece that failed."""
 
     def __init__(self, start: int, before: _Link | None, layers: int):
         self.start, self.before = start, before
