@@ -274,12 +274,78 @@ def test_raw_bad_requests(server):
     big = {"model": "nano", "prompt": "x" * 20000}
     assert "limit" in _error(_post(server, "/v1/completions", big), 413)["message"]
     _error(_post(server, "/v1/completions", b"\xff\xfe"), 400)
+    assert "nested" in _error(_post(server, chat, b"[" * 5000), 400)["message"]
+    for key in ("\u00b2", "9" * 5000):  # a digit to str.isdigit, not to int(); beyond any id
+        body = {"model": "nano", "prompt": "x", "logit_bias": {key: 1}}
+        assert _error(_post(server, "/v1/completions", body), 400)["param"] == "logit_bias"
     _error(_post(server, chat, {"model": "nano"}, key=None), 401)
     _error(_post(server, chat, {"model": "nano"}, key="wrong"), 401)
     _error(httpx.get(server[0] + "/v1/nothing"), 404)
     auth = {"Authorization": f"Bearer {KEY}"}
     _error(httpx.get(server[0] + "/v1/completions", headers=auth), 405)
     assert httpx.get(server[0] + "/health").status_code == 200  # still serving
+
+
+def test_null_is_a_field_left_out(server):
+    """OpenAI's clients send null for what they leave unset: never a 400."""
+    nulls = {"n": None, "presence_penalty": None, "frequency_penalty": None, "stream": None,
+             "temperature": None, "stop": None, "seed": None, "user": None}  # fmt: skip
+    body = {"model": "nano", "prompt": "ROMEO:", "max_tokens": 3, "echo": None, **nulls}
+    r = _post(server, "/v1/completions", body)
+    assert r.status_code == 200 and r.json()["usage"]["completion_tokens"] == 3, r.text
+    body = {"model": "nano", "messages": [{"role": "user", "content": "x"}], "max_tokens": 3,
+            "logprobs": None, "top_logprobs": None, "max_completion_tokens": None,
+            **nulls}  # fmt: skip
+    r = _post(server, "/v1/chat/completions", body)
+    assert r.status_code == 200 and r.json()["usage"]["completion_tokens"] == 3, r.text
+    assert (
+        _error(_post(server, "/v1/completions", {"model": None, "prompt": "x"}), 400)["param"]
+        == "model"
+    )
+
+
+def test_max_completion_tokens(client, nano):
+    user = [{"role": "user", "content": "ROMEO:"}]
+    no_eos = {str(nano[1].eos_id): -100}
+    r = client.chat.completions.create(
+        model="nano", messages=user, max_completion_tokens=7, logit_bias=no_eos
+    )
+    assert r.usage.completion_tokens == 7 and r.choices[0].finish_reason == "length"
+    r = client.chat.completions.create(  # the newer field wins, as in OpenAI's API
+        model="nano", messages=user, max_completion_tokens=4, max_tokens=9, logit_bias=no_eos
+    )
+    assert r.usage.completion_tokens == 4
+    with pytest.raises(openai.BadRequestError, match=r"max_completion_tokens asks for 1000") as e:
+        client.chat.completions.create(model="nano", messages=user, max_completion_tokens=1000)
+    assert e.value.body["param"] == "max_completion_tokens"
+
+
+def test_presence_and_frequency_penalties_follow_openais_formula(client, nano):
+    """Greedy tokens against an independent loop: the MLX model's full forward pass each
+    step, its last logits less presence * [seen] + frequency * count over the generated
+    tokens, argmax."""
+    import mlx.core as mx
+    import numpy as np
+
+    model, tokenizer = nano
+    raw = getattr(model, "model", model)  # the MLX model, not the numpy decoding path
+    prompt = tokenizer.encode("ROMEO:")
+    texts = set()
+    for presence, frequency in ((1.5, 0.0), (0.0, 0.7), (0.4, 0.4)):
+        out: list[int] = []
+        for _ in range(24):
+            logits = np.array(raw(mx.array(prompt + out)[None])[0, -1], np.float64)
+            counts = np.bincount(out, minlength=logits.size)
+            out.append(int(np.argmax(logits - presence * (counts > 0) - frequency * counts)))
+            if out[-1] == tokenizer.eos_id:
+                break
+        r = client.completions.create(
+            model="nano", prompt=prompt, max_tokens=24, temperature=0,
+            presence_penalty=presence, frequency_penalty=frequency,
+        )  # fmt: skip
+        assert r.choices[0].text == tokenizer.decode(out), (presence, frequency)
+        texts.add(r.choices[0].text)
+    assert texts - {_alone(nano, "ROMEO:", 24)}  # the penalties changed what was chosen
 
 
 # ---- batching, cancellation, the prompt cache -----------------------------------
@@ -340,6 +406,25 @@ def test_a_client_that_leaves_a_non_streaming_request_has_its_row_cancelled(serv
     assert health["cancelled"] == before + 1, health
     r = _post(server, "/v1/completions", {"model": "nano", "prompt": "A", "max_tokens": 3})
     assert r.json()["usage"]["completion_tokens"] == 3  # still serving
+
+
+def test_a_stream_whose_client_leaves_is_logged_with_the_tokens_it_was_sent(server, nano):
+    url, _, log = server
+    start = log.stat().st_size
+    body = {"model": "nano", "prompt": [1, *range(100, 112)], "max_tokens": 200, "stream": True,
+            "logit_bias": {str(nano[1].eos_id): -100}}  # fmt: skip
+    headers = {"Authorization": f"Bearer {KEY}"}
+    with httpx.stream("POST", url + "/v1/completions", json=body, headers=headers) as r:
+        events = (x for x in r.iter_lines() if x)
+        assert all(next(events).startswith("data: ") for _ in range(4))  # role, then tokens
+    _idle(server)
+    deadline = time.monotonic() + 10
+    while not (posts := [x for x in log.read_text()[start:].splitlines() if "POST" in x]):
+        assert time.monotonic() < deadline, "no access-log line"
+        time.sleep(0.05)
+    (line,) = posts
+    made = int(line.split("completion=")[1].split()[0])
+    assert " 200 prompt=13 " in line and 2 <= made < 200, line
 
 
 def _idle(server, seconds: float = 30.0) -> dict:
@@ -412,14 +497,15 @@ def test_a_server_whose_stderr_reader_is_gone_keeps_serving_and_exits_0():
 # ---- the engine's own process -------------------------------------------------------
 
 
-def _start(*flags: str, log=None) -> tuple[str, subprocess.Popen]:
+def _start(*flags: str, log=None, env=None) -> tuple[str, subprocess.Popen]:
     port = _free_port()
     cmd = [sys.executable, "-m", "elm_mlx.cli", "serve", "--port", str(port), *flags]
+    env = None if env is None else {**os.environ, **env}
     if log is None:
-        proc = subprocess.Popen(cmd, stdout=subprocess.DEVNULL)
+        proc = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, env=env)
     else:
         with open(log, "wb") as err:  # the child has its own copy of the descriptor
-            proc = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=err)
+            proc = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=err, env=env)
     return f"http://127.0.0.1:{port}", proc
 
 
@@ -495,6 +581,51 @@ def test_single_process_serves_as_the_default_does(nano):
         r = httpx.post(url + "/v1/completions", json=body, timeout=60)
         assert r.json()["choices"][0]["text"] == _alone(nano, "JULIET:", 12)
         assert _engine_processes(proc.pid) == []
+        proc.send_signal(signal.SIGTERM)
+        assert proc.wait(20) == 0
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+
+
+def test_a_quantized_model_with_an_adapter_serves_as_generate_does(tmp_path):
+    """A q4 directory (`elm-mlx convert -q`) with LoRA adapters, the key from the
+    environment; a second server on the same port is one error line, before any loading."""
+    from elm_mlx.formats.modeldir import DEFAULT_MODEL
+    from elm_mlx.generation.generate import generate
+    from elm_mlx.generation.loading import load_for_generation
+    from elm_mlx.testing import random_adapters
+    from elm_mlx.training.lora import LoRAConfig
+
+    q4, adapters = tmp_path / "q4", tmp_path / "adapters"
+    convert = [sys.executable, "-m", "elm_mlx.convert", "--hf-path", str(DEFAULT_MODEL),
+               "--mlx-path", str(q4), "-q", "--q-bits", "4"]  # fmt: skip
+    subprocess.run(convert, check=True, capture_output=True, timeout=300)
+    random_adapters(q4, adapters, LoRAConfig(rank=4, scale=2.0, num_layers=6), std=0.5, seed=1)
+    model, tokenizer, _ = load_for_generation(q4, adapter_path=adapters)
+    expected = generate(model, tokenizer, "JULIET:", max_tokens=16, temp=0.0)
+    plain = generate(*load_for_generation(q4)[:2], "JULIET:", max_tokens=16, temp=0.0)
+    assert expected != plain  # the adapters change the output
+
+    log = tmp_path / "stderr.log"
+    env = {"ELM_MLX_API_KEY": "from-env"}
+    url, proc = _start("--model", str(q4), "--adapter-path", str(adapters), log=log, env=env)
+    try:
+        _until_up(url, proc, log)
+        body = {"model": "q4", "prompt": "JULIET:", "max_tokens": 16, "temperature": 0}
+        assert httpx.post(url + "/v1/completions", json=body, timeout=60).status_code == 401
+        auth = {"Authorization": "Bearer from-env"}
+        r = httpx.post(url + "/v1/completions", json=body, headers=auth, timeout=60)
+        assert r.json()["choices"][0]["text"] == expected, r.text
+
+        port = url.rsplit(":", 1)[1]
+        again = [sys.executable, "-m", "elm_mlx.cli", "serve", "--port", port]
+        done = subprocess.run(again, capture_output=True, text=True, timeout=120)
+        assert done.returncode == 1
+        assert done.stderr.splitlines() == [
+            f"error: cannot listen on 127.0.0.1:{port}: Address already in use; another "
+            "program is listening there: pick another --port"
+        ]
         proc.send_signal(signal.SIGTERM)
         assert proc.wait(20) == 0
     finally:

@@ -359,11 +359,12 @@ def app_client(loaded, instruct_dir):
     from elm_mlx.serve.app import ServerConfig, create_app
     from elm_mlx.serve.engine import Engine
 
-    def make(**engine_kw):
+    def make(start: bool = True, **engine_kw):
         model, tokenizer = loaded
         engine = Engine(model, tokenizer, **engine_kw)
         config = ServerConfig(model_id="tiny-Instruct", chat_template=True)
-        engine.start()
+        if start:
+            engine.start()
         engines.append(engine)
         return TestClient(create_app(engine, tokenizer, config)), engine
 
@@ -392,8 +393,16 @@ def test_instruct_chat_template_and_greedy_equal_generate(app_client, loaded):
     assert r.json()["choices"][0]["message"]["content"] == expected
 
 
-def test_queue_full_and_shutting_down_are_503_with_retry_after(app_client):
-    client, engine = app_client(max_queue=0)
+def test_queue_full_and_shutting_down_are_503_with_retry_after(app_client, loaded):
+    from elm_mlx.serve.engine import Job, QueueFull, RowSettings
+
+    # not started: what is submitted stays where it is
+    client, engine = app_client(start=False, max_batch=2, max_queue=1)
+    prompt = loaded[1].encode("hello")
+    for _ in range(3):  # the batch's two rows and the one place in the queue
+        engine.submit(Job(prompt, RowSettings(max_tokens=2), lambda event: None))
+    with pytest.raises(QueueFull, match="1 requests are already waiting"):
+        engine.submit(Job(prompt, RowSettings(max_tokens=2), lambda event: None))
     body = {"model": "tiny-Instruct", "prompt": "hello", "max_tokens": 2}
     r = client.post("/v1/completions", json=body)
     assert r.status_code == 503 and r.headers["retry-after"] == "1"
@@ -402,6 +411,13 @@ def test_queue_full_and_shutting_down_are_503_with_retry_after(app_client):
     r = client.post("/v1/completions", json=body)
     assert r.status_code == 503 and "shutting down" in r.json()["error"]["message"]
     assert client.get("/health").status_code == 503
+
+
+def test_no_queue_still_serves_while_the_batch_has_room(app_client):
+    client, _ = app_client(max_batch=2, max_queue=0)
+    body = {"model": "tiny-Instruct", "prompt": "hello", "max_tokens": 2}
+    r = client.post("/v1/completions", json=body)
+    assert r.status_code == 200, r.text
 
 
 def test_the_apps_context_limit_is_the_models(app_client, loaded):

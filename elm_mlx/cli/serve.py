@@ -99,6 +99,15 @@ def _server_modules():
 def _run_serve(args) -> None:
     _check(args)
     app_mod, engine_mod, server_mod = _server_modules()
+    try:  # before the model loads: a port in use is said at once
+        sock = server_mod.listen(args.host, args.port)
+    except server_mod.ListenError as e:
+        raise CliError(str(e)) from None
+    with sock:
+        _serve_on(sock, args, app_mod, engine_mod, server_mod)
+
+
+def _serve_on(sock, args, app_mod, engine_mod, server_mod) -> None:
     path = model_path(args.model)
     api_key = args.api_key or os.environ.get(API_KEY_ENV) or None
     name = args.model_name or display_name(path)
@@ -123,8 +132,9 @@ def _run_serve(args) -> None:
         tokenizer, engine = _engine_process(path, args, kwargs)
     app = app_mod.create_app(engine, tokenizer, config)
     server_mod.serve(
-        app, engine, host=args.host, port=args.port, grace=args.shutdown_grace, name=name
-    )
+        app, engine, host=args.host, port=args.port, grace=args.shutdown_grace, name=name,
+        sock=sock,
+    )  # fmt: skip
 
 
 def _engine_process(path: str, args, kwargs: dict):

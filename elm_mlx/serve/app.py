@@ -231,7 +231,11 @@ class _Api:
             raise ApiError(400, "top_logprobs needs logprobs: true", param="top_logprobs")
         prompt = self._chat_prompt(req)
         top = (req.top_logprobs or 0) if req.logprobs else None
-        settings = self._settings(req, prompt, req.max_completion_tokens or req.max_tokens, top)
+        if req.max_completion_tokens is not None:  # the newer name wins, as in OpenAI's API
+            asked, max_tokens = "max_completion_tokens", req.max_completion_tokens
+        else:
+            asked, max_tokens = "max_tokens", req.max_tokens
+        settings = self._settings(req, prompt, max_tokens, top, asked)
         return await self._respond(request, req, prompt, settings, _ChatFormat(self.config))
 
     async def completions(self, request: Request) -> Response:
@@ -280,6 +284,9 @@ class _Api:
             data = json.loads(body)
         except ValueError as e:  # UnicodeDecodeError is one too
             raise ApiError(400, f"the body is not valid JSON ({e})", code="invalid_json") from None
+        except RecursionError:
+            message = "the body's JSON is nested too deeply"
+            raise ApiError(400, message, code="invalid_json") from None
         check_supported(data)
         try:
             return model.model_validate(data)
@@ -337,7 +344,10 @@ class _Api:
         except ValueError as e:
             raise ApiError(400, f"{param}: {e}", param=param) from None
 
-    def _settings(self, req, prompt: list[int], max_tokens: int | None, top) -> RowSettings:
+    def _settings(
+        self, req, prompt: list[int], max_tokens: int | None, top, asked: str = "max_tokens"
+    ) -> RowSettings:
+        """The row's settings; `asked` names the field `max_tokens` came from (for errors)."""
         context, n = self.context, len(prompt)
         if max_tokens is None:
             max_tokens = context - n
@@ -352,10 +362,10 @@ class _Api:
         elif n + max_tokens > context:
             raise ApiError(
                 400,
-                f"the prompt has {n} tokens and max_tokens asks for {max_tokens} more "
+                f"the prompt has {n} tokens and {asked} asks for {max_tokens} more "
                 f"({n + max_tokens} in all), beyond the model's {context}-token context; "
-                "shorten the prompt or lower max_tokens",
-                param="max_tokens",
+                f"shorten the prompt or lower {asked}",
+                param=asked,
                 code="context_length_exceeded",
             )
         d = self.config.defaults
@@ -414,12 +424,15 @@ class _Api:
         finally:
             watch.cancel()
             job.cancel()  # no-op once finished; frees the row when the client left
+            if result.finished is None:  # the access log counts what was made before it left
+                request.scope["state"]["usage"] = (len(job.prompt), len(result.tokens))
 
     async def _stream(self, job: Job, channel: _Channel, fmt, include_usage: bool, state):
         """Server-sent events; what the engine sent while the last write was going out
         leaves in one write."""
         stream_id, created = fmt.new_id(), int(time.time())
         token_sse = fmt.token_sse(stream_id, created)
+        made = 0  # tokens, for the access log of a stream whose client leaves
         try:
             yield _sse(fmt.chunk(stream_id, first=True, created=created))
             ended = False
@@ -429,6 +442,7 @@ class _Api:
                     if isinstance(event, Failed):
                         out.append(_sse(_failed(event).body()))
                     elif isinstance(event, Token):
+                        made += 1
                         if event.logprob is not None:
                             out.append(_sse(fmt.chunk(stream_id, token=event, created=created)))
                         elif event.text:
@@ -446,6 +460,7 @@ class _Api:
             yield "data: [DONE]\n\n"
         finally:
             job.cancel()
+            state.setdefault("usage", (len(job.prompt), made))
 
 
 async def _available(queue: asyncio.Queue) -> list:

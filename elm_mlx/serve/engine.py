@@ -216,8 +216,11 @@ class Engine:
         with self._wake:
             if self._closing:
                 raise Closed("the server is shutting down")
-            if len(self._waiting) >= self.max_queue:
-                raise QueueFull(f"{len(self._waiting)} requests are already waiting")
+            # waiting: the jobs beyond the batch's free rows (as `EngineProcess` counts them)
+            busy = len(self._running) + len(self._prefilling) + len(self._admitted)
+            waiting = len(self._waiting) + busy - self.max_batch
+            if waiting >= self.max_queue:
+                raise QueueFull(f"{max(0, waiting)} requests are already waiting")
             self._waiting.append(job)
             self._wake.notify()
 

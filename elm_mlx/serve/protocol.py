@@ -9,7 +9,14 @@ from __future__ import annotations
 
 from typing import Literal
 
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
+from pydantic import (
+    BaseModel,
+    ConfigDict,
+    Field,
+    ValidationError,
+    field_validator,
+    model_validator,
+)
 
 
 class ApiError(Exception):
@@ -110,6 +117,15 @@ class _Request(BaseModel):
     stream_options: StreamOptions | None = None
     user: str | None = None
 
+    @model_validator(mode="before")
+    @classmethod
+    def _nulls(cls, data):
+        """A field sent as null is a field left out, as in OpenAI's API (clients send
+        `"n": null` or `"stream": null` for what they do not set)."""
+        if isinstance(data, dict):
+            return {k: v for k, v in data.items() if v is not None}
+        return data
+
     @field_validator("stop")
     @classmethod
     def _stop(cls, v):
@@ -124,8 +140,10 @@ class _Request(BaseModel):
     @classmethod
     def _bias(cls, v):
         for key, value in (v or {}).items():
-            if not key.isdigit():
-                raise ValueError(f"keys must be token ids (strings of digits), got {key!r}")
+            if not (key.isascii() and key.isdigit()):  # "²" is a digit to str.isdigit
+                raise ValueError(f"keys must be token ids (strings of digits), got {key[:40]!r}")
+            if len(key) > 18:
+                raise ValueError(f"token id {key[:18]}... is beyond any vocabulary")
             if not -100 <= value <= 100:
                 raise ValueError(f"values must be in [-100, 100], got {value} for {key}")
         return v

@@ -12,8 +12,10 @@ log reader has gone keeps serving.
 
 from __future__ import annotations
 
+import errno
 import os
 import signal
+import socket
 import sys
 import threading
 from collections.abc import Iterator
@@ -107,15 +109,55 @@ def forgiving_stderr() -> Iterator[None]:
         sys.stderr = original
 
 
+class ListenError(OSError):
+    """The server cannot listen where it was asked to; the message says why and what to do."""
+
+
+_LISTEN_HINTS = {
+    errno.EADDRINUSE: "another program is listening there: pick another --port",
+    errno.EACCES: "ports below 1024 need privileges: pick another --port",
+    errno.EADDRNOTAVAIL: "this machine has no such address: check --host",
+}
+
+
+def listen(host: str, port: int) -> socket.socket:
+    """A socket bound to host:port and listening, made before the model loads: an address
+    that cannot be had is said at once, in one line (ListenError)."""
+    try:
+        family, kind, proto, _, address = socket.getaddrinfo(
+            host, port, type=socket.SOCK_STREAM, flags=socket.AI_PASSIVE
+        )[0]
+    except (socket.gaierror, UnicodeError) as e:
+        message = f"cannot listen on {host}:{port}: unknown host ({e}); check --host"
+        raise ListenError(message) from None
+    sock = socket.socket(family, kind, proto)
+    try:
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        sock.bind(address)
+        sock.listen(2048)  # uvicorn's backlog
+    except OSError as e:
+        sock.close()
+        hint = _LISTEN_HINTS.get(e.errno, "")
+        reason = e.strerror or str(e)
+        raise ListenError(
+            f"cannot listen on {host}:{port}: {reason}" + (f"; {hint}" if hint else "")
+        ) from None
+    return sock
+
+
 def serve(
-    app, engine: Engine, *, host: str, port: int, grace: float = 10.0, name: str = ""
-) -> None:
-    """Serve `app` on host:port until a signal; the engine is started and joined here."""
+    app, engine: Engine, *, host: str, port: int, grace: float = 10.0, name: str = "",
+    sock: socket.socket | None = None,
+) -> None:  # fmt: skip
+    """Serve `app` on host:port (on `sock` when given: `listen`'s) until a signal; the
+    engine is started and joined here."""
     with forgiving_stderr():  # before uvicorn.Config: its log handlers take sys.stderr
-        _serve(app, engine, host=host, port=port, grace=grace, name=name)
+        _serve(app, engine, host=host, port=port, grace=grace, name=name, sock=sock)
 
 
-def _serve(app, engine: Engine, *, host: str, port: int, grace: float, name: str) -> None:
+def _serve(
+    app, engine: Engine, *, host: str, port: int, grace: float, name: str, sock
+) -> None:  # fmt: skip
     config = uvicorn.Config(
         app,
         host=host,
@@ -131,7 +173,7 @@ def _serve(app, engine: Engine, *, host: str, port: int, grace: float, name: str
         engine.on_death = lambda why: setattr(server, "should_exit", True)
     engine.start()
     try:
-        server.run()
+        server.run(sockets=None if sock is None else [sock])
     except SystemExit:  # uvicorn exits when it cannot bind; it has said why
         pass
     finally:
