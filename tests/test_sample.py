@@ -36,6 +36,14 @@ def test_greedy_is_argmax():
     assert make_sampler(0.0)(logits).tolist() == [1, 0]
 
 
+@pytest.mark.parametrize("temp", [1e-40, 1e-30, 1e-21])
+def test_a_vanishing_temperature_draws_the_argmax(temp):
+    """1 / temp overflows float32 below about 3e-39: every logit became infinite and the
+    draw uniform. A distribution that sharp is its argmax."""
+    logprobs = mx.broadcast_to(LOGPROBS, (2000, 4))
+    assert set(np.array(make_sampler(temp, key=mx.random.key(3))(logprobs)).tolist()) == {1}
+
+
 @pytest.mark.parametrize("k", [1, 2, 3, 7])
 def test_top_k_keeps_exactly_k(k):
     rng = np.random.default_rng(k)

@@ -275,6 +275,8 @@ def test_raw_bad_requests(server):
     assert "limit" in _error(_post(server, "/v1/completions", big), 413)["message"]
     _error(_post(server, "/v1/completions", b"\xff\xfe"), 400)
     assert "nested" in _error(_post(server, chat, b"[" * 5000), 400)["message"]
+    body = {"model": "nano", "prompt": "x", "repetition_penalty": 1e-38, "logprobs": 1}
+    assert _error(_post(server, "/v1/completions", body), 400)["param"] == "repetition_penalty"
     for key in ("\u00b2", "9" * 5000):  # a digit to str.isdigit, not to int(); beyond any id
         body = {"model": "nano", "prompt": "x", "logit_bias": {key: 1}}
         assert _error(_post(server, "/v1/completions", body), 400)["param"] == "logit_bias"
@@ -284,6 +286,49 @@ def test_raw_bad_requests(server):
     auth = {"Authorization": f"Bearer {KEY}"}
     _error(httpx.get(server[0] + "/v1/completions", headers=auth), 405)
     assert httpx.get(server[0] + "/health").status_code == 200  # still serving
+
+
+def _raw(server, request: bytes) -> tuple[int, dict]:
+    """(status, JSON body) of a request sent as these bytes on a connection of its own."""
+    port = int(server[0].rsplit(":", 1)[1])
+    with socket.create_connection(("127.0.0.1", port), timeout=30) as s:
+        s.sendall(request)
+        reply = b""
+        while chunk := s.recv(65536):
+            reply += chunk
+    head, _, body = reply.partition(b"\r\n\r\n")
+    return int(head.split()[1]), json.loads(body)
+
+
+def test_what_is_not_http_or_too_big_a_head_gets_an_error_body(server):
+    url, _, log = server
+    status, body = _raw(server, b"post /health HTTP/1.1\r\nHost: x\r\n\r\n")
+    assert status == 400 and set(body["error"]) == {"message", "type", "param", "code"}
+    status, body = _raw(server, b"GET /health HTTP/1.1\r\nContent-Length: -5\r\n\r\n")
+    assert status == 400 and "HTTP" in body["error"]["message"]
+    # a head over a MiB: a 431, or (the server closing on what it has not read) a reset,
+    # in a moment either way, and the server goes on
+    port = int(url.rsplit(":", 1)[1])
+    start, reply = time.monotonic(), b""
+    with socket.create_connection(("127.0.0.1", port), timeout=30) as s:
+        try:
+            s.sendall(b"GET /health HTTP/1.1\r\nX-Big: " + b"a" * (64 << 20) + b"\r\n\r\n")
+        except (BrokenPipeError, ConnectionResetError):
+            pass
+        try:
+            while chunk := s.recv(65536):
+                reply += chunk
+        except ConnectionResetError:
+            pass
+    assert time.monotonic() - start < 10
+    assert not reply or reply.startswith(b"HTTP/1.1 431 "), reply[:100]
+    # a path cannot write a line of its own into the access log
+    r = httpx.get(url + "/v1/models/x%0ATraceback%20(most%20recent%20call%20last):%0Ay%00z")
+    assert r.status_code == 404
+    assert httpx.get(url + "/health").status_code == 200  # still serving
+    lines = log.read_text().splitlines()
+    assert not any(x.startswith("Traceback") or "\x00" in x for x in lines)
+    assert any("/v1/models/x%0ATraceback%20(most" in x for x in lines)
 
 
 def test_null_is_a_field_left_out(server):

@@ -4,6 +4,7 @@ cache, the Instruct chat template, queue limits and the install hint."""
 from __future__ import annotations
 
 import json
+import math
 import shutil
 import time
 
@@ -418,6 +419,37 @@ def test_no_queue_still_serves_while_the_batch_has_room(app_client):
     body = {"model": "tiny-Instruct", "prompt": "hello", "max_tokens": 2}
     r = client.post("/v1/completions", json=body)
     assert r.status_code == 200, r.text
+
+
+def test_a_prompt_too_long_to_fit_is_refused_before_it_is_tokenized(app_client, monkeypatch):
+    client, _ = app_client()
+    tokenizer = client.app.app.routes[0].endpoint.__self__.tokenizer
+    encode = tokenizer.encode
+
+    def guarded(text, *args, **kwargs):
+        assert len(text) < 100_000, "a megabyte prompt was tokenized"
+        return encode(text, *args, **kwargs)
+
+    monkeypatch.setattr(tokenizer, "encode", guarded)
+    body = {"model": "tiny-Instruct", "prompt": "To be, or not " * 100_000, "max_tokens": 2}
+    r = client.post("/v1/completions", json=body)
+    error = r.json()["error"]
+    assert r.status_code == 400 and error["code"] == "context_length_exceeded", r.text
+    assert "1,400,000 characters" in error["message"] and error["param"] == "prompt"
+    messages = [{"role": "user", "content": "x" * 500_000}]
+    body = {"model": "tiny-Instruct", "messages": messages, "max_tokens": 2}
+    assert client.post("/v1/chat/completions", json=body).json()["error"]["param"] == "messages"
+    body = {"model": "tiny-Instruct", "prompt": "To be, or not", "max_tokens": 2}
+    assert client.post("/v1/completions", json=body).status_code == 200  # tokenized as before
+
+
+def test_a_logprob_json_cannot_carry_is_openais_floor(loaded):
+    from elm_mlx.serve.engine import UNLIKELY, Engine
+
+    engine = Engine(*loaded, max_batch=1)
+    for value in (-math.inf, math.nan):
+        assert engine._logprob(5, value).logprob == UNLIKELY == -9999.0
+    assert engine._logprob(5, -1.5).logprob == -1.5
 
 
 def test_the_apps_context_limit_is_the_models(app_client, loaded):

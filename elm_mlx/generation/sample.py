@@ -20,6 +20,7 @@ Sampler = Callable[[mx.array], mx.array]
 LogitsProcessor = Callable[[mx.array, mx.array], mx.array]
 
 _NEG_INF = -math.inf
+GREEDY_BELOW = 1e-20  # temperatures this small sample greedily (`make_sampler`)
 
 
 def check_sampling(
@@ -44,13 +45,15 @@ def make_sampler(
     *,
     key: mx.array | None = None,
 ) -> Sampler:
-    """A sampler over (B, vocab) log-probabilities. `temp=0` is greedy (argmax).
+    """A sampler over (B, vocab) log-probabilities. `temp=0` is greedy (argmax), and so is
+    a temperature below `GREEDY_BELOW` (1 / temp would overflow float32: every logit
+    infinite, the draw uniform; a distribution that sharp is the argmax anyway).
 
     `key` (from `mx.random.key(seed)`) makes the draws reproducible and
     independent of MLX's global generator.
     """
     check_sampling(temp, top_p, top_k, min_p)
-    if temp == 0:
+    if temp < GREEDY_BELOW:
         return greedy
     filters = []
     if top_k > 0:

@@ -135,11 +135,19 @@ class _AccessLog:
             usage = scope["state"].get("usage", (0, 0))
             client = scope.get("client") or ("-", 0)
             print(
-                f'{client[0]} "{scope["method"]} {scope["path"]}" {status[0] or "-"} '
+                f'{client[0]} "{scope["method"]} {_log_path(scope)}" {status[0] or "-"} '
                 f"prompt={usage[0]} completion={usage[1]} {time.perf_counter() - start:.3f}s",
                 file=sys.stderr,
                 flush=True,
             )
+
+
+def _log_path(scope) -> str:
+    """The path as the client sent it (percent-escapes kept), with anything unprintable
+    escaped: a path can never write a line of its own into the log."""
+    raw = scope.get("raw_path") or scope["path"].encode("utf-8", "surrogateescape")
+    text = raw.decode("ascii", "backslashreplace")
+    return "".join(c if " " <= c < "\x7f" else f"\\x{ord(c):02x}" for c in text)
 
 
 # ---- the endpoints --------------------------------------------------------------
@@ -204,6 +212,13 @@ class _Api:
     def __init__(self, engine, tokenizer: Tokenizer, config: ServerConfig):
         self.engine, self.tokenizer, self.config = engine, tokenizer, config
         self.context = engine.context  # the model's context length, as it defines it
+        # More characters than any prompt that fits the context has (each token is at most
+        # the longest piece; four times that for what normalization merges): longer ones are
+        # refused untokenized. Tokenizing megabytes would hold up the event loop, and every
+        # stream with it, for a request bound to fail.
+        table = tokenizer.piece_table()
+        longest = max((len(v) for kind, v in table if kind in (2, 3)), default=1)
+        self.max_prompt_chars = self.context * max(1, longest) * 4
 
     async def health(self, request: Request) -> Response:
         if self.engine.closing:
@@ -339,6 +354,14 @@ class _Api:
         return list(req.prompt)
 
     def _encode(self, text: str, param: str) -> list[int]:
+        if len(text) > self.max_prompt_chars:
+            raise ApiError(
+                400,
+                f"the prompt is {len(text):,} characters: more than the model's "
+                f"{self.context}-token context can hold; shorten the prompt",
+                param=param,
+                code="context_length_exceeded",
+            )
         try:
             return self.tokenizer.encode(text)
         except ValueError as e:

@@ -44,6 +44,10 @@ from ..model.cache import ContextLengthError
 from ..runtime.slab import SlotCache
 from .prompt_cache import PromptCache
 
+# The log-probability reported for a token too unlikely to have a finite one: OpenAI's value,
+# and one that JSON can carry (-inf and NaN it cannot).
+UNLIKELY = -9999.0
+
 
 class QueueFull(Exception):
     """More requests wait than the queue holds."""
@@ -433,6 +437,8 @@ class Engine:
 
     def _logprob(self, token: int, logprob: float) -> TokenLogprob:
         text, raw = self._pieces[token] if token < len(self._pieces) else ("", [])
+        if not math.isfinite(logprob):  # -inf (a token ruled out), or overflowed settings
+            logprob = UNLIKELY
         return TokenLogprob(text, raw, logprob)
 
     def _top(self, logprobs: mx.array, k: int) -> list[TokenLogprob]:

@@ -110,7 +110,7 @@ class _Request(BaseModel):
     stop: str | list[str] | None = None
     presence_penalty: float = Field(0.0, ge=-2, le=2)
     frequency_penalty: float = Field(0.0, ge=-2, le=2)
-    repetition_penalty: float | None = Field(None, gt=0, le=10)
+    repetition_penalty: float | None = Field(None, ge=0.01, le=10)  # smaller overflows logits
     logit_bias: dict[str, float] | None = None
     n: int = 1
     stream: bool = False

@@ -13,6 +13,7 @@ log reader has gone keeps serving.
 from __future__ import annotations
 
 import errno
+import json
 import os
 import signal
 import socket
@@ -24,6 +25,53 @@ from contextlib import contextmanager
 import uvicorn
 
 from .engine import Engine
+from .protocol import ApiError
+
+# The most bytes a request's head (request line and headers) may take: beyond, 431. (The
+# parser gathers a header in pieces at a cost that grows with its square: a 128 MiB one held
+# the event loop for seconds.) Generous, since what is counted may include the start of a
+# body that arrived with the head.
+MAX_HEAD_BYTES = 1 << 20
+
+
+def http_protocol():
+    """uvicorn's httptools protocol, with `MAX_HEAD_BYTES` and OpenAI-style error bodies for
+    requests it cannot read; h11 (which bounds a head itself) when httptools is missing."""
+    try:
+        from uvicorn.protocols.http.httptools_impl import HttpToolsProtocol
+    except ImportError:
+        return "h11"
+
+    class Protocol(HttpToolsProtocol):
+        _in_head, _head = True, 0  # in a request's head; its bytes so far
+
+        def data_received(self, data: bytes) -> None:
+            super().data_received(data)
+            if self._in_head and not self.transport.is_closing():
+                self._head += len(data)
+                if self._head > MAX_HEAD_BYTES:
+                    self._refuse(431, f"the request's headers are over {MAX_HEAD_BYTES} bytes")
+
+        def on_message_begin(self) -> None:
+            super().on_message_begin()
+            self._in_head, self._head = True, 0
+
+        def on_headers_complete(self) -> None:
+            self._in_head = False
+            super().on_headers_complete()
+
+        def send_400_response(self, msg: str) -> None:  # what the parser cannot read
+            self._refuse(400, "the request is not valid HTTP/1.1")
+
+        def _refuse(self, status: int, message: str) -> None:
+            body = json.dumps(ApiError(status, message).body()).encode()
+            reason = {400: b"Bad Request", 431: b"Request Header Fields Too Large"}[status]
+            head = b"HTTP/1.1 %d %s\r\ncontent-type: application/json\r\n" % (status, reason)
+            head += b"content-length: %d\r\nconnection: close\r\n\r\n" % len(body)
+            self.transport.write(head + body)
+            self.transport.close()
+
+    return Protocol
 
 
 class _Server(uvicorn.Server):
@@ -162,6 +210,7 @@ def _serve(
         app,
         host=host,
         port=port,
+        http=http_protocol(),
         log_level="warning",
         access_log=False,  # the app writes its own line per request
         lifespan="off",
