@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import signal
 import socket
 import subprocess
@@ -323,12 +324,12 @@ def test_what_is_not_http_or_too_big_a_head_gets_an_error_body(server):
     assert time.monotonic() - start < 10
     assert not reply or reply.startswith(b"HTTP/1.1 431 "), reply[:100]
     # a path cannot write a line of its own into the access log
-    r = httpx.get(url + "/v1/models/x%0ATraceback%20(most%20recent%20call%20last):%0Ay%00z")
+    r = httpx.get(url + "/v1/models/x%0AFORGED%201.2.3.4%20%22POST%20/%22%20200%0Ay%00z")
     assert r.status_code == 404
     assert httpx.get(url + "/health").status_code == 200  # still serving
     lines = log.read_text().splitlines()
-    assert not any(x.startswith("Traceback") or "\x00" in x for x in lines)
-    assert any("/v1/models/x%0ATraceback%20(most" in x for x in lines)
+    assert not any(x.startswith("FORGED") or "\x00" in x for x in lines)
+    assert any("/v1/models/x%0AFORGED%201.2.3.4" in x for x in lines)
 
 
 def test_null_is_a_field_left_out(server):
@@ -511,7 +512,9 @@ def test_access_log_and_sigterm_ends_streams_and_exits_0(server):
     assert json.loads(rest[-2].removeprefix("data: "))["choices"][0]["finish_reason"]
     assert proc.wait(20) == 0
     text = log.read_text()
-    assert '"POST /v1/completions" 200 prompt=3 completion=24' in text
+    # sampled (the model's temperature), so its length depends on the draws before it
+    made = re.search(r'"POST /v1/completions" 200 prompt=3 completion=(\d+) ', text)
+    assert made and 1 <= int(made.group(1)) <= 230, text
     assert '"GET /v1/nothing" 404' in text
     assert "Traceback" not in text
 
