@@ -519,6 +519,43 @@ def test_access_log_and_sigterm_ends_streams_and_exits_0(server):
     assert "Traceback" not in text
 
 
+def test_a_second_ctrl_c_ends_every_request_at_once_each_answered(tmp_path):
+    """SIGINT, then SIGINT again while requests run and wait: each request still gets an
+    answer of the API's (its text so far, or a 503 body), no traceback, exit status 0."""
+    log = tmp_path / "stderr.log"
+    url, proc = _start("--max-batch", "1", "--shutdown-grace", "30", log=log)
+    try:
+        _until_up(url, proc, log)
+
+        def ask(i: int) -> httpx.Response:
+            body = {"model": "nano", "prompt": f"ROMEO {i}:", "max_tokens": 240,
+                    "temperature": 0, "logit_bias": {"2": -100}}  # fmt: skip
+            return httpx.post(url + "/v1/completions", json=body, timeout=60)
+
+        with ThreadPoolExecutor(8) as pool:
+            replies = [pool.submit(ask, i) for i in range(8)]
+            deadline = time.monotonic() + 30
+            while (h := httpx.get(url + "/health").json())["running"] < 1 or h["waiting"] < 4:
+                assert time.monotonic() < deadline, "the requests never ran"
+                time.sleep(0.01)
+            proc.send_signal(signal.SIGINT)
+            time.sleep(0.05)
+            proc.send_signal(signal.SIGINT)
+            replies = [r.result() for r in replies]
+        assert proc.wait(20) == 0
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+    for r in replies:
+        if r.status_code == 200:
+            assert r.json()["choices"][0]["finish_reason"] == "length"
+        else:
+            assert _error(r, 503)["message"] == "the server is shutting down"
+    assert any(r.status_code == 503 for r in replies)  # the waiting ones: not started
+    text = log.read_text()
+    assert "shutting down now" in text and "Traceback" not in text and "ERROR" not in text
+
+
 def test_a_server_whose_stderr_reader_is_gone_keeps_serving_and_exits_0():
     """stderr is a pipe nobody reads: the banner, each access-log line and the shutdown
     notice cannot be written and are dropped; requests are served and SIGTERM exits 0."""

@@ -1,9 +1,10 @@
 """Run the app under uvicorn: bind, serve, and stop cleanly on SIGINT or SIGTERM.
 
-On the first signal the engine takes no new requests, running rows get `grace`
-seconds to finish and are then ended (finish_reason "length"), every stream
-ends with `data: [DONE]`, and `serve` returns normally (exit status 0). A
-second Ctrl-C forces the exit.
+On the first signal the engine takes no new requests, those it has (running or
+waiting for a row) get `grace` seconds, then running rows are ended (finish_reason
+"length") and waiting ones answered 503; every stream ends with `data: [DONE]`, and
+`serve` returns normally (exit status 0). A second signal ends every request at
+once, the same way; a third Ctrl-C forces the exit.
 
 While serving, stderr (the banner, the access log, tracebacks of the engine's
 failures, uvicorn's own messages) drops a line it cannot write: a server whose
@@ -78,6 +79,7 @@ class _Server(uvicorn.Server):
     def __init__(self, config: uvicorn.Config, engine: Engine, grace: float, banner: str):
         super().__init__(config)
         self.engine, self.grace, self.banner = engine, grace, banner
+        self.ending_now = False  # a second signal came
 
     async def startup(self, sockets=None) -> None:
         await super().startup(sockets)
@@ -85,10 +87,20 @@ class _Server(uvicorn.Server):
             print(self.banner, file=sys.stderr, flush=True)
 
     def handle_exit(self, sig, frame) -> None:
+        """The first signal: the grace period. The second: every request ends now, each
+        answered as at the grace period's end (uvicorn's own second Ctrl-C cancels the
+        responses where they are: plain-text 500s and a traceback each). A third Ctrl-C
+        forces the exit."""
         if not self.should_exit:
             print("shutting down: finishing the requests in flight", file=sys.stderr, flush=True)
-        self.engine.close(self.grace)
-        super().handle_exit(sig, frame)
+            self.engine.close(self.grace)
+            super().handle_exit(sig, frame)
+        elif not self.ending_now:
+            self.ending_now = True
+            print("shutting down now: ending every request", file=sys.stderr, flush=True)
+            self.engine.close(0)
+        else:
+            super().handle_exit(sig, frame)
 
     @contextmanager
     def capture_signals(self):
