@@ -336,7 +336,8 @@ def test_null_is_a_field_left_out(server):
     """OpenAI's clients send null for what they leave unset: never a 400."""
     nulls = {"n": None, "presence_penalty": None, "frequency_penalty": None, "stream": None,
              "temperature": None, "stop": None, "seed": None, "user": None}  # fmt: skip
-    body = {"model": "nano", "prompt": "ROMEO:", "max_tokens": 3, "echo": None, **nulls}
+    body = {"model": "nano", "prompt": "ROMEO:", "max_tokens": 3, "echo": None,
+            "stream_options": {"include_usage": None}, **nulls}  # fmt: skip
     r = _post(server, "/v1/completions", body)
     assert r.status_code == 200 and r.json()["usage"]["completion_tokens"] == 3, r.text
     body = {"model": "nano", "messages": [{"role": "user", "content": "x"}], "max_tokens": 3,

@@ -97,9 +97,22 @@ def _type_tag(part) -> bool:
     return isinstance(part, str) and (part in _TYPE_TAGS or "[" in part)
 
 
-class _Request(BaseModel):
+class _Body(BaseModel):
+    """A JSON object of a request: strict types, unknown fields ignored, and a field sent as
+    null taken as left out, as in OpenAI's API (clients send `"n": null` or `"stream":
+    null` for what they do not set)."""
+
     model_config = ConfigDict(strict=True, extra="ignore")
 
+    @model_validator(mode="before")
+    @classmethod
+    def _nulls(cls, data):
+        if isinstance(data, dict):
+            return {k: v for k, v in data.items() if v is not None}
+        return data
+
+
+class _Request(_Body):
     model: str
     max_tokens: int | None = Field(None, ge=1)
     temperature: float | None = Field(None, ge=0, le=2)
@@ -116,15 +129,6 @@ class _Request(BaseModel):
     stream: bool = False
     stream_options: StreamOptions | None = None
     user: str | None = None
-
-    @model_validator(mode="before")
-    @classmethod
-    def _nulls(cls, data):
-        """A field sent as null is a field left out, as in OpenAI's API (clients send
-        `"n": null` or `"stream": null` for what they do not set)."""
-        if isinstance(data, dict):
-            return {k: v for k, v in data.items() if v is not None}
-        return data
 
     @field_validator("stop")
     @classmethod
@@ -152,22 +156,16 @@ class _Request(BaseModel):
         return (self.stop,) if isinstance(self.stop, str) else tuple(self.stop or ())
 
 
-class StreamOptions(BaseModel):
-    model_config = ConfigDict(strict=True, extra="ignore")
-
+class StreamOptions(_Body):
     include_usage: bool = False
 
 
-class TextPart(BaseModel):
-    model_config = ConfigDict(strict=True, extra="ignore")
-
+class TextPart(_Body):
     type: Literal["text"]
     text: str
 
 
-class Message(BaseModel):
-    model_config = ConfigDict(strict=True, extra="ignore")
-
+class Message(_Body):
     role: Literal["system", "developer", "user", "assistant"]
     content: str | list[TextPart]
 
