@@ -127,3 +127,26 @@ def test_fusing_into_a_model_without_a_tokenizer_says_how_to_add_one(
     if not tokenizer:
         assert warnings[0].startswith(f"warning: {fused} has no tokenizer.model")
         assert warnings[0].endswith(f"copy the Llama-2 SentencePiece tokenizer.model into {fused}")
+
+
+@pytest.mark.parametrize(
+    "command, stdin",
+    [
+        (["info"], None),
+        (["generate", "--prompt", "To be", "--max-tokens", "4", "--seed", "1"], None),
+        (["chat", "--max-tokens", "4"], b"hi\n"),
+    ],
+)
+def test_a_closed_standard_output_is_one_error_line(command, stdin):
+    """Started with `>&-` (Python has no sys.stdout then): one error line and status 1, not a
+    traceback, an exit 0 with nothing written, or a chat that goes on."""
+    import subprocess
+    import sys
+
+    shell = ['exec "$0" -m elm_mlx.cli "$@" >&-', sys.executable, *command]
+    done = subprocess.run(["sh", "-c", *shell], input=stdin, capture_output=True, timeout=120)
+    assert done.returncode == 1, done.stderr
+    assert done.stderr.decode().splitlines() == [
+        "error: standard output is closed; give the command somewhere to write its output "
+        "(a terminal, a file or a pipe)"
+    ]

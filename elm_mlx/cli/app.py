@@ -12,6 +12,7 @@ from . import convert, export, generate, info, serve, train
 from . import eval as eval_cmd
 from .common import (
     USER_ERRORS,
+    ClosedStdout,
     Terminated,
     os_error_message,
     quiet_stdout,
@@ -45,6 +46,8 @@ def build_parser() -> argparse.ArgumentParser:
 def run(run_fn, args) -> int:
     """Run one command: a user mistake or an I/O fault is one `error: ...` line and status 1;
     Ctrl-C gives 130 and SIGTERM 143, both after the command's temporary outputs are gone."""
+    if sys.stdout is None:  # started with `>&-`: the first write says so and ends it
+        sys.stdout = ClosedStdout()
     try:
         with terminate_as_interrupt():
             run_fn(args)

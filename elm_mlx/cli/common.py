@@ -4,6 +4,7 @@ loading, the CLI's own error, faults as one line, stderr logging and the --model
 from __future__ import annotations
 
 import argparse
+import errno
 import os
 import re
 import signal
@@ -173,6 +174,31 @@ def terminate_as_interrupt() -> Iterator[None]:
         yield
     finally:
         signal.signal(signal.SIGTERM, previous)
+
+
+class StdoutClosed(OSError):
+    """The command was started with its standard output closed (`>&-`) and has something
+    to write there."""
+
+
+class ClosedStdout:
+    """`sys.stdout` for a process started with its standard output closed (Python then
+    has None there): what is written ends the command with one error line, status 1."""
+
+    def write(self, text: str) -> int:
+        if not text:
+            return 0
+        raise StdoutClosed(
+            errno.EBADF,
+            "standard output is closed; give the command somewhere to write its output "
+            "(a terminal, a file or a pipe)",
+        )
+
+    def flush(self) -> None:
+        pass
+
+    def isatty(self) -> bool:
+        return False
 
 
 def quiet_stdout() -> None:

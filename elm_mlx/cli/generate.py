@@ -12,6 +12,7 @@ from ..model.cache import ContextLengthError
 from .common import (
     CliError,
     Command,
+    StdoutClosed,
     Terminated,
     add_decoding_flags,
     add_model_flags,
@@ -223,7 +224,7 @@ def _chat_turn(session, message: str, verbose: bool) -> None:
         print("(reply stopped)", file=sys.stderr)
     except ContextLengthError as e:
         print(f"error: {_context_message(e)}; or /reset to start over", file=sys.stderr)
-    except BrokenPipeError:
+    except (BrokenPipeError, StdoutClosed):  # nowhere to write: the conversation is over
         raise
     except Exception as e:  # noqa: BLE001 - one failed turn does not end the conversation
         print(f"error: {' '.join(str(e).split()) or type(e).__name__}", file=sys.stderr)
