@@ -335,6 +335,16 @@ def test_failed_weight_writes_name_the_file_and_a_full_disk(mount, tmp_path):
     assert list(disk.iterdir()) == []
 
 
+def test_a_gguf_export_onto_a_full_disk_says_so_and_leaves_nothing(mount, capsys):
+    """numpy's short write ("N requested and M written", no errno) is named for what it is."""
+    pytest.importorskip("gguf")
+    disk = mount("size=200k")
+    code, err = run_cli(capsys, "export-gguf", "--out", disk / "n.gguf")
+    assert code == 1
+    assert one_error_line(err) == f"error: {disk / 'n.gguf'}: No space left on device"
+    assert list(disk.iterdir()) == []
+
+
 def test_fuse_cleans_leftovers_and_reports_a_read_only_destination(mount, tmp_path, capsys):
     from elm_mlx.training.lora import LoRAConfig, apply_lora, save_adapters
 

@@ -13,8 +13,10 @@ removes the leftovers, and `atomic_dir` and `atomic_path` call it before they st
 
 from __future__ import annotations
 
+import errno
 import json
 import os
+import re
 import shutil
 import socket
 import tempfile
@@ -221,7 +223,17 @@ def atomic_dir(
 
 def _naming(e: OSError, path: Path, tmp: Path | None = None) -> OSError:
     """`e` naming the output the user asked for: `path` when it names no file, and the
-    file's final place instead of its place in the temporary directory `tmp`."""
+    file's final place instead of its place in the temporary directory `tmp`. numpy's short
+    write (`ndarray.tofile`: "N requested and M written", no errno) on a file system with
+    less than N bytes free is the full disk it is."""
+    if e.errno is None and _SHORT_WRITE.fullmatch(str(e)):
+        requested = int(str(e).split()[0])
+        try:
+            full = shutil.disk_usage(path.parent).free < requested
+        except OSError:
+            full = False
+        if full:
+            e = OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
     if e.errno is None or isinstance(e, FileExistsError):
         return e
     name = os.fsdecode(e.filename) if e.filename is not None else None
@@ -232,6 +244,9 @@ def _naming(e: OSError, path: Path, tmp: Path | None = None) -> OSError:
     elif tmp is None and Path(name).parent == path.parent:
         name = str(path)  # the temporary sibling the user never asked for
     return type(e)(e.errno, e.strerror, name)
+
+
+_SHORT_WRITE = re.compile(r"\d+ requested and \d+ written")
 
 
 def _swap_in(tmp: Path, path: Path) -> None:
