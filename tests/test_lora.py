@@ -282,6 +282,23 @@ def test_cli_lora_resume_fuse(tmp_path, model_dir, capsys):
     assert mx.allclose(fused(ids), unfused, atol=1e-5, rtol=1e-5)
 
 
+def test_a_run_that_saved_nothing_does_not_block_the_next(tmp_path, model_dir, capsys):
+    """What a run that failed before its first save leaves (its config and metrics: a full
+    disk) is neither a run to --resume nor one to keep: a fresh run starts there, without
+    --force, and its metrics are its own."""
+    from elm_mlx.cli import main
+
+    data = write_data(tmp_path / "data")
+    adapters = tmp_path / "a"
+    adapters.mkdir()
+    (adapters / "adapter_config.json").write_text('{"fine_tune_type": "lora"}\n')
+    (adapters / "metrics.jsonl").write_text('{"step": 7, "train_loss": 9.0}\n')
+    args = ["lora", "--model", str(model_dir), "--data", str(data), "--iters", "1"]
+    assert main([*args, "--adapter-path", str(adapters)]) == 0, capsys.readouterr().err
+    assert (adapters / "adapters.safetensors").exists()
+    assert '"step": 7' not in (adapters / "metrics.jsonl").read_text()
+
+
 def test_cli_reports_bad_data_and_resume_mismatch_in_one_line(tmp_path, model_dir, capsys):
     from elm_mlx.cli import main
 

@@ -95,13 +95,20 @@ def check_adapter_path(
         diffs = [d for d in diffs if d[1] != d[2]]
         if diffs:
             raise ResumeMismatch(path / CONFIG_FILE, diffs)
-    elif not force:
+    elif not force and not _nothing_kept(path):
         held = [n for n in RUN_FILES if (path / n).exists()]
         if held:
             raise AdapterPathInUse(
                 f"{path} already holds {', '.join(held)}; continue that run (`resume=True`), "
                 "replace it (`force=True`), or choose another `adapter_path`"
             )
+
+
+def _nothing_kept(path: Path) -> bool:
+    """Whether `path` holds no adapters and no checkpoint: nothing a run there could continue
+    or that a fresh one would lose (what a run that failed before its first save leaves:
+    its config and metrics), so that a fresh run may start there, clearing those."""
+    return not (path / ADAPTER_FILE).exists() and not (path / CHECKPOINT_DIR).exists()
 
 
 def _remove_run_files(path: Path) -> None:
@@ -193,12 +200,14 @@ def finetune(
         "mask_prompt": mask_prompt,
     }
     bar, callback, write = _progress(args, progress if group.rank() == 0 else False, say)
+    clear = force or not resume and _nothing_kept(path)  # what a failed run left goes too
+    start = _prepare(path, config, n_layers, clear) if group.rank() == 0 else None
     try:
         with training_layers(model, ops), contextlib.closing(bar):
             state = train(
                 model, make_optimizer(args), sets["train"], sets.get("valid"), args,
                 chunked_loss, resume=resume, fingerprint=fingerprint, group=group,
-                on_start=_prepare(path, config, n_layers, force) if group.rank() == 0 else None,
+                on_start=start,
                 callback=callback, log=write,
             )  # fmt: skip
     except TrainingDiverged as e:
