@@ -345,6 +345,23 @@ def test_a_gguf_export_onto_a_full_disk_says_so_and_leaves_nothing(mount, capsys
     assert list(disk.iterdir()) == []
 
 
+def test_an_evaluation_output_that_cannot_be_written_is_found_before_the_work(mount, capsys):
+    pytest.importorskip("lm_eval")
+    ro = mount("ro")
+    start = time.monotonic()
+    code, err = run_cli(capsys, "eval", "--tasks", "nano_next_line", "--output", ro / "e.json")
+    assert code == 1 and time.monotonic() - start < 30
+    assert one_error_line(err) == (
+        f"error: --output {ro / 'e.json'}: cannot write in {ro}: Read-only file system"
+    )
+
+
+def test_perplexity_data_that_is_a_directory_says_so(tmp_path, capsys):
+    code, err = run_cli(capsys, "perplexity", "--data", tmp_path)
+    assert code == 1
+    assert one_error_line(err) == f"error: {tmp_path} is a directory; give a .txt or .jsonl file"
+
+
 def test_fuse_cleans_leftovers_and_reports_a_read_only_destination(mount, tmp_path, capsys):
     from elm_mlx.training.lora import LoRAConfig, apply_lora, save_adapters
 

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import sys
+import tempfile
 from pathlib import Path
 
 from tqdm import tqdm
@@ -148,6 +149,12 @@ def _check_output(path: str | None, force: bool) -> None:
         raise CliError(f"--output {path}: directory {Path(path).parent} does not exist")
     if Path(path).exists() and not force:
         raise OutputExistsError(f"--output {path} already exists", replaceable=True)
+    parent = Path(path).resolve().parent
+    try:  # a read-only directory is found now, not after the evaluation
+        with tempfile.TemporaryFile(dir=parent):
+            pass
+    except OSError as e:
+        raise CliError(f"--output {path}: cannot write in {parent}: {e.strerror or e}") from None
 
 
 def _batch_size(n: int) -> int:

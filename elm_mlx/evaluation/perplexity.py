@@ -31,6 +31,8 @@ class PerplexityResult:
 def read_documents(path: str | Path) -> list[str]:
     """A .txt file is one document; a .jsonl file holds one {"text": ...} per line."""
     path = Path(path)
+    if path.is_dir():
+        raise IsADirectoryError(f"{path} is a directory; give a .txt or .jsonl file")
     if not path.is_file():
         raise FileNotFoundError(f"data file {path} not found")
     raw = path.read_bytes()

@@ -47,9 +47,9 @@ def writing(what: Path):
         if not str(e).startswith(("[write]", "[save")):
             raise
         reason = str(e).split("] ", 1)[-1].rstrip(".")
-        with contextlib.suppress(OSError):
+        with contextlib.suppress(OSError):  # measured once the partial file is gone
             free = shutil.disk_usage(_existing_parent(what)).free
-            reason += f"; {free:,} bytes free on its file system"
+            reason += f" (its file system has {free:,} bytes free without the partial file)"
         raise WriteError(f"cannot write {what}: {reason}") from None
 
 
