@@ -282,6 +282,17 @@ def test_scan_and_target_recipe():
         qq.recipe_for_target(args, damage, all4 - 0.5, group_size=64)
 
 
+def test_a_target_below_every_matrix_at_4_bits_is_refused_before_the_scan(monkeypatch):
+    """The scan costs a forward pass per matrix and width: a target no recipe can meet is
+    said first."""
+    args = tiny_args()
+    model = OpenELM(args)
+    monkeypatch.setattr(qq, "sensitivity_scan", lambda *a, **k: pytest.fail("scanned"))
+    windows = mx.zeros((1, 8), mx.int32)
+    with pytest.raises(q.QuantizeError, match="below what 4-bit"):
+        qq.scan_recipe(model, windows, q.QuantizeSpec(4, 32), 1.0)
+
+
 # ---- command line ----------------------------------------------------------------
 
 EVAL_TEXT = "The quick brown fox jumps over the lazy dog. Once upon a time there was a model. " * 8

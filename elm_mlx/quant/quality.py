@@ -173,15 +173,19 @@ def recipe_for_target(
         plan[path] = QuantParams(low, group_size)
         lowered.append(path)
     if bpw() > target_bpw:
-        raise QuantizeError(
-            f"target {target_bpw} bits per weight is below what {low}-bit quantization gives "
-            f"({bpw():.3f}); raise `target_bpw`"
-        )
+        raise _unreachable(target_bpw, low, bpw())
     for path in reversed(lowered):  # the last step may have saved more than needed
         plan[path] = QuantParams(high, group_size)
         if bpw() > target_bpw:
             plan[path] = QuantParams(low, group_size)
     return Recipe(low, group_size, {p: q for p, q in plan.items() if q.bits != low})
+
+
+def _unreachable(target_bpw: float, low: int, floor: float) -> QuantizeError:
+    return QuantizeError(
+        f"target {target_bpw} bits per weight is below what {low}-bit quantization gives "
+        f"({floor:.3f}); raise `target_bpw`"
+    )
 
 
 # ---- loaded models (the CLI and examples/quantize_nano.py load them) --------------
@@ -218,10 +222,14 @@ def scan_recipe(
     note = group_size_note(spec, args)
     if log and note:
         log(note)
+    sizes = {"scales_bytes": scales_dtype.size, "float_bytes": float_dtype.size}
+    everything_low = {p: QuantParams(4, group_size) for p in matrix_shapes(args)}
+    floor = plan_bits_per_weight(args, everything_low, **sizes)
+    if floor > target_bpw:  # said before the scan, not after it
+        raise _unreachable(target_bpw, 4, floor)
     damage = sensitivity_scan(
         model, windows, group_size=group_size, scales_dtype=scales_dtype, progress=progress
     )
-    sizes = {"scales_bytes": scales_dtype.size, "float_bytes": float_dtype.size}
     recipe = recipe_for_target(args, damage, target_bpw, group_size=group_size, **sizes)
     if log:
         bpw = plan_bits_per_weight(args, make_plan(args, recipe), **sizes)
