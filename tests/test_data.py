@@ -138,6 +138,13 @@ def test_mixed_formats_and_non_utf8_lines(tmp_path):
     path.write_bytes(b'{"text": "ok"}\n{"text": "\xff\xfe"}\n')
     with pytest.raises(DataError, match=r":2: not UTF-8 text"):
         load_jsonl(path, TOK)
+    path.write_bytes(bytes(range(128, 256)) * 4 + b"\n" + bytes(range(255, 127, -1)))  # binary
+    with pytest.raises(DataError) as e:
+        load_jsonl(path, TOK)
+    assert str(e.value) == (
+        f"{path}:1: not UTF-8 text (byte 1); train.jsonl is not a text file: give JSONL, one "
+        "JSON object per line, in UTF-8"
+    )
 
 
 def test_all_bad_lines_are_reported_at_once(tmp_path):

@@ -169,6 +169,9 @@ def load_jsonl(
                 records.append(_tokenize(record, fmt, tokenizer, mask_prompt))
             except (DataError, ValueError) as e:
                 errors.append(f"{path}:{lineno}: {e}")
+    if errors and not records and all(": not UTF-8 text" in e for e in errors):
+        raise DataError(f"{errors[0]}; {path.name} is not a text file: give JSONL, one JSON "
+                        "object per line, in UTF-8")  # fmt: skip
     if errors:
         _raise_errors(errors)
     if not records:
