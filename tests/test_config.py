@@ -63,6 +63,8 @@ def test_to_dict_round_trips_and_keeps_unknown_fields():
         ({"normalization_layer_name": "layer_norm"}, "normalization_layer_name"),
         ({"model_type": "llama"}, "model_type"),
         ({"model_dim": -4}, "model_dim"),
+        ({"num_transformer_layers": 0}, "num_transformer_layers must be a positive integer, got 0"),
+        ({"head_dim": "64"}, "head_dim must be a positive integer, got '64'"),
     ],
 )
 def test_bad_configs_are_rejected_by_name(change, message):

@@ -184,6 +184,9 @@ class ModelArgs:
             raise ConfigError(
                 f"model_type is {config['model_type']!r}; elm_mlx only converts 'openelm' models"
             )
+        for k in ("num_transformer_layers", "model_dim", "head_dim"):  # the lists derive from them
+            if type(config[k]) is not int or config[k] <= 0:
+                raise ConfigError(f"{k} must be a positive integer, got {config[k]!r}")
         _derive_layer_lists(config)
         kwargs = {k: v for k, v in config.items() if k in known}
         extra = {k: v for k, v in config.items() if k not in known}
