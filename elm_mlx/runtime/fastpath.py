@@ -607,7 +607,7 @@ def _split_qkv(w: _LayerViews, qkv: np.ndarray, eps: float, cos, sin):
 
 
 def _prompt_attention(
-    w: _LayerViews, qkv: np.ndarray, cache, eps: float, rope, link=None, layer: int = 0
+    w: _LayerViews, qkv: np.ndarray, cache, eps: float, rope, link, layer: int
 ) -> np.ndarray:
     """L new positions of one sequence: (L, qkv_out_dim) -> (L, q * head_dim); appends them
     to `cache` (a piece of a chunk: after the piece before it, `link`)."""
@@ -637,7 +637,7 @@ def _linked_append(cache, k: np.ndarray, v: np.ndarray, link, layer: int):
 
 
 def _prompts_attention(
-    w: _LayerViews, qkv: np.ndarray, chunks: list, eps: float, rope, layer: int = 0
+    w: _LayerViews, qkv: np.ndarray, chunks: list, eps: float, rope, layer: int
 ) -> list:
     """`_prompt_attention` of each prompt chunk (its length, its cache, its `_Link` or None),
     whose positions come first in qkv in turn. Chunks whose attention is small (run on one
@@ -665,7 +665,7 @@ def _prompts_attention(
 
 
 def _prompts_kv(
-    w: _LayerViews, qkv: np.ndarray, chunks: list, eps: float, rope, layer: int = 0
+    w: _LayerViews, qkv: np.ndarray, chunks: list, eps: float, rope, layer: int
 ) -> None:
     """The keys and values of each prompt chunk (its length, its cache, its `_Link` or
     None; positions first in qkv in turn), appended to its cache: all a block computes for
